@@ -1,0 +1,70 @@
+"""A calibration / evaluation data set: inputs, optional labels, and the task they imply."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+TASKS = ("classification", "language-model", "other")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples along dimension 0 of `inputs`; `labels` (if any) align with them.
+
+    task: "classification" (labels [N], outputs [N, C] logits), "language-model" (labels [N, T] next
+    tokens, outputs [N, T, V] logits) or "other" (no logit metrics, no task metric).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+    task: str = "other"
+    name: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.inputs.dim() == 0 or len(self.inputs) == 0:
+            raise ValueError(f"data set {self.name!r} is empty; provide at least one sample")
+        if self.labels is not None and len(self.labels) != len(self.inputs):
+            raise ValueError(
+                f"data set {self.name!r} has {len(self.inputs)} inputs but {len(self.labels)} labels; they must pair up"
+            )
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def logits(self) -> bool:
+        """Whether model outputs are logits (so KL and top-1 agreement make sense)."""
+        return self.task in ("classification", "language-model")
+
+    def take(self, n: int | None) -> "Dataset":
+        """The first n samples (all if n is None): deterministic, no shuffling."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ValueError("the number of samples must be at least 1")
+        labels = None if self.labels is None else self.labels[:n]
+        return Dataset(self.inputs[:n], labels, self.task, self.name)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.inputs, self.labels):
+            if tensor is not None:
+                digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+                digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def infer_task(labels: torch.Tensor | None) -> str:
+    """Integer labels of shape [N] mean classification; [N, T] mean next-token language modelling."""
+    if labels is None or labels.is_floating_point():
+        return "other"
+    if labels.dim() == 1:
+        return "classification"
+    if labels.dim() == 2:
+        return "language-model"
+    return "other"

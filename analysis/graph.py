@@ -1,0 +1,233 @@
+"""A private, traced copy of the user's model that can be run node by node.
+
+Why a graph and not hooks: the isolation sweep has to answer "what does the model output when only
+this layer is quantized?" for every layer × format. Running the whole model for each trial wastes
+the half of the network that sits before the layer. With an FX graph we cache every node's FP32
+value once and, for a trial, re-execute only the nodes that depend on the quantized layer.
+
+The copy is ours to change: BatchNorm is folded into the preceding convolution (as deployment
+toolchains do) and in-place ops are made out-of-place, because an in-place ReLU during a trial would
+silently overwrite a cached FP32 activation that later trials read.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+
+class ModelPreparationError(ValueError):
+    """The model cannot be traced or prepared for analysis."""
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+_INPLACE_FUNCTIONS = {torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
+
+
+@dataclass
+class PreparedModel:
+    """The traced copy plus what the sweep needs to know about its graph."""
+
+    graph_module: torch.fx.GraphModule
+    source: str  # "fx" (symbolic trace of an eager model) or "export" (torch.export program)
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+    folded_batchnorms: tuple[str, ...] = ()
+    # The eager copy before tracing: a traced GraphModule keeps only the submodules its graph calls,
+    # and we must still report the ones it dropped.
+    eager: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.graph_module.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.output_node = next(n for n in self.nodes if n.op == "output")
+
+    def descendants(self, roots: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
+        """Every node whose value depends on any root (roots included), in execution order."""
+        seen: set[torch.fx.Node] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(node.users)
+        return sorted(seen, key=self.index.__getitem__)
+
+
+def prepare_model(
+    model: nn.Module | torch.export.ExportedProgram, fold_batchnorm: bool = True
+) -> PreparedModel:
+    """Trace a private copy of `model`; the caller's model is never modified."""
+    if isinstance(model, torch.export.ExportedProgram):
+        # ep.module() builds a fresh GraphModule with parameters as attributes; exported graphs are
+        # functional already (no in-place ops to rewrite).
+        return PreparedModel(model.module(), "export")
+    if not isinstance(model, nn.Module):
+        raise ModelPreparationError(
+            f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
+        )
+    private = copy.deepcopy(model).eval()
+    for module in private.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    folded: tuple[str, ...] = ()
+    try:
+        if fold_batchnorm:
+            graph_module, folded = _fold_batchnorm(private)
+        else:
+            graph_module = torch.fx.symbolic_trace(private)
+    except Exception as exc:  # noqa: BLE001 — tracing failures come in every exception type
+        raise ModelPreparationError(
+            f"could not trace the model with torch.fx ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "export it with torch.export and pass the .pt2 file instead"
+        ) from None
+    _make_out_of_place(graph_module)
+    return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
+
+
+def _fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
+    """Fold eval-mode BatchNorm into the conv/linear that feeds only it (torch's own fuser does the math)."""
+    from torch.fx.experimental.optimization import fuse
+
+    traced = torch.fx.symbolic_trace(model)
+    batchnorms = {
+        n.target for n in traced.graph.nodes
+        if n.op == "call_module" and isinstance(traced.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+    }
+    fused = fuse(traced, inplace=True, no_trace=True)
+    remaining = {
+        n.target for n in fused.graph.nodes
+        if n.op == "call_module" and isinstance(fused.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+    }
+    return fused, tuple(sorted(batchnorms - remaining))
+
+
+def _make_out_of_place(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            if node.target in _INPLACE_OPERATORS:
+                node.target = _INPLACE_OPERATORS[node.target]
+            elif node.target in _INPLACE_FUNCTIONS:
+                node.target = _INPLACE_FUNCTIONS[node.target]
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            if hasattr(torch.Tensor, node.target[:-1]):
+                node.target = node.target[:-1]
+    gm.recompile()
+
+
+# --- execution ---------------------------------------------------------------------------------
+
+Env = dict[torch.fx.Node, Any]
+NodeOverride = Callable[[torch.fx.Node, tuple, dict], Any]
+
+
+def load_args(node: torch.fx.Node, env: Env, fallback: Env | None = None) -> tuple[tuple, dict]:
+    def lookup(n: torch.fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        if fallback is not None:
+            return fallback[n]
+        raise KeyError(n.name)
+
+    args = torch.fx.node.map_arg(node.args, lookup)
+    kwargs = torch.fx.node.map_arg(node.kwargs, lookup)
+    return args, kwargs
+
+
+def run_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        return _fetch_attr(gm, node.target)
+    if node.op == "output":
+        return args[0]
+    raise ModelPreparationError(f"cannot execute graph node {node.name} of kind {node.op}")
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def placeholders(prepared: PreparedModel) -> list[torch.fx.Node]:
+    return [n for n in prepared.nodes if n.op == "placeholder"]
+
+
+@torch.inference_mode()
+def capture(prepared: PreparedModel, inputs: tuple[torch.Tensor, ...]) -> Env:
+    """Run the graph once and keep every node's value (the FP32 cache for one chunk)."""
+    env: Env = {}
+    holders = placeholders(prepared)
+    if len(inputs) < len([h for h in holders if not h.args]):
+        raise ModelPreparationError(
+            f"the model's forward takes {len(holders)} inputs but the data provides {len(inputs)}"
+        )
+    for node in prepared.nodes:
+        if node.op == "placeholder":
+            index = holders.index(node)
+            env[node] = inputs[index] if index < len(inputs) else (node.args[0] if node.args else None)
+            continue
+        args, kwargs = load_args(node, env)
+        env[node] = run_node(prepared.graph_module, node, args, kwargs)
+    return env
+
+
+@torch.inference_mode()
+def rerun(
+    prepared: PreparedModel,
+    cache: Env,
+    nodes: list[torch.fx.Node],
+    overrides: dict[torch.fx.Node, NodeOverride],
+) -> Env:
+    """Re-execute `nodes` (in order) reading everything else from `cache`; `overrides` replace
+    how particular nodes compute their value. Returns the recomputed values only."""
+    env: Env = {}
+    gm = prepared.graph_module
+    for node in nodes:
+        args, kwargs = load_args(node, env, cache)
+        override = overrides.get(node)
+        env[node] = override(node, args, kwargs) if override else run_node(gm, node, args, kwargs)
+    return env
+
+
+def primary_output(value: Any) -> torch.Tensor:
+    """The tensor we compare at the model output: the first floating tensor of (possibly nested) outputs."""
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise ModelPreparationError("the model returns no floating-point tensor to compare")
+
+
+def tensor_bytes(values: Iterable[Any]) -> int:
+    total = 0
+    seen: set[int] = set()
+    for value in values:
+        leaves, _ = torch.utils._pytree.tree_flatten(value)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and not isinstance(leaf, nn.Parameter):
+                key = leaf.untyped_storage().data_ptr()
+                if key not in seen:  # views share storage: count it once
+                    seen.add(key)
+                    total += leaf.untyped_storage().nbytes()
+    return total
