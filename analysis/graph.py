@@ -70,9 +70,14 @@ def prepare_model(
 ) -> PreparedModel:
     """Trace a private copy of `model`; the caller's model is never modified."""
     if isinstance(model, torch.export.ExportedProgram):
-        # ep.module() builds a fresh GraphModule with parameters as attributes; exported graphs are
-        # functional already (no in-place ops to rewrite).
-        return PreparedModel(model.module(), "export")
+        # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
+        # the batch size used at export time; we run other batch sizes (chunks), so they go.
+        graph_module = model.module()
+        for node in list(graph_module.graph.nodes):
+            if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+                graph_module.graph.erase_node(node)
+        _make_out_of_place(graph_module)
+        return PreparedModel(graph_module, "export")
     if not isinstance(model, nn.Module):
         raise ModelPreparationError(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
@@ -120,12 +125,23 @@ def _make_out_of_place(gm: torch.fx.GraphModule) -> None:
                 node.target = _INPLACE_OPERATORS[node.target]
             elif node.target in _INPLACE_FUNCTIONS:
                 node.target = _INPLACE_FUNCTIONS[node.target]
+            elif isinstance(node.target, torch._ops.OpOverload):
+                node.target = _out_of_place_aten(node.target)
             if node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
         elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
             if hasattr(torch.Tensor, node.target[:-1]):
                 node.target = node.target[:-1]
     gm.recompile()
+
+
+def _out_of_place_aten(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """aten.relu_.default -> aten.relu.default (exported training graphs keep in-place ops)."""
+    name = op.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return op
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, op._overloadname, op) if packet is not None else op
 
 
 # --- execution ---------------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""The isolation sweep: numbers match a naive re-computation, survive chunking, and rank the right layers."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.data import Dataset
+from analysis.formats import parse_format
+from analysis.metrics import compare
+from analysis.sweep import AnalysisConfig, Analyzer, analyze, quantize_weight
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+        self.act = nn.ReLU(inplace=True)  # in-place on purpose: must not corrupt cached activations
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        h = h + self.act(self.b(h))
+        return self.c(h)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        h = self.emb(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h + a)
+
+
+def data(n=32):
+    torch.manual_seed(1)
+    x = torch.randn(n, 8)
+    return Dataset(x, torch.randint(0, 4, (n,)), "classification", "synthetic")
+
+
+def lm_data(n=8):
+    torch.manual_seed(2)
+    x = torch.randint(0, 20, (n, 6))
+    return Dataset(x, torch.randint(0, 20, (n, 6)), "language-model", "tokens")
+
+
+CONFIG = AnalysisConfig(weight_formats=("int4", "int8"), act_formats=("int8",), weight_calibration="minmax",
+                        act_calibration="minmax", cumulative=True)
+
+
+def naive_output(model, layer, fmt, x):
+    """Quantize one weight in a copy of the model and run the whole thing: what a naive tool does."""
+    clone = copy.deepcopy(model).eval()
+    module = clone.get_submodule(layer)
+    wq, _, _ = quantize_weight(module.weight, fmt, 0, "minmax", 99.99)
+    module.weight.data.copy_(wq)
+    with torch.no_grad():
+        return clone(x)
+
+
+def test_output_error_matches_a_full_naive_forward():
+    model, ds = Residual(), data()
+    result = analyze(model, ds, CONFIG)
+    with torch.no_grad():
+        reference = model.eval()(ds.inputs)
+    for layer in ("a", "b", "c"):
+        expected = compare(reference, naive_output(model, layer, parse_format("int4"), ds.inputs), logits=True)
+        got = result.trial(layer, "weights", "int4").output
+        assert got.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-4)
+        assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-10)
+
+
+def test_local_error_uses_fp32_inputs():
+    model, ds = Residual(), data()
+    result = analyze(model, ds, CONFIG)
+    with torch.no_grad():
+        h = torch.relu(model.a(ds.inputs))
+        wq, _, _ = quantize_weight(model.b.weight, parse_format("int4"), 0, "minmax", 99.99)
+        expected = compare(model.b(h), F.linear(h, wq, model.b.bias))
+    assert result.trial("b", "weights", "int4").local.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-4)
+
+
+def test_chunking_under_a_tiny_cache_bound_gives_identical_numbers():
+    model, ds = Residual(), data(40)
+    whole = analyze(model, ds, CONFIG)
+    chunked_analyzer = Analyzer(model, ds, AnalysisConfig(**{**CONFIG.__dict__, "cache_bytes": 1 << 16}))
+    assert len(chunked_analyzer.chunks()) > 1
+    chunked = chunked_analyzer.run()
+    for a, b in zip(whole.trials, chunked.trials):
+        assert a.key == b.key
+        assert a.local.sqnr_db == pytest.approx(b.local.sqnr_db, abs=1e-6)
+        assert a.output.sqnr_db == pytest.approx(b.output.sqnr_db, abs=1e-6)
+
+
+def test_results_are_deterministic_and_the_user_model_is_untouched():
+    model, ds = Residual(), data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = analyze(model, ds, CONFIG).to_frame()
+    second = analyze(model, ds, CONFIG).to_frame()
+    assert first.equals(second)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.act.inplace is True
+
+
+def test_planted_outlier_channel_ranks_most_sensitive_under_per_tensor():
+    model, ds = Residual(), data()
+    with torch.no_grad():
+        model.b.weight[3] *= 50  # one output channel with a huge range
+    config = AnalysisConfig(weight_formats=("int4",), act_formats=(), granularity="per-tensor",
+                            weight_calibration="minmax", cumulative=False)
+    frame = analyze(model, ds, config).to_frame()
+    assert frame.sort_values("sqnr_db").iloc[0]["layer"] == "b"
+    per_channel = analyze(model, ds, AnalysisConfig(weight_formats=("int4",), act_formats=(),
+                                                    weight_calibration="minmax", cumulative=False)).to_frame()
+    b_pt = frame.set_index("layer").loc["b", "sqnr_db"]
+    b_pc = per_channel.set_index("layer").loc["b", "sqnr_db"]
+    assert b_pc > b_pt + 5  # the outlier channel dominates signal power, so the gap is modest in dB
+
+
+def test_attention_projections_and_tied_embedding_are_layers():
+    model, ds = TinyLM(), lm_data()
+    result = analyze(model, ds, CONFIG)
+    names = [layer.name for layer in result.layers]
+    assert names == ["emb", "attn.in_proj", "attn.out_proj"]
+    tied = result.layer("emb")
+    assert tied.aliases == ("head",) and len(tied.sites) == 2 and "tied" in tied.kind
+    # Activation trials of the tied layer quantize the head's input (the embedding's input is indices).
+    assert result.trial("emb", "activations", "int8").ok
+    assert result.trial("attn.out_proj", "activations", "int8").ok
+    assert all(t.ok for t in result.trials), [t.error for t in result.trials if not t.ok]
+    # Output error of the out_proj trial equals running attention with that weight swapped in.
+    wq, _, _ = quantize_weight(model.attn.out_proj.weight, parse_format("int4"), 0, "minmax", 99.99)
+    clone = copy.deepcopy(model)
+    clone.attn.out_proj.weight.data.copy_(wq)
+    with torch.no_grad():
+        expected = compare(model(ds.inputs), clone(ds.inputs), logits=True)
+    got = result.trial("attn.out_proj", "weights", "int4").output
+    assert got.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-3)
+
+
+def test_an_untied_embedding_gets_no_activation_trials():
+    model = TinyLM()
+    model.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+    result = analyze(model, lm_data(), CONFIG)
+    assert {t.target for t in result.trials if t.layer == "emb"} == {"weights"}
+    assert result.trial("head", "activations", "int8").ok
+
+
+def test_exported_program_is_analysed_like_the_eager_model():
+    model, ds = Residual(), data()
+    exported = torch.export.export(model.eval(), (ds.inputs[:2],))
+    eager = analyze(model, ds, CONFIG)
+    traced = analyze(exported, ds, CONFIG)
+    assert [l.name for l in traced.layers] == ["a", "b", "c"]
+    for layer in ("a", "b", "c"):
+        assert traced.trial(layer, "weights", "int4").output.sqnr_db == pytest.approx(
+            eager.trial(layer, "weights", "int4").output.sqnr_db, abs=1e-3)
+
+
+def test_cumulative_error_grows_along_depth_and_matches_fully_quantized_output():
+    model, ds = Residual(), data()
+    result = analyze(model, ds, CONFIG)
+    cum = next(c for c in result.cumulative if c.target == "weights" and c.format == "int4")
+    clone = copy.deepcopy(model).eval()
+    for name in ("a", "b", "c"):
+        module = clone.get_submodule(name)
+        module.weight.data.copy_(quantize_weight(module.weight, parse_format("int4"), 0, "minmax", 99.99)[0])
+    with torch.no_grad():
+        expected = compare(model(ds.inputs), clone(ds.inputs), logits=True)
+    assert cum.output.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-3)
+    assert list(cum.per_layer) == ["a", "b", "c"]
+
+
+def test_a_failing_layer_is_marked_and_the_sweep_goes_on(monkeypatch):
+    model, ds = Residual(), data()
+    analyzer = Analyzer(model, ds, CONFIG)
+    site = analyzer.table.sites["b"][0]
+    original = site.run
+
+    def broken(gm, args, kwargs, weight, act):
+        if weight is not None:
+            raise FloatingPointError("simulated kernel failure")
+        return original(gm, args, kwargs, weight, act)
+
+    monkeypatch.setattr(site, "run", broken)
+    result = analyzer.run()
+    failed = [t for t in result.trials if not t.ok]
+    assert failed and all(t.layer == "b" and "simulated kernel failure" in t.error for t in failed)
+    assert result.trial("c", "weights", "int4").ok
+
+
+def test_histograms_hold_every_weight_and_clip_ranges():
+    model, ds = Residual(), data()
+    result = analyze(model, ds, CONFIG)
+    hists = result.histograms["b"]
+    assert sum(hists.weight.fp32.counts) == model.b.weight.numel()
+    assert sum(hists.weight.quantized["int4"]) == model.b.weight.numel()
+    lo, hi = hists.weight.clip["int8"]
+    assert lo == pytest.approx(float(model.b.weight.min()), rel=1e-5) or lo < 0
+    assert hists.activation is not None and sum(hists.activation.fp32.counts) == 32 * 16
+    assert len(hists.channel_min) == 16
+
+
+def test_config_errors_are_one_line():
+    for kwargs in ({"targets": ("weird",)}, {"weight_calibration": "magic"}, {"weight_formats": ("int9",)},
+                   {"percentile": 10.0}, {"weight_formats": (), "act_formats": ()}):
+        with pytest.raises(ValueError) as info:
+            AnalysisConfig(**kwargs)
+        assert "\n" not in str(info.value)
