@@ -77,8 +77,6 @@ class AnalysisConfig:
             raise ValueError("num_samples must be at least 1")
         if self.cache_bytes < 1 << 16:
             raise ValueError("cache_bytes is too small; allow at least 64 KiB")
-        if not self.weight_formats and not self.act_formats:
-            raise ValueError("nothing to sweep: give at least one weight or activation format")
         self.parsed_weight_formats()
         self.parsed_act_formats()
 
@@ -300,8 +298,25 @@ class Analyzer:
 
     # the sweep ------------------------------------------------------------------------------
 
+    def forward(self, inputs: torch.Tensor,
+                assignments: dict[str, tuple[Format | None, Format | None]]) -> torch.Tensor:
+        """The model's primary output on any inputs with `assignments` quantized (FP32 if empty),
+        using the quantizers and activation ranges calibrated on this analyzer's data."""
+        sites = [s for name, (_, af) in assignments.items() if af is not None for s in self.table.sites[name]]
+        self.calibrate_activations(sites)
+        overrides = self.overrides(assignments)
+        nodes = [n for n in self.prepared.nodes if n.op != "placeholder"]
+        holder = next(n for n in self.prepared.nodes if n.op == "placeholder")
+        outputs = []
+        for start in range(0, len(inputs), self.chunk_size):
+            env = rerun(self.prepared, {holder: inputs[start:start + self.chunk_size]}, nodes, overrides)
+            outputs.append(primary_output(env[self.prepared.output_node]))
+        return torch.cat(outputs)
+
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
             skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
+        if not self.config.weight_formats and not self.config.act_formats:
+            raise ValueError("nothing to sweep: give at least one weight or activation format")
         started = time.perf_counter()
         layers = self.layers
         trials = [t for t in plan_trials(layers, self.config)

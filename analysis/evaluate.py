@@ -1,0 +1,128 @@
+"""Apply a precision map and evaluate it: task metric, output error vs FP32, size and speed.
+
+The simulated path runs exactly the quantizers and calibrated ranges the sweep measured with (the
+same `Analyzer`), so a map's evaluation and its prediction are comparable. The real path
+(analysis.real) runs the same map on torchao's low-precision CPU kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from analysis import costs
+from analysis.data import Dataset
+from analysis.formats import Format
+from analysis.metrics import ErrorAccumulator, ErrorStats, accuracy, perplexity
+from analysis.precision_map import PrecisionMap, uniform_map
+from analysis.sweep import AnalysisConfig, Analyzer
+
+DEFAULT_BASELINES = (("int8", "int8"), ("int4", "int8"), ("int8", None), ("int4", None))
+
+
+def task_metric(task: str, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[str | None, float | None]:
+    """(name, value): accuracy in % for classifiers, perplexity for language models."""
+    if labels is None:
+        return None, None
+    if task == "classification":
+        return "accuracy", 100.0 * accuracy(logits, labels)
+    if task == "language-model":
+        return "perplexity", perplexity(logits, labels)
+    return None, None
+
+
+def metric_drop(name: str | None, reference: float | None, value: float | None) -> float | None:
+    """Points lost (positive = worse): accuracy falls, perplexity rises."""
+    if name is None or reference is None or value is None:
+        return None
+    return reference - value if name == "accuracy" else value - reference
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    label: str
+    path: str  # "fp32", "simulated" or "real"
+    metric_name: str | None
+    metric: float | None
+    metric_drop: float | None
+    output: ErrorStats | None  # vs FP32 on the evaluation data
+    cost: dict[str, float]
+    latency_ms_per_sample: float
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"label": self.label, "path": self.path, "metric": self.metric_name,
+                               "value": self.metric, "drop": self.metric_drop}
+        if self.output is not None:
+            row.update({"output_sqnr_db": self.output.sqnr_db, "output_kl": self.output.kl,
+                        "top1_agreement": self.output.top1_agreement})
+        row.update(self.cost)
+        row["latency_ms_per_sample"] = self.latency_ms_per_sample
+        row.update(self.extra)
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Evaluator:
+    """Calibrates once on calibration data; evaluates any number of maps on evaluation data."""
+
+    def __init__(self, model: Any, calibration: Dataset, evaluation: Dataset | None = None,
+                 config: AnalysisConfig | None = None) -> None:
+        self.analyzer = Analyzer(model, calibration, config or AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False))
+        self.calibration = self.analyzer.data
+        self.evaluation = evaluation or calibration
+        self.layers = self.analyzer.table.layers
+        self.layer_names = [layer.name for layer in self.layers]
+        started = time.perf_counter()
+        self.reference = self.analyzer.forward(self.evaluation.inputs, {})
+        self.fp32_seconds = time.perf_counter() - started
+        self.metric_name, self.fp32_metric = task_metric(self.evaluation.task, self.reference, self.evaluation.labels)
+        self._calibration_reference: torch.Tensor | None = None
+
+    def fp32(self) -> Evaluation:
+        cost = costs.model_cost(self.layers, {}).as_dict()
+        return Evaluation("fp32", "fp32", self.metric_name, self.fp32_metric, 0.0 if self.metric_name else None,
+                          None, cost, 1000 * self.fp32_seconds / len(self.evaluation))
+
+    def evaluate(self, pmap: PrecisionMap, label: str = "map") -> Evaluation:
+        pmap.validate(self.layer_names)
+        assignment = pmap.assignment(self.layer_names)
+        started = time.perf_counter()
+        output = self.analyzer.forward(self.evaluation.inputs, assignment)
+        seconds = time.perf_counter() - started
+        acc = ErrorAccumulator(self.evaluation.logits)
+        acc.update(self.reference, output)
+        name, value = task_metric(self.evaluation.task, output, self.evaluation.labels)
+        return Evaluation(
+            label, "simulated", name, value, metric_drop(name, self.fp32_metric, value), acc.result(),
+            costs.model_cost(self.layers, assignment).as_dict(), 1000 * seconds / len(self.evaluation),
+            notes=("simulated (fake quantization): latency is not deployment speed",),
+        )
+
+    def baselines(self, pairs: tuple[tuple[str, str | None], ...] = DEFAULT_BASELINES) -> list[Evaluation]:
+        results = [self.fp32()]
+        for weight, act in pairs:
+            label = f"uniform {weight}" + (f"/{act}" if act else " (weight-only)")
+            results.append(self.evaluate(uniform_map(self.layer_names, weight, act), label))
+        return results
+
+    def measure(self, assignment: dict[str, tuple[Format | None, Format | None]]) -> dict[str, float]:
+        """The allocator's yardstick: output noise on the calibration data (what the sweep measured
+        on), plus the task metric and its drop on the evaluation data when it has labels."""
+        if self._calibration_reference is None:
+            self._calibration_reference = self.analyzer.forward(self.calibration.inputs, {})
+        output = self.analyzer.forward(self.calibration.inputs, assignment)
+        noise = float(((output.double() - self._calibration_reference.double()) ** 2).mean())
+        result = {"noise": noise}
+        if self.evaluation.labels is not None and self.metric_name is not None:
+            eval_output = self.analyzer.forward(self.evaluation.inputs, assignment)
+            _, value = task_metric(self.evaluation.task, eval_output, self.evaluation.labels)
+            result["metric"] = value
+            result["drop"] = metric_drop(self.metric_name, self.fp32_metric, value)
+        return result
