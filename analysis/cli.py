@@ -56,6 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.add_argument("--out", required=True, help="output directory (layers.csv, analysis.json, report.html)")
     analyze.set_defaults(func=cmd_analyze)
+
+    suggest = sub.add_parser("suggest", help="mixed-precision map under a budget, with the Pareto front")
+    suggest.add_argument("analysis", help="an analysis directory (the --out of `quantlens analyze`)")
+    suggest.add_argument("--budget", required=True, help="avg-bits=5.5 | size-kb=120 | bops=1e9 | max-drop=0.5 | min-sqnr=30")
+    suggest.add_argument("--out", help="write the map here (.json or .yaml; default: ANALYSIS/map.json)")
+    suggest.add_argument("--no-fp32", action="store_true", help="never leave a layer in FP32")
+    suggest.add_argument("--no-measure", action="store_true", help="trust the additive prediction; no model runs")
+    suggest.add_argument("--eval-data", help="labelled data for max-drop and the front's task metric (default: the sample's evaluation split)")
+    suggest.add_argument("--weights", help="weights for a file.py:factory model, as given to analyze")
+    suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none)")
+    suggest.set_defaults(func=cmd_suggest)
+
+    evaluate = sub.add_parser("evaluate", help="apply a map (or uniform baselines) and measure it")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--map", help="precision map (.json/.yaml); without it: FP32 and uniform baselines")
+    evaluate.add_argument("--eval-data", help="labelled evaluation data (default: the sample's evaluation split, else --data)")
+    evaluate.add_argument("--real", action="store_true", help="also run on real low-precision kernels (torchao)")
+    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a precision map in another tool's format")
+    export.add_argument("map", help="precision map (.json/.yaml)")
+    export.add_argument("--to", required=True, choices=("json", "yaml", "aimet", "ort", "torchao", "onnx"))
+    export.add_argument("--model", help="the model (needed for aimet, onnx and scales in ort)")
+    export.add_argument("--weights", help="weights for a file.py:factory model")
+    export.add_argument("--data", help="calibration data (needed for aimet, onnx)")
+    export.add_argument("--out", required=True, help="output file")
+    export.set_defaults(func=cmd_export)
+
+    dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 
@@ -131,6 +164,151 @@ def _print_most_sensitive(frame, top: int = 5) -> None:
     print(f"most sensitive (lowest {column}):")
     for row in worst.itertuples():
         print(f"  {row.layer:<32} {row.target:<11} {row.format:<12} {getattr(row, column):6.1f} dB")
+
+
+def _eval_spec(data_spec: str | None, eval_spec: str | None) -> tuple[str | None, str]:
+    """Evaluation data: given explicitly, else a sample's held-out split, else the calibration data."""
+    if eval_spec:
+        return eval_spec, "evaluation"
+    if data_spec and data_spec.startswith("sample:"):
+        return data_spec, "evaluation"
+    return data_spec, "calibration"
+
+
+def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, config):
+    from analysis.evaluate import Evaluator
+    from analysis.loading import check_compatible, load_data
+
+    calibration = load_data(data_spec, split="calibration", task=task)
+    check_compatible(model, calibration)
+    spec, split = _eval_spec(data_spec, eval_spec)
+    evaluation = load_data(spec, split=split, task=task) if spec else calibration
+    return Evaluator(model, calibration, evaluation, config)
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from analysis.allocate import build_problem, pareto_front, parse_budget, suggest, uniform_points
+    from analysis.loading import load_model
+    from analysis.results import load_analysis
+    from analysis.sweep import AnalysisConfig
+
+    budget = parse_budget(args.budget)
+    result = load_analysis(args.analysis)
+    problem = build_problem(result, allow_fp32=not args.no_fp32)
+    config = AnalysisConfig(**{**result.config, "weight_formats": (), "act_formats": (), "cumulative": False,
+                               "targets": tuple(result.config["targets"]),
+                               "layers": tuple(result.config["layers"]) if result.config.get("layers") else None})
+    evaluator = None
+    model_spec, data_spec = result.model.get("spec"), result.data.get("spec")
+    if not args.no_measure or budget.kind == "max-drop":
+        if not model_spec or not data_spec:
+            raise CLIError("this analysis does not record its model and data; pass --no-measure "
+                           "(max-drop budgets need them: re-run analyze with the CLI)")
+        evaluator = _evaluator(load_model(model_spec, args.weights), data_spec, args.eval_data,
+                               result.data.get("task"), config)
+    measure = evaluator.measure if evaluator else None
+    calibration = {k: result.config[k] for k in ("weight_calibration", "act_calibration", "percentile",
+                                                 "granularity", "dynamic_activations", "fold_batchnorm")}
+    suggestion = suggest(problem, budget, measure=measure, fingerprint=result.model.get("fingerprint"),
+                         calibration=calibration)
+    out = Path(args.out) if args.out else Path(args.analysis) / "map.json"
+    suggestion.map.save(out)
+    totals = suggestion.totals
+    print(f"map for {budget}: avg weight bits {totals['avg-bits']:.2f}, {totals['size-kb']:.1f} KiB, "
+          f"{totals['bops']:.3g} BOPs; predicted output SQNR {suggestion.predicted_sqnr_db:.1f} dB -> {out}")
+    if suggestion.measured:
+        measured = suggestion.measured
+        extra = f", {evaluator.metric_name} {measured['metric']:.2f} (drop {measured['drop']:+.2f})" if "metric" in measured else ""
+        print(f"measured: output SQNR {measured['sqnr_db']:.1f} dB{extra} after {suggestion.evaluations} evaluation(s)")
+    for note in suggestion.notes:
+        print(f"note: {note}")
+    if args.front_points > 0:
+        front = pareto_front(problem, budget.kind if budget.kind in ("avg-bits", "size-kb", "bops") else "avg-bits",
+                             args.front_points, measure)
+        rows = front + uniform_points(problem, measure)
+        _write_front(rows, out.with_name(out.stem + "_front.csv"))
+    return 0
+
+
+def _write_front(points, path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([{"label": p.label, **p.costs, "predicted_sqnr_db": p.predicted_sqnr_db,
+                           "measured_sqnr_db": p.measured_sqnr_db, "metric": p.metric} for p in points])
+    frame.to_csv(path, index=False)
+    print(f"Pareto front ({len(points)} points, uniform baselines included) -> {path}")
+    with pd.option_context("display.width", 120, "display.max_columns", 10, "display.float_format", "{:.4g}".format):
+        print(frame.drop(columns=["bops"]).to_string(index=False))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from analysis.loading import load_model
+    from analysis.precision_map import load_map
+    from analysis.sweep import AnalysisConfig
+
+    model = load_model(args.model, args.weights)
+    pmap = load_map(args.map) if args.map else None
+    config = AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False, num_samples=args.samples,
+                            **_calibration_fields(pmap.calibration if pmap else {}))
+    evaluator = _evaluator(model, args.data, args.eval_data, args.task, config)
+    if pmap is not None:
+        from analysis.loading import model_fingerprint
+
+        pmap.validate(evaluator.layer_names, model_fingerprint(model))
+        evaluations = [evaluator.fp32(), evaluator.evaluate(pmap, label=Path(args.map).name)]
+    else:
+        evaluations = evaluator.baselines()
+    if args.real:
+        from analysis.real import evaluate_real
+
+        for pmap_real, label in ([(pmap, Path(args.map).name)] if pmap else _uniform_real(evaluator)):
+            evaluations.append(evaluate_real(model, evaluator.calibration, evaluator.evaluation, pmap_real, label=f"{label} (real)"))
+    _print_evaluations(evaluations)
+    if args.out:
+        Path(args.out).write_text(json.dumps([e.to_dict() for e in evaluations], indent=1, default=str))
+        print(f"-> {args.out}")
+    return 0
+
+
+def _uniform_real(evaluator):
+    from analysis.precision_map import uniform_map
+
+    return [(uniform_map(evaluator.layer_names, "int8", None), "uniform int8 (weight-only)"),
+            (uniform_map(evaluator.layer_names, "int8", "int8"), "uniform int8/int8")]
+
+
+def _calibration_fields(calibration: dict) -> dict:
+    names = {"weight_calibration", "act_calibration", "percentile", "granularity", "dynamic_activations", "fold_batchnorm"}
+    return {k: v for k, v in calibration.items() if k in names}
+
+
+def _print_evaluations(evaluations) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([e.as_row() for e in evaluations])
+    keep = [c for c in ("label", "path", "metric", "value", "drop", "output_sqnr_db", "output_kl", "top1_agreement",
+                        "avg_weight_bits", "weight_bytes", "latency_ms_per_sample", "sim_vs_real_sqnr_db") if c in frame]
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print(frame[keep].to_string(index=False))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.export import export_map
+    from analysis.loading import load_data, load_model
+    from analysis.precision_map import load_map
+
+    pmap = load_map(args.map)
+    model = load_model(args.model, args.weights) if args.model else None
+    calibration = load_data(args.data, split="calibration") if args.data else None
+    path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
+    print(f"wrote {args.to} -> {path}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.launch import main as launch
+
+    return launch(port=args.port, address=args.address)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,6 +93,7 @@ class Evaluator:
     def evaluate(self, pmap: PrecisionMap, label: str = "map") -> Evaluation:
         pmap.validate(self.layer_names)
         assignment = pmap.assignment(self.layer_names)
+        self.analyzer.forward(self.evaluation.inputs[:1], assignment)  # calibrates; keeps it out of the timing
         started = time.perf_counter()
         output = self.analyzer.forward(self.evaluation.inputs, assignment)
         seconds = time.perf_counter() - started
