@@ -66,18 +66,18 @@ class PreparedModel:
 
 
 def prepare_model(
-    model: nn.Module | torch.export.ExportedProgram, fold_batchnorm: bool = True
+    model: nn.Module | torch.export.ExportedProgram, fold_batchnorm: bool = True,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> PreparedModel:
-    """Trace a private copy of `model`; the caller's model is never modified."""
+    """Trace a private copy of `model`; the caller's model is never modified.
+
+    Eager models are traced with torch.fx (module calls stay visible, so BatchNorm can be folded and
+    layers keep their module types). Models fx cannot trace (shape-dependent Python, e.g. slicing a
+    mask by `x.shape[1]`) fall back to torch.export with a dynamic batch dimension when
+    `example_inputs` are given.
+    """
     if isinstance(model, torch.export.ExportedProgram):
-        # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
-        # the batch size used at export time; we run other batch sizes (chunks), so they go.
-        graph_module = model.module()
-        for node in list(graph_module.graph.nodes):
-            if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-                graph_module.graph.erase_node(node)
-        _make_out_of_place(graph_module)
-        return PreparedModel(graph_module, "export")
+        return _prepare_exported(model)
     if not isinstance(model, nn.Module):
         raise ModelPreparationError(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
@@ -92,13 +92,40 @@ def prepare_model(
             graph_module, folded = _fold_batchnorm(private)
         else:
             graph_module = torch.fx.symbolic_trace(private)
-    except Exception as exc:  # noqa: BLE001 — tracing failures come in every exception type
-        raise ModelPreparationError(
-            f"could not trace the model with torch.fx ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "export it with torch.export and pass the .pt2 file instead"
-        ) from None
+    except Exception as fx_error:  # noqa: BLE001 — tracing failures come in every exception type
+        if example_inputs is None:
+            raise ModelPreparationError(f"could not trace the model with torch.fx ({_first_line(fx_error)}); "
+                                        "export it with torch.export and pass the .pt2 file instead") from None
+        try:
+            dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+            exported = torch.export.export(private, tuple(example_inputs), dynamic_shapes=dynamic)
+        except Exception as export_error:  # noqa: BLE001
+            raise ModelPreparationError(
+                f"could not trace the model: torch.fx said {_first_line(fx_error)}; torch.export said "
+                f"{_first_line(export_error)}; make forward() traceable (no data-dependent Python control flow)"
+            ) from None
+        prepared = _prepare_exported(exported)
+        prepared.eager = private
+        return prepared
     _make_out_of_place(graph_module)
     return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _prepare_exported(program: torch.export.ExportedProgram) -> PreparedModel:
+    # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
+    # the batch size used at export time; we run other batch sizes (chunks), so they go.
+    graph_module = program.module()
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    _make_out_of_place(graph_module)
+    return PreparedModel(graph_module, "export")
 
 
 def _fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:

@@ -78,14 +78,16 @@ class ErrorAccumulator:
     def update(self, reference: torch.Tensor, quantized: torch.Tensor) -> None:
         if reference.shape != quantized.shape:
             raise ValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(quantized.shape)}")
-        # float64 sums: float32 loses the noise power of a good int8 layer against a large signal.
-        ref = reference.detach().to(torch.float64).reshape(-1)
-        q = quantized.detach().to(torch.float64).reshape(-1)
+        # Element-wise work stays in float32 (converting whole activations to float64 costs as much
+        # as the convolutions that produced them); torch reduces with cascaded partial sums, and
+        # each batch's partial sum is accumulated here in Python floats (float64).
+        ref = reference.detach().reshape(-1).float()
+        q = quantized.detach().reshape(-1).float()
         err = ref - q
-        self.signal += float(ref @ ref)
-        self.noise += float(err @ err)
-        self.dot += float(ref @ q)
-        self.quant_power += float(q @ q)
+        self.signal += float(torch.dot(ref, ref))
+        self.noise += float(torch.dot(err, err))
+        self.dot += float(torch.dot(ref, q))
+        self.quant_power += float(torch.dot(q, q))
         if err.numel():
             self.max_abs = max(self.max_abs, float(err.abs().max()))
         self.count += ref.numel()

@@ -181,7 +181,8 @@ class Analyzer:
 
     def __post_init__(self) -> None:
         self.data = self.data.take(self.config.num_samples)
-        self.prepared: PreparedModel = prepare_model(self.model, fold_batchnorm=self.config.fold_batchnorm)
+        self.prepared: PreparedModel = prepare_model(self.model, fold_batchnorm=self.config.fold_batchnorm,
+                                                     example_inputs=(self.data.inputs[:2],))
         self.table: LayerTable = discover_layers(self.prepared)
         if self.config.layers is not None:
             unknown = set(self.config.layers) - {layer.name for layer in self.table.layers}
@@ -529,14 +530,14 @@ def _label(trial: Trial) -> str:
 
 
 def _update_error_histogram(acc: _Accumulators, error: torch.Tensor, bins: int = 64) -> None:
-    values = error.reshape(-1).numpy()
+    values = error.reshape(-1)
     if acc.error_edges is None:  # the first chunk fixes the edges; later chunks clip into them
-        bound = float(np.abs(values).max()) if values.size else 0.0
-        bound = bound if bound > 0 else 1e-12
+        bound = float(values.abs().max()) if values.numel() else 0.0
+        bound = bound * 1.25 if bound > 0 else 1e-12  # headroom for later chunks and tied sites
         acc.error_edges = np.linspace(-bound, bound, bins + 1)
         acc.error_counts = np.zeros(bins)
-    clipped = np.clip(values, acc.error_edges[0], acc.error_edges[-1])
-    acc.error_counts += np.histogram(clipped, bins=acc.error_edges)[0]
+    lo, hi = float(acc.error_edges[0]), float(acc.error_edges[-1])
+    acc.error_counts += torch.histc(values.clamp(lo, hi), bins=bins, min=lo, max=hi).double().numpy()
 
 
 def _finish(trial: Trial, acc: _Accumulators) -> TrialResult:

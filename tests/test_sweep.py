@@ -219,3 +219,22 @@ def test_config_errors_are_one_line():
         with pytest.raises(ValueError) as info:
             AnalysisConfig(**kwargs)
         assert "\n" not in str(info.value)
+
+
+class ShapeDependent(nn.Module):
+    """Slices a buffer by the input's length: fx cannot trace this, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 32), persistent=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x * self.scale[: x.shape[1]])
+
+
+def test_untraceable_models_fall_back_to_torch_export():
+    result = analyze(ShapeDependent(), data(), CONFIG)
+    assert result.model["source"] == "export"
+    assert [layer.name for layer in result.layers] == ["fc"] and all(t.ok for t in result.trials)

@@ -1,0 +1,319 @@
+"""Exports reproduce the simulation: AIMET grids, ORT overrides, and a QDQ ONNX model that runs."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import sample_models as sm
+from analysis import export as ex
+from analysis.data import Dataset
+from analysis.formats import parse_format
+from analysis.metrics import sqnr_db
+from analysis.precision_map import LayerPrecision, PrecisionMap, load_map, uniform_map
+
+MLP_LAYERS = ["fc1", "fc2", "fc3"]
+CALIBRATION = {"weight_calibration": "mse", "act_calibration": "percentile", "percentile": 99.99}
+
+
+def _dataset(name):
+    split = sm.load_split(name, "calibration")
+    return Dataset(split["inputs"], split["labels"], "classification", name)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = sm.load_model("mlp")
+    data = _dataset("mlp")
+    maps = {
+        "uniform": uniform_map(MLP_LAYERS, "int8", "int8", calibration=dict(CALIBRATION)),
+        "mixed": PrecisionMap({"fc1": LayerPrecision("int8", "int8"), "fc2": LayerPrecision("int4", "int8"),
+                               "fc3": LayerPrecision("fp32")}, calibration=dict(CALIBRATION)),
+        # weight-only fc2, and fc3 with an fp32 weight but an int8 input: both need ORT's graph patched
+        "patched": PrecisionMap({"fc1": LayerPrecision("int8", "int8"), "fc2": LayerPrecision("int4"),
+                                 "fc3": LayerPrecision("fp32", "int8")}, calibration=dict(CALIBRATION)),
+    }
+    analyzer = ex.build_analyzer(maps["mixed"], model, data)
+    return {"model": model, "data": data, "maps": maps, "analyzer": analyzer}
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(mlp, tmp_path_factory):
+    """One FP32 export (the default dynamo exporter) shared by every QDQ test of the mlp."""
+    pytest.importorskip("onnxruntime")
+    return ex.export_fp32_onnx(mlp["analyzer"], tmp_path_factory.mktemp("onnx") / "mlp_fp32.onnx")
+
+
+def _fmt(pmap, layer, role):
+    precision = pmap.precision(layer)
+    return parse_format(precision.weight if role == "weight" else precision.activation, role)
+
+
+def _aimet_dequantize(x, scale, offset, bits):
+    q = torch.clamp(torch.round(x / scale) - offset, 0, 2**bits - 1)
+    return (q + offset) * scale
+
+
+def _rows(weight, n_rows):
+    return weight.reshape(n_rows, -1)
+
+
+# --- calibration settings ------------------------------------------------------------------------
+
+
+def test_analysis_config_takes_the_maps_calibration():
+    pmap = PrecisionMap({}, calibration={"weight": "minmax", "act_calibration": "mse", "percentile": 99.9,
+                                         "granularity": "per-tensor", "dynamic_activations": True, "budget_note": 1})
+    config = ex.analysis_config(pmap)
+    assert (config.weight_calibration, config.act_calibration, config.percentile) == ("minmax", "mse", 99.9)
+    assert config.granularity == "per-tensor" and config.dynamic_activations
+    assert ex.analysis_config(PrecisionMap({})).weight_calibration == "mse"  # AnalysisConfig's default
+
+
+# --- AIMET ---------------------------------------------------------------------------------------
+
+
+def test_aimet_1_0_0_reproduces_the_simulated_grid(mlp):
+    analyzer, pmap = mlp["analyzer"], mlp["maps"]["mixed"]
+    enc = json.loads(json.dumps(ex.to_aimet_encodings(analyzer, pmap)))
+    assert enc["version"] == "1.0.0"
+    assert set(enc) >= {"activation_encodings", "param_encodings", "excluded_layers", "quantizer_args"}
+    params = {e["name"]: e for e in enc["param_encodings"]}
+    assert set(params) == {"fc1.weight", "fc2.weight"}  # fc3 is FP32: excluded, not encoded
+    assert enc["excluded_layers"] == ["fc3"]
+    for layer, bits in (("fc1", 8), ("fc2", 4)):
+        e = params[f"{layer}.weight"]
+        fmt = _fmt(pmap, layer, "weight")
+        w = analyzer.table.weight(layer).detach()
+        assert (e["dtype"], e["enc_type"], e["bw"], e["is_sym"]) == ("INT", "PER_CHANNEL", bits, True)
+        assert len(e["scale"]) == len(e["offset"]) == w.shape[0]
+        assert set(e["offset"]) == {-(2 ** (bits - 1))}
+        scale = torch.tensor(e["scale"])[:, None]
+        offset = torch.tensor(e["offset"], dtype=torch.float32)[:, None]
+        rebuilt = _aimet_dequantize(w, scale, offset, bits)
+        torch.testing.assert_close(rebuilt, analyzer.weight(layer, fmt), rtol=0, atol=1e-7)
+    acts = {e["name"]: e for e in enc["activation_encodings"]}
+    assert set(acts) == {"fc1.input", "fc2.input"}
+    # Activation grid: AIMET's formula on a sweep through (and past) the range = our quantizer.
+    site = analyzer.table.sites["fc2"][0]
+    fmt = _fmt(pmap, "fc2", "activation")
+    e = acts["fc2.input"]
+    assert (e["bw"], e["is_sym"], e["enc_type"]) == (8, False, "PER_TENSOR") and e["offset"][0] <= 0
+    lo, hi = analyzer._act_ranges[(site.node.name, 0, fmt)]
+    x = torch.linspace(float(lo) * 1.5 - 1, float(hi) * 1.5 + 1, 2001)
+    torch.testing.assert_close(_aimet_dequantize(x, e["scale"][0], e["offset"][0], 8),
+                               analyzer.act_fn(site, fmt)(0, x), rtol=0, atol=1e-6)
+    assert enc["quantizer_args"]["per_channel_quantization"] is True
+
+
+def test_aimet_2_0_0_mirrors_quantize_linear(mlp):
+    analyzer, pmap = mlp["analyzer"], mlp["maps"]["mixed"]
+    enc = json.loads(json.dumps(ex.to_aimet_encodings(analyzer, pmap, "2.0.0")))
+    assert enc["version"] == "2.0.0"
+    by_name = {e["name"]: e for e in enc["encodings"]}
+    assert "fc3.weight" not in by_name and "fc3.input" not in by_name
+    for layer, dtype, (qmin, qmax) in (("fc1", "int8", (-128, 127)), ("fc2", "int4", (-8, 7))):
+        e = by_name[f"{layer}.weight"]
+        w = analyzer.table.weight(layer).detach()
+        assert e["output_dtype"] == dtype and e["axis"] == 0 and len(e["y_scale"]) == w.shape[0]
+        scale = torch.tensor(e["y_scale"])[:, None]
+        zp = torch.tensor(e["y_zero_point"], dtype=torch.float32)[:, None]
+        q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)
+        torch.testing.assert_close((q - zp) * scale, analyzer.weight(layer, _fmt(pmap, layer, "weight")), rtol=0, atol=1e-7)
+    act = by_name["fc1.input"]
+    assert act["output_dtype"] == "uint8" and isinstance(act["y_scale"], float) and 0 <= act["y_zero_point"] <= 255
+
+
+def test_aimet_per_group_blocks(mlp):
+    pmap = uniform_map(MLP_LAYERS, "int4-g16", None, calibration=dict(CALIBRATION))
+    analyzer = mlp["analyzer"]
+    v1 = ex.to_aimet_encodings(analyzer, pmap)
+    e = next(p for p in v1["param_encodings"] if p["name"] == "fc2.weight")  # [64, 128]: 8 blocks per row
+    assert (e["enc_type"], e["block_size"], len(e["scale"])) == ("PER_BLOCK", 16, 64 * 8)
+    w = analyzer.table.weight("fc2").detach()
+    rebuilt = _aimet_dequantize(w.reshape(-1, 16), torch.tensor(e["scale"])[:, None],
+                                torch.tensor(e["offset"], dtype=torch.float32)[:, None], 4).reshape(w.shape)
+    torch.testing.assert_close(rebuilt, analyzer.weight("fc2", parse_format("int4-g16", "weight")), rtol=0, atol=1e-7)
+    v2 = {x["name"]: x for x in ex.to_aimet_encodings(analyzer, pmap, "2.0.0")["encodings"]}
+    block = v2["fc2.weight"]
+    assert (block["axis"], block["block_size"], len(block["y_scale"]), len(block["y_scale"][0])) == (1, 16, 64, 8)
+
+
+def test_aimet_rejects_what_it_cannot_express(mlp):
+    for pmap, words in ((PrecisionMap({"fc1": LayerPrecision("fp8_e4m3")}), "fp8_e4m3"),
+                        (PrecisionMap({"fc1": LayerPrecision("int8", "int8")}, calibration={"dynamic": True}), "dynamic")):
+        analyzer = mlp["analyzer"] if "dynamic" not in pmap.calibration else ex.build_analyzer(pmap, mlp["model"], mlp["data"])
+        with pytest.raises(ValueError, match=words) as info:
+            ex.to_aimet_encodings(analyzer, pmap)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="1.0.0 or 2.0.0"):
+        ex.to_aimet_encodings(mlp["analyzer"], mlp["maps"]["mixed"], "3.0")
+
+
+def test_fp16_layers_are_float_entries(mlp):
+    pmap = PrecisionMap({"fc1": LayerPrecision("fp16", "fp16"), "fc2": LayerPrecision("int8")})
+    v1 = ex.to_aimet_encodings(mlp["analyzer"], pmap)
+    assert {"name": "fc1.weight", "dtype": "FLOAT", "bw": 16} in v1["param_encodings"]
+    assert {"name": "fc1.input", "dtype": "FLOAT", "bw": 16} in v1["activation_encodings"]
+    v2 = ex.to_aimet_encodings(mlp["analyzer"], pmap, "2.0.0")
+    assert {"name": "fc1.weight", "output_dtype": "float16"} in v2["encodings"]
+
+
+# --- ONNX Runtime overrides ----------------------------------------------------------------------
+
+
+def test_ort_overrides_round_trip(mlp, mlp_onnx):
+    from onnxruntime.quantization import QuantType
+
+    pmap = mlp["maps"]["mixed"]
+    for kwargs in ({}, {"analyzer": mlp["analyzer"]}, {"onnx_model": mlp_onnx, "analyzer": mlp["analyzer"]}):
+        data = json.loads(json.dumps(ex.to_ort_overrides(pmap, **kwargs)))
+        overrides = data["extra_options"]["TensorQuantOverrides"]
+        types = {entry["quant_type"] for entries in overrides.values() for entry in entries if "quant_type" in entry}
+        assert all(isinstance(QuantType[name], QuantType) for name in types | {data["activation_type"], data["weight_type"]})
+        assert data["excluded_layers"] == ["fc3"] and "fc3.weight" not in overrides
+        assert overrides["fc1.weight"][0]["quant_type"] == "QInt8" and overrides["fc2.weight"][0]["quant_type"] == "QInt4"
+        assert data["min_opset"] == 21  # int4 in the map
+        pinned = "analyzer" in kwargs
+        assert data["pinned_scales"] is pinned
+        assert ("scale" in overrides["fc1.weight"][0]) is pinned
+        if pinned:  # one dict per output channel, values equal to ours
+            params = ex.quantization_parameters(mlp["analyzer"], pmap)
+            assert [c["scale"] for c in overrides["fc2.weight"]] == params["fc2"]["weight"]["scale"]
+        live = ex.ort_quantize_kwargs(data)
+        assert live["weight_type"] is QuantType.QInt8
+        assert all(isinstance(e["quant_type"], QuantType) for v in live["extra_options"]["TensorQuantOverrides"].values()
+                   for e in v if "quant_type" in e)
+        if "onnx_model" in kwargs:
+            assert len(data["nodes_to_exclude"]) == 1  # fc3's Gemm
+            assert data["layers"]["fc1"]["activation"] in overrides  # the Gemm's input tensor, pinned
+            assert len(data["nodes_to_quantize"]) == 2
+
+
+def test_activation_names_follow_the_onnx_graph(mlp, mlp_onnx):
+    enc = ex.to_aimet_encodings(mlp["analyzer"], mlp["maps"]["uniform"], onnx_model=mlp_onnx)
+    names = [e["name"] for e in enc["activation_encodings"]]
+    assert names[0] == "x" and len(names) == 3 and not any(n.endswith(".input") for n in names)
+
+
+@pytest.mark.parametrize("weight, words", [("fp8_e4m3", "fp8_e4m3"), ("int4-g32", "per-group"), ("int6", "6-bit")])
+def test_ort_rejects_unsupported_formats(weight, words):
+    with pytest.raises(ValueError, match=words) as info:
+        ex.to_ort_overrides(PrecisionMap({"fc1": LayerPrecision(weight)}))
+    assert "\n" not in str(info.value) and "use" in str(info.value)
+
+
+# --- QDQ ONNX ------------------------------------------------------------------------------------
+
+
+def _run_onnx(path, inputs):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+
+
+def _op_types(path):
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("name, bound", [("uniform", 40.0), ("mixed", 40.0), ("patched", 40.0)])
+def test_qdq_onnx_matches_the_simulation(mlp, mlp_onnx, tmp_path, name, bound):
+    analyzer, pmap = mlp["analyzer"], mlp["maps"][name]
+    path = ex.export_qdq_onnx(mlp["model"], analyzer, pmap, tmp_path / f"{name}.onnx", opset=21, fp32_onnx=mlp_onnx)
+    ops = _op_types(path)
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    inputs = mlp["data"].inputs
+    onnx_out = _run_onnx(path, inputs)
+    simulated = analyzer.forward(inputs, pmap.assignment(MLP_LAYERS))
+    fp32 = analyzer.forward(inputs, {})
+    agreement = sqnr_db(simulated, onnx_out)
+    print(f"\n{name}: ONNX vs simulation {agreement:.1f} dB; vs FP32: ONNX {sqnr_db(fp32, onnx_out):.1f} dB, "
+          f"simulation {sqnr_db(fp32, simulated):.1f} dB")
+    assert agreement >= max(bound, 25.0)
+    assert abs(sqnr_db(fp32, onnx_out) - sqnr_db(fp32, simulated)) < 0.5
+    if name == "patched":
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        producers = {out: node.op_type for node in graph.node for out in node.output}
+        gemms = [node for node in graph.node if node.op_type == "Gemm"]
+        assert producers.get(gemms[1].input[0]) != "DequantizeLinear"  # fc2: weight-only, float input
+        assert gemms[2].input[1] in {init.name for init in graph.initializer}  # fc3: float weight
+
+
+def test_qdq_onnx_cnn_with_folded_batchnorm(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, data = sm.load_model("cnn"), _dataset("cnn")
+    pmap = PrecisionMap({"stem.0": LayerPrecision("int8", "int8"), "dw1.0": LayerPrecision("int8", "int8"),
+                         "pw1.0": LayerPrecision("int4", "int8"), "dw2.0": LayerPrecision("int8", "int8"),
+                         "pw2.0": LayerPrecision("int8", "int8"), "fc": LayerPrecision("fp32")},
+                        calibration=dict(CALIBRATION))
+    analyzer = ex.build_analyzer(pmap, model, data)
+    # The TorchScript exporter here (the dynamo one is covered by the mlp): also keeps the test fast.
+    path = ex.export_qdq_onnx(model, analyzer, pmap, tmp_path / "cnn.onnx", dynamo=False)
+    ops = _op_types(path)
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 5 and "QuantizeLinear" in ops
+    names = [layer.name for layer in analyzer.table.layers]
+    simulated = analyzer.forward(data.inputs, pmap.assignment(names))
+    onnx_out = _run_onnx(path, data.inputs)
+    fp32 = analyzer.forward(data.inputs, {})
+    agreement = sqnr_db(simulated, onnx_out)
+    print(f"\ncnn mixed: ONNX vs simulation {agreement:.1f} dB; vs FP32: ONNX {sqnr_db(fp32, onnx_out):.1f} dB, "
+          f"simulation {sqnr_db(fp32, simulated):.1f} dB")
+    assert agreement >= 35.0
+    assert abs(sqnr_db(fp32, onnx_out) - sqnr_db(fp32, simulated)) < 0.5
+
+
+def test_qdq_rejects_before_exporting(mlp, tmp_path):
+    pytest.importorskip("onnxruntime")
+    cases = [(PrecisionMap({"fc1": LayerPrecision("int4-g32")}), "per-group"),
+             (PrecisionMap({"fc1": LayerPrecision("fp8_e4m3")}), "fp8"),
+             (uniform_map(MLP_LAYERS, "int4", "int8"), "opset >= 21")]
+    for pmap, words in cases:
+        with pytest.raises(ValueError, match=words) as info:
+            ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], pmap, tmp_path / "x.onnx", opset=17)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- export_map ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, suffix", [("json", ".json"), ("yaml", ".yaml")])
+def test_export_map_round_trips(mlp, tmp_path, target, suffix):
+    pmap = PrecisionMap(dict(mlp["maps"]["mixed"].layers), model="abc123", calibration=dict(CALIBRATION),
+                        budget={"kind": "size", "value": 0.5}, notes=("hand-edited",))
+    path = ex.export_map(pmap, target, tmp_path / f"map{suffix}")
+    assert load_map(path).to_dict() == pmap.to_dict()
+
+
+def test_export_map_aimet_and_ort(mlp, tmp_path):
+    split = sm.load_split("mlp", "calibration")
+    pmap = mlp["maps"]["mixed"]
+    path = ex.export_map(pmap, "aimet", tmp_path / "enc.json", model=mlp["model"], calibration=split)
+    assert json.loads(path.read_text())["version"] == "1.0.0"
+    path = ex.export_map(pmap, "aimet", tmp_path / "enc2.json", model=mlp["model"], calibration=split, version="2.0.0")
+    assert json.loads(path.read_text())["version"] == "2.0.0"
+    names_only = json.loads(ex.export_map(pmap, "ort", tmp_path / "ort.json").read_text())
+    assert names_only["pinned_scales"] is False and names_only["excluded_layers"] == ["fc3"]
+    if importlib.util.find_spec("onnxruntime") is not None:  # pinned: the FP32 model is written alongside
+        import onnx
+
+        pinned = json.loads(ex.export_map(pmap, "ort", tmp_path / "ort_pinned.json", model=mlp["model"],
+                                          calibration=split, dynamo=False).read_text())
+        graph = onnx.load(str(tmp_path / pinned["model"])).graph
+        tensors = {i.name for i in graph.initializer} | {out for n in graph.node for out in n.output} | {i.name for i in graph.input}
+        assert pinned["pinned_scales"] and set(pinned["extra_options"]["TensorQuantOverrides"]) <= tensors
+    with pytest.raises(ValueError, match="model and calibration"):
+        ex.export_map(pmap, "onnx", tmp_path / "m.onnx")
+
+
+def test_export_map_unknown_target(mlp, tmp_path):
+    with pytest.raises(ValueError, match="unknown export target 'tflite'") as info:
+        ex.export_map(mlp["maps"]["mixed"], "tflite", tmp_path / "x")
+    assert "\n" not in str(info.value) and "json" in str(info.value)
+    assert set(ex.EXPORT_TARGETS) == set(ex.EXPORTERS)
