@@ -45,7 +45,7 @@ from analysis.sweep import AnalysisConfig, Analyzer, _per_token
 if TYPE_CHECKING:  # onnx is an optional dependency ("real" extra): imported only where needed
     import onnx
 
-EXPORT_TARGETS = ("json", "yaml", "aimet", "ort", "onnx")
+EXPORT_TARGETS = ("json", "yaml", "aimet", "ort", "torchao", "onnx")
 ORT_OVERRIDES_SCHEMA = "quantlens.ort-overrides/1"
 # ONNX ops whose second input is a layer weight: the only ops the QDQ export quantizes, so that ORT
 # adds Q/DQ exactly where the simulation quantizes (a layer's input and weight) and nowhere else.
@@ -933,12 +933,26 @@ def _export_onnx(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calib
     return export_qdq_onnx(model if not isinstance(model, str) else None, analyzer, pmap, out_path, opset, dynamo=dynamo)
 
 
-# target -> writer(pmap, out_path, *, model, calibration, **options). The lead adds "torchao" here.
+def _export_torchao(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
+    """torchao per-layer configs (FqnToConfig) as JSON; with the model, non-Linear layers are named
+    with the reason they stay float."""
+    from analysis.real import _discover, torchao_config_dict
+
+    if isinstance(model, str):
+        from analysis.loading import load_model
+
+        model = load_model(model)
+    layers = _discover(model) if model is not None else list(pmap.layers)
+    return _write_json(torchao_config_dict(pmap, layers), out_path)
+
+
+# target -> writer(pmap, out_path, *, model, calibration, **options)
 EXPORTERS: dict[str, Callable[..., Path]] = {
     "json": _export_json,
     "yaml": _export_yaml,
     "aimet": _export_aimet,
     "ort": _export_ort,
+    "torchao": _export_torchao,
     "onnx": _export_onnx,
 }
 

@@ -317,3 +317,14 @@ def test_export_map_unknown_target(mlp, tmp_path):
         ex.export_map(mlp["maps"]["mixed"], "tflite", tmp_path / "x")
     assert "\n" not in str(info.value) and "json" in str(info.value)
     assert set(ex.EXPORT_TARGETS) == set(ex.EXPORTERS)
+
+
+def test_torchao_target_names_a_config_per_linear_layer(tmp_path):
+    import sample_models
+
+    pmap = PrecisionMap({"fc1": LayerPrecision("int8"), "fc2": LayerPrecision("int4-g32"), "fc3": LayerPrecision("fp32")})
+    path = ex.export_map(pmap, "torchao", tmp_path / "torchao.json", model=sample_models.load_model("mlp"))
+    payload = json.loads(path.read_text())
+    assert payload["format"] == "torchao.FqnToConfig"
+    assert payload["layers"]["fc1"]["config"] == "Int8WeightOnlyConfig"
+    assert "fc3" not in payload["layers"]
