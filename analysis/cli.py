@@ -76,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the results as JSON here")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map (straight-through estimator)")
+    _add_model_args(finetune)
+    finetune.add_argument("--map", required=True, help="precision map to train under")
+    finetune.add_argument("--train-data", help="labelled training data (default: --data)")
+    finetune.add_argument("--eval-data", help="held-out data for before/after (default: the sample's evaluation split)")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--out", required=True, help="write the fine-tuned weights (.safetensors)")
+    finetune.set_defaults(func=cmd_finetune)
+
+    remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
+    _add_model_args(remedy)
+    remedy.add_argument("--layer", required=True)
+    remedy.add_argument("--weight-format", default="int4")
+    remedy.add_argument("--act-format", help="e.g. int8 (default: weights only)")
+    remedy.add_argument("--eval-data")
+    remedy.set_defaults(func=cmd_remedies)
+
     export = sub.add_parser("export", help="write a precision map in another tool's format")
     export.add_argument("map", help="precision map (.json/.yaml)")
     export.add_argument("--to", required=True, choices=("json", "yaml", "aimet", "ort", "torchao", "onnx"))
@@ -290,6 +309,45 @@ def _print_evaluations(evaluations) -> None:
                         "avg_weight_bits", "weight_bytes", "latency_ms_per_sample", "sim_vs_real_sqnr_db") if c in frame]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(frame[keep].to_string(index=False))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_model
+
+    from analysis.finetune import finetune_qat
+    from analysis.loading import check_compatible, load_data, load_model
+    from analysis.precision_map import load_map
+
+    model = load_model(args.model, args.weights)
+    pmap = load_map(args.map)
+    calibration = load_data(args.data, split="calibration", task=args.task).take(args.samples)
+    check_compatible(model, calibration)
+    train = load_data(args.train_data, task=args.task) if args.train_data else calibration
+    spec, split = _eval_spec(args.data, args.eval_data)
+    evaluation = load_data(spec, split=split, task=args.task)
+    tuned, report = finetune_qat(model, pmap, train, calibration, evaluation=evaluation, epochs=args.epochs,
+                                 lr=args.lr, batch_size=args.batch_size)
+    save_model(tuned, args.out)
+    print(f"{report.get('metric', 'metric')}: before {report['before']:.3f}, after {report['after']:.3f} "
+          f"({args.epochs} epochs) -> {args.out}")
+    return 0
+
+
+def cmd_remedies(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analysis.finetune import remedies
+    from analysis.loading import check_compatible, load_data, load_model
+
+    model = load_model(args.model, args.weights)
+    calibration = load_data(args.data, split="calibration", task=args.task).take(args.samples)
+    check_compatible(model, calibration)
+    spec, split = _eval_spec(args.data, args.eval_data)
+    evaluation = load_data(spec, split=split, task=args.task)
+    rows = remedies(model, calibration, evaluation, args.layer, args.weight_format, args.act_format)
+    with pd.option_context("display.width", 160, "display.max_colwidth", 70, "display.float_format", "{:.2f}".format):
+        print(pd.DataFrame(rows).drop(columns=["note"], errors="ignore").to_string(index=False, na_rep=""))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
