@@ -164,7 +164,7 @@ def _weight_parameters(analyzer: Analyzer, layer_name: str, fmt: Format) -> dict
     if not fmt.scaled:  # fp16 / bf16: a plain cast, nothing to calibrate
         return info
     analyzer.weight(layer_name, fmt)  # fills the cache with (quantized weight, lo, hi) per row
-    _, lo, hi = analyzer._weights[(layer_name, fmt)]
+    lo, hi = analyzer.weight_range(layer_name, fmt)
     scale, zero_point = scale_and_zero_point(fmt, lo, hi)
     info.update(
         axis=None if fmt.granularity == "per-tensor" else layer.channel_axis,

@@ -67,7 +67,7 @@ class PreparedModel:
 
 def prepare_model(
     model: nn.Module | torch.export.ExportedProgram, fold_batchnorm: bool = True,
-    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    example_inputs: tuple[torch.Tensor, ...] | None = None, share_weights: bool = False,
 ) -> PreparedModel:
     """Trace a private copy of `model`; the caller's model is never modified.
 
@@ -75,6 +75,10 @@ def prepare_model(
     layers keep their module types). Models fx cannot trace (shape-dependent Python, e.g. slicing a
     mask by `x.shape[1]`) fall back to torch.export with a dynamic batch dimension when
     `example_inputs` are given.
+
+    share_weights: the copy reuses the caller's parameter and buffer tensors instead of duplicating
+    them (a 100M-parameter model then costs its size once, not twice). Only for callers that never
+    write to weights, such as the sweep; fine-tuning must not share.
     """
     if isinstance(model, torch.export.ExportedProgram):
         return _prepare_exported(model)
@@ -82,7 +86,10 @@ def prepare_model(
         raise ModelPreparationError(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
         )
-    private = copy.deepcopy(model).eval()
+    memo: dict[int, object] = {}
+    if share_weights:
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    private = copy.deepcopy(model, memo).eval()
     for module in private.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False

@@ -32,8 +32,13 @@ from analysis.results import (
     TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
 )
 
+from collections import OrderedDict
+
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
 ProgressFn = Callable[[int, int, str], None]
+# Quantized weights are rebuilt from cached per-row ranges on demand; only this many bytes of them
+# stay materialized, so a big model never holds a second full copy per format.
+WEIGHT_CACHE_BYTES = 256 << 20
 
 
 class AnalysisCancelled(RuntimeError):
@@ -182,7 +187,7 @@ class Analyzer:
     def __post_init__(self) -> None:
         self.data = self.data.take(self.config.num_samples)
         self.prepared: PreparedModel = prepare_model(self.model, fold_batchnorm=self.config.fold_batchnorm,
-                                                     example_inputs=(self.data.inputs[:2],))
+                                                     example_inputs=(self.data.inputs[:2],), share_weights=True)
         self.table: LayerTable = discover_layers(self.prepared)
         if self.config.layers is not None:
             unknown = set(self.config.layers) - {layer.name for layer in self.table.layers}
@@ -192,7 +197,9 @@ class Analyzer:
         self.chunk_size = self._plan_chunks()
         self._act_hists: dict[tuple[str, int], calibration.Histogram] = {}
         self._act_ranges: dict[tuple[str, int, Format], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._weights: dict[tuple[str, Format], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._weight_ranges: dict[tuple[str, Format], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_lru: OrderedDict[tuple[str, Format], torch.Tensor] = OrderedDict()
+        self._weight_lru_bytes = 0
         self._chunk_cache: tuple[int, dict] | None = None
 
     # chunks ---------------------------------------------------------------------------------
@@ -236,15 +243,37 @@ class Analyzer:
     # quantizers -----------------------------------------------------------------------------
 
     def weight(self, layer: str, fmt: Format | None) -> torch.Tensor | None:
+        """The layer's weight fake-quantized to fmt (None: leave it FP32)."""
         if fmt is None:
             return None
         key = (layer, fmt)
-        if key not in self._weights:
-            info = next(l for l in self.table.layers if l.name == layer)
-            self._weights[key] = quantize_weight(
-                self.table.weight(layer), fmt, info.channel_axis, self.config.weight_calibration, self.config.percentile
-            )
-        return self._weights[key][0]
+        cached = self._weight_lru.get(key)
+        if cached is not None:
+            self._weight_lru.move_to_end(key)
+            return cached
+        info = next(l for l in self.table.layers if l.name == layer)
+        weight = self.table.weight(layer)
+        if key in self._weight_ranges:
+            lo, hi = self._weight_ranges[key]
+            w = weight.detach().float()
+            rows = to_rows(w, fmt, info.channel_axis)
+            quantized = from_rows(quantize_with_range(rows, fmt, lo[:, None], hi[:, None]), w, fmt, info.channel_axis)
+        else:
+            quantized, lo, hi = quantize_weight(weight, fmt, info.channel_axis, self.config.weight_calibration,
+                                                self.config.percentile)
+            self._weight_ranges[key] = (lo, hi)
+        self._weight_lru[key] = quantized
+        self._weight_lru_bytes += quantized.numel() * quantized.element_size()
+        while self._weight_lru_bytes > WEIGHT_CACHE_BYTES and len(self._weight_lru) > 1:
+            _, evicted = self._weight_lru.popitem(last=False)
+            self._weight_lru_bytes -= evicted.numel() * evicted.element_size()
+        return quantized
+
+    def weight_range(self, layer: str, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (lo, hi) clipping range of the layer's weight in fmt (rows as `formats.to_rows`)."""
+        if (layer, fmt) not in self._weight_ranges:
+            self.weight(layer, fmt)
+        return self._weight_ranges[(layer, fmt)]
 
     def calibrate_activations(self, sites: list[Site]) -> None:
         """Two passes over all samples: min/max, then a fixed-edge histogram (exact under chunking)."""
@@ -290,7 +319,8 @@ class Analyzer:
         """Node overrides that run each assigned layer with its (weight, activation) formats."""
         result = {}
         for name, (wf, af) in assignments.items():
-            weight = self.weight(name, wf)
+            # Resolved when the node runs, so a fully quantized model never holds every weight at once.
+            weight = (lambda name=name, wf=wf: self.weight(name, wf)) if wf is not None else None
             for site in self.table.sites[name]:
                 act = self.act_fn(site, af)
                 previous = result.get(site.node)
@@ -413,12 +443,12 @@ class Analyzer:
                     output.update(primary_output(cache[self.prepared.output_node]), primary_output(env[self.prepared.output_node]))
                     with torch.inference_mode():
                         for name, (lwf, laf) in assignments.items():
-                            weight = self.weight(name, lwf)
                             for site in self.table.sites[name]:
                                 fp_args, fp_kwargs = load_args(site.node, cache)
                                 q_args, q_kwargs = load_args(site.node, env, cache)
                                 reference = site.local(self.gm, fp_args, fp_kwargs, None, None, cache[site.node])
-                                quantized = site.local(self.gm, q_args, q_kwargs, weight, self.act_fn(site, laf), env[site.node])
+                                quantized = site.local(self.gm, q_args, q_kwargs, self.weight(name, lwf),
+                                                       self.act_fn(site, laf), env[site.node])
                                 per_layer[name].update(reference, quantized)
             except Exception as exc:  # noqa: BLE001
                 failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -443,10 +473,8 @@ class Analyzer:
             fp32 = np.histogram(w.numpy(), bins=edges)[0]
             quantized, clip = {}, {}
             for wf in self.config.parsed_weight_formats():
-                wq, wlo, whi = self._weights.get((layer.name, wf)) or (None, None, None)
-                if wq is None:
-                    self.weight(layer.name, wf)
-                    wq, wlo, whi = self._weights[(layer.name, wf)]
+                wq = self.weight(layer.name, wf)
+                wlo, whi = self.weight_range(layer.name, wf)
                 name = wf.name_for("weight")
                 quantized[name] = tuple(np.histogram(np.clip(wq.numpy(), lo, hi), bins=edges)[0].astype(float))
                 clip[name] = (float(wlo.min()), float(whi.max()))
@@ -490,10 +518,11 @@ def _compose(site: Site, gm: torch.fx.GraphModule, weight: torch.Tensor | None, 
         parts = [(site, weight, act)]
 
     def override(node, args, kwargs):
-        if len(parts) == 1:
-            s, w, a = parts[0]
+        resolved = [(s, w() if callable(w) else w, a) for s, w, a in parts]
+        if len(resolved) == 1:
+            s, w, a = resolved[0]
             return s.run(gm, args, kwargs, w, a)
-        return _run_attention_pair(parts, gm, args, kwargs)
+        return _run_attention_pair(resolved, gm, args, kwargs)
 
     override.parts = parts  # type: ignore[attr-defined]
     return override
