@@ -172,16 +172,29 @@ def quantize_with_range(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torc
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if fmt.symmetric:
-        absmax = torch.maximum(-lo, hi)
-        scale = absmax / ((2**fmt.bits - 1) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(x / scale), fmt.qmin, fmt.qmax)
-        return q * scale
-    scale = (hi - lo) / (2**fmt.bits - 1)
+        scale = torch.maximum(-lo, hi) / ((2**fmt.bits - 1) / 2)
+        zero_point = None
+    else:
+        scale = (hi - lo) / (2**fmt.bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.clamp(torch.round(-lo / scale), fmt.qmin, fmt.qmax)
-    q = torch.clamp(torch.round(x / scale) + zero_point, fmt.qmin, fmt.qmax)
-    return (q - zero_point) * scale
+    if not fmt.symmetric:
+        zero_point = torch.clamp(torch.round(-lo / scale), fmt.qmin, fmt.qmax)
+    if torch.is_grad_enabled() and x.requires_grad:
+        q = torch.round(x / scale)
+        if zero_point is not None:
+            q = q + zero_point
+        q = torch.clamp(q, fmt.qmin, fmt.qmax)
+        return (q - zero_point) * scale if zero_point is not None else q * scale
+    # One fresh tensor, then in place: range searches call this ~20 times per weight, and each
+    # extra full-size temporary costs as much as the arithmetic.
+    q = x / scale
+    q.round_()
+    if zero_point is not None:
+        q.add_(zero_point)
+    q.clamp_(fmt.qmin, fmt.qmax)
+    if zero_point is not None:
+        q.sub_(zero_point)
+    return q.mul_(scale)
 
 
 def _quantize_float(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

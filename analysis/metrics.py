@@ -92,13 +92,17 @@ class ErrorAccumulator:
             self.max_abs = max(self.max_abs, float(err.abs().max()))
         self.count += ref.numel()
         if self.logits:
-            ref_logits = reference.detach().to(torch.float64).reshape(-1, reference.shape[-1])
-            q_logits = quantized.detach().to(torch.float64).reshape(-1, reference.shape[-1])
-            log_p = torch.log_softmax(ref_logits, dim=-1)
-            log_q = torch.log_softmax(q_logits, dim=-1)
-            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-            self.agree += int((ref_logits.argmax(-1) == q_logits.argmax(-1)).sum())
-            self.distributions += ref_logits.shape[0]
+            ref_rows = reference.detach().reshape(-1, reference.shape[-1])
+            q_rows = quantized.detach().reshape(-1, reference.shape[-1])
+            # float64 for the KL of nearly equal distributions, in row blocks of ~1M values so a
+            # language model's [tokens, vocabulary] logits never exist twice in float64.
+            step = max(1, (1 << 20) // max(ref_rows.shape[1], 1))
+            for start in range(0, ref_rows.shape[0], step):
+                log_p = torch.log_softmax(ref_rows[start:start + step].double(), dim=-1)
+                log_q = torch.log_softmax(q_rows[start:start + step].double(), dim=-1)
+                self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+                self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+            self.distributions += ref_rows.shape[0]
 
     def result(self) -> ErrorStats:
         if self.count == 0:

