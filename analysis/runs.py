@@ -53,7 +53,9 @@ def analyze_to_directory(
     }
     finished: dict[tuple[str, str, str], TrialResult] = {}
     run_file, trials_file = out / "run.json", out / "trials.jsonl"
-    if resume and run_file.exists():
+    if resume and not run_file.exists():
+        raise ResumeError(f"nothing to resume in {out}: no run.json there; drop --resume to start a new run")
+    if resume:
         previous = json.loads(run_file.read_text())
         for key in ("config", "model_fingerprint", "data_fingerprint"):
             if previous.get(key) != header[key]:
@@ -62,6 +64,8 @@ def analyze_to_directory(
                     "drop --resume to start over, or use another --out directory"
                 )
         finished = {t.key: t for t in _read_trials(trials_file)}
+        # Rewrite without a line the crash cut short, so appended trials start on a clean line.
+        trials_file.write_text("".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values()))
     else:
         run_file.write_text(json.dumps(header, indent=1))
         trials_file.write_text("")
