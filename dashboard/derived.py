@@ -1,0 +1,349 @@
+"""Cached views of a finished analysis: tables, figures, precision allocation, evaluation, exports.
+
+Everything is keyed by the run's key (id + analysis.json version) so it is computed once per run;
+`_`-prefixed arguments are the objects themselves, left out of the cache key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import state
+
+FORMAT_NONE = "none"
+
+
+# --- tables and figures --------------------------------------------------------------------------
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
+def frame(run_key: str, _result: Any) -> pd.DataFrame:
+    """`AnalysisResult.to_frame()`: one row per layer × target × format."""
+    return _result.to_frame()
+
+
+@st.cache_data(max_entries=96, ttl=900, show_spinner=False)
+def figure(name: str, run_key: str, params: tuple, _build: Callable[[], Any]) -> Any:
+    """A plotly figure built once per (chart, run, parameters)."""
+    return _build()
+
+
+def restrict(result: Any, layers: list[str] | set[str] | None) -> Any:
+    """The result limited to `layers` (for the chart builders, which take a whole result)."""
+    if layers is None:
+        return result
+    keep = set(layers)
+    return replace(
+        result,
+        layers=tuple(layer for layer in result.layers if layer.name in keep),
+        trials=tuple(t for t in result.trials if t.layer in keep),
+        histograms={k: v for k, v in result.histograms.items() if k in keep},
+    )
+
+
+def metric_options(result: Any, table: pd.DataFrame) -> list[str]:
+    """Metrics with values in this analysis, output SQNR first."""
+    candidates = ["output_sqnr_db", "sqnr_db", "output_kl", "output_top1_agreement", "output_mse", "mse",
+                  "cosine", "output_cosine"]
+    out = [m for m in candidates if m in table and pd.to_numeric(table[m], errors="coerce").notna().any()]
+    return out or ["sqnr_db"]
+
+
+# --- mixed precision -----------------------------------------------------------------------------
+
+
+def calibration_of(result: Any) -> dict:
+    """What a precision map records about how its ranges were calibrated (from the run's config)."""
+    cfg = result.config
+    return {
+        "weight": cfg.get("weight_calibration"), "activation": cfg.get("act_calibration"),
+        "percentile": cfg.get("percentile"), "granularity": cfg.get("granularity"),
+        "dynamic_activations": cfg.get("dynamic_activations"), "num_samples": cfg.get("num_samples"),
+    }
+
+
+def fingerprint_of(result: Any) -> str | None:
+    return result.model.get("fingerprint")
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def problem(run_key: str, _result: Any) -> Any:
+    from analysis.allocate import build_problem
+
+    return build_problem(_result)
+
+
+@st.cache_data(max_entries=64, ttl=3600, show_spinner=False)
+def suggestion(run_key: str, kind: str, value: float, _problem: Any, _result: Any) -> Any:
+    """The allocator's map for a budget judged on the sweep's predictions (instant; no evaluations)."""
+    from analysis.allocate import Budget, suggest
+
+    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result),
+                   calibration=calibration_of(_result))
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
+def front(run_key: str, kind: str, _problem: Any) -> tuple[list[dict], list[dict]]:
+    """(Pareto front, uniform points) as plain dicts: label, cost in `kind`, predicted SQNR."""
+    from analysis.allocate import pareto_front, uniform_points
+
+    def rows(points: list) -> list[dict]:
+        return [{"label": p.label, "cost": p.costs[kind], "sqnr": p.predicted_sqnr_db, "costs": dict(p.costs)}
+                for p in points]
+
+    return rows(pareto_front(_problem, kind, points=16)), rows(uniform_points(_problem))
+
+
+def budget_default(kind: str, prob: Any) -> float:
+    """A sensible starting value per budget kind: halfway between the cheapest and the most precise map."""
+    from analysis.allocate import COST_KINDS, extreme_picks
+
+    if kind == "avg-bits":
+        return 6.0
+    if kind == "min-sqnr":
+        return 30.0
+    if kind == "max-drop":
+        return 1.0
+    if kind in COST_KINDS:
+        low = prob.totals(extreme_picks(prob, kind, cheapest=True))[kind]
+        high = prob.totals(extreme_picks(prob, kind, cheapest=False))[kind]
+        value = low + (high - low) / 3
+        digits = max(0, 2 - int(math.floor(math.log10(value)))) if value > 0 else 0
+        return float(round(value, digits))
+    return 0.0
+
+
+def format_choices(result: Any) -> tuple[list[str], list[str]]:
+    """(weight options, activation options) for the map editor: analysed formats plus full precision."""
+    from analysis.charts import precision_key
+
+    weights = sorted({t.weight_format for t in result.trials if t.weight_format},
+                     key=lambda f: precision_key(f, "weights"), reverse=True)
+    acts = sorted({t.act_format for t in result.trials if t.act_format},
+                  key=lambda f: precision_key(f, "activations"), reverse=True)
+    return ["fp32", *weights], [FORMAT_NONE, *acts]
+
+
+def _layer_noise(prob: Any, result: Any, index: int, precision: Any) -> float | None:
+    """Output noise with only this layer at `precision`: the allocator's (monotone) figure when it
+    has the choice, else the sweep's trial; None when the sweep never measured it."""
+    for choice in prob.choices[index]:
+        if choice.precision == precision:
+            return choice.noise
+    name = prob.layers[index].name
+    weight = None if precision.weight in (None, "fp32") else precision.weight
+    act = precision.activation
+    if weight is None and act is None:
+        return 0.0
+    target, label = (("both", f"{weight}/{act}") if weight and act else ("weights", weight) if weight
+                     else ("activations", act))
+    for trial in result.trials:
+        if trial.key == (name, target, label) and trial.ok and trial.output is not None:
+            return trial.output.mse
+    return None
+
+
+def map_summary(prob: Any, result: Any, pmap: Any) -> dict[str, Any]:
+    """Costs of a (possibly hand-edited) map and its predicted output SQNR (additive noise model)."""
+    from analysis import costs
+
+    names = [layer.name for layer in result.layers]
+    cost = costs.model_cost(list(result.layers), pmap.assignment(names))
+    noise, unmeasured = 0.0, []
+    for index, layer in enumerate(prob.layers):
+        value = _layer_noise(prob, result, index, pmap.precision(layer.name))
+        if value is None:
+            unmeasured.append(layer.name)
+        else:
+            noise += value
+    return {
+        "avg-bits": cost.avg_weight_bits, "size-kb": cost.weight_bytes / 1024, "bops": cost.bops,
+        "sqnr": None if unmeasured else prob.predicted_sqnr(noise), "unmeasured": unmeasured,
+    }
+
+
+def map_table(result: Any, pmap: Any, prob: Any) -> pd.DataFrame:
+    """One editable row per layer: its weight and activation format in `pmap`."""
+    rows = []
+    for index, layer in enumerate(result.layers):
+        precision = pmap.precision(layer.name)
+        noise = _layer_noise(prob, result, index, precision)
+        sqnr = prob.predicted_sqnr(noise) if noise is not None else None
+        rows.append({
+            "layer": layer.name, "kind": layer.kind, "params": layer.params,
+            "weight": precision.weight or "fp32", "activation": precision.activation or FORMAT_NONE,
+            "SQNR alone (dB)": sqnr,
+        })
+    return pd.DataFrame(rows)
+
+
+def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()) -> Any:
+    """The edited table as a validated PrecisionMap (MapError with one line for a bad edit)."""
+    from analysis.precision_map import SCHEMA, MapError, map_from_dict
+
+    layers: dict[str, dict] = {}
+    for row in table.itertuples(index=False):
+        weight = getattr(row, "weight")
+        act = getattr(row, "activation")
+        if weight is None or (isinstance(weight, float) and math.isnan(weight)) or str(weight).strip() == "":
+            raise MapError(f"layer {row.layer!r} has no weight format; pick one (fp32 keeps it in full precision)")
+        act = None if act is None or (isinstance(act, float) and math.isnan(act)) or str(act) in ("", FORMAT_NONE) else str(act)
+        layers[str(row.layer)] = {"weight": str(weight).strip(), **({"activation": act} if act else {})}
+    names = {layer.name for layer in result.layers}
+    no_input = {layer.name for layer in result.layers if not layer.quantizable_input}
+    for name, value in layers.items():
+        if name not in names:
+            raise MapError(f"the map names layer {name!r}, which the analysis does not have")
+        if name in no_input and value.get("activation"):
+            raise MapError(f"layer {name!r} takes integer indices (an embedding): its activation must be 'none'")
+    payload = {"schema": SCHEMA, "model": fingerprint_of(result), "calibration": calibration_of(result),
+               "layers": layers, "notes": list(notes)}
+    return map_from_dict(payload, "the edited map")
+
+
+def load_map_upload(data: bytes, name: str, result: Any) -> Any:
+    """A precision map file (JSON or YAML) uploaded by the user, checked against this analysis."""
+    from analysis.precision_map import MapError, map_from_dict
+
+    if not name.lower().endswith((".json", ".yaml", ".yml")):
+        raise MapError(f"{name} is not a precision map file; upload a .json or .yaml map")
+    text = data.decode("utf-8", errors="replace")
+    try:
+        if name.lower().endswith((".yaml", ".yml")):
+            import yaml
+
+            payload = yaml.safe_load(text)
+        else:
+            payload = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
+        kind = "YAML" if name.lower().endswith((".yaml", ".yml")) else "JSON"
+        raise MapError(f"{name} is not valid {kind}: {str(exc).splitlines()[0]}") from None
+    pmap = map_from_dict(payload, name)
+    pmap.validate([layer.name for layer in result.layers], fingerprint_of(result))
+    return pmap
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def baseline_pairs(result: Any) -> tuple[tuple[str, str | None], ...]:
+    """Uniform configurations to compare against: every analysed weight format with the first
+    analysed activation format (weight-only when activations were not analysed)."""
+    weights = tuple(result.config.get("weight_formats") or ())
+    acts = tuple(result.config.get("act_formats") or ())
+    return tuple((w, acts[0] if acts else None) for w in weights)[:6]
+
+
+@st.cache_resource(max_entries=2, show_spinner="Calibrating the evaluator (once per run)…")
+def evaluator(run_key: str, inputs_json: str, config_json: str, eval_samples: int) -> tuple[Any, threading.Lock]:
+    """An Evaluator with the run's calibration settings, on the run's model and evaluation data.
+
+    Shared by sessions (calibration runs once); the lock serialises its use."""
+    from analysis.evaluate import Evaluator
+
+    inputs = state.Inputs(**json.loads(inputs_json))
+    model = state.load_model(inputs)
+    calibration = state.load_data(inputs)
+    evaluation = state.load_eval_data(inputs).take(eval_samples)
+    config = state.config_from_dict(json.loads(config_json), weight_formats=(), act_formats=(), cumulative=False)
+    return Evaluator(model, calibration, evaluation, config), threading.Lock()
+
+
+def run_evaluator(info: state.RunInfo, result: Any, eval_samples: int) -> tuple[Any, threading.Lock]:
+    inputs = info.get_inputs()
+    if inputs is None:
+        raise ValueError("this run does not record its model and data (made outside the dashboard?); "
+                         "analyse the model from the Model & data page to evaluate maps")
+    from dataclasses import asdict
+
+    return evaluator(info.key, json.dumps(asdict(inputs), sort_keys=True),
+                     json.dumps(result.config, sort_keys=True, default=str), int(eval_samples))
+
+
+@st.cache_data(max_entries=8, ttl=3600, show_spinner="Evaluating FP32 and the uniform baselines…")
+def baseline_rows(run_key: str, eval_samples: int, pairs: tuple, _evaluator: Any, _lock: Any) -> list[dict]:
+    with _lock:
+        return [e.as_row() for e in _evaluator.baselines(pairs)]
+
+
+EVAL_COLUMNS = {
+    "label": "configuration", "metric": "task metric", "value": "value", "drop": "drop (points)",
+    "output_sqnr_db": "output SQNR (dB)", "output_kl": "output KL", "top1_agreement": "top-1 agreement",
+    "avg_weight_bits": "avg weight bits", "size_kib": "size (KiB)", "bops": "BOPs / sample",
+    "latency_ms_per_sample": "ms / sample (simulated)",
+}
+
+
+def evaluation_table(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows)
+    if "weight_bytes" in table:
+        table["size_kib"] = table["weight_bytes"].astype(float) / 1024
+    columns = [c for c in EVAL_COLUMNS if c in table]
+    return table[columns].rename(columns=EVAL_COLUMNS)
+
+
+# --- exports -------------------------------------------------------------------------------------
+
+
+@st.cache_data(max_entries=4, ttl=3600, show_spinner=False)
+def report_html(run_key: str, title: str, _result: Any) -> bytes:
+    from analysis.report import write_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_report(_result, Path(tmp) / "report.html", title=title)
+        return Path(path).read_bytes()
+
+
+TOOLCHAIN_TARGETS = (
+    # (analysis.export target, button label, file name)
+    ("aimet", "AIMET encodings", "aimet_encodings.json"),
+    ("ort", "ONNX Runtime overrides + FP32 ONNX", "ort_overrides.json"),
+    ("onnx", "QDQ ONNX model", "model.qdq.onnx"),
+)
+
+
+def toolchain_targets() -> tuple[list[tuple[str, str, str]], str | None]:
+    """The toolchain exports `analysis.export` offers, or why there are none."""
+    try:
+        from analysis import export as module
+    except ImportError:
+        return [], "analysis.export is not available in this version"
+    except Exception as exc:  # noqa: BLE001 — a half-written module must not break the page
+        return [], f"analysis.export could not be imported ({state.one_line(exc)})"
+    offered = getattr(module, "EXPORTERS", {}) or {t: None for t in getattr(module, "EXPORT_TARGETS", ())}
+    targets = [t for t in TOOLCHAIN_TARGETS if t[0] in offered]
+    if not targets or not hasattr(module, "export_map"):
+        return [], "analysis.export offers no AIMET / ONNX Runtime export"
+    return targets, None
+
+
+def toolchain_file(target: str, filename: str, pmap: Any, model: Any, calibration: Any) -> tuple[bytes, str]:
+    """`analysis.export.export_map` into a scratch folder; several files (a model and its external
+    data, overrides and the ONNX model they name) come back as one zip. Returns (bytes, file name)."""
+    import copy
+    import zipfile
+    from io import BytesIO
+
+    from analysis.export import export_map
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        # The cached model is shared by every session: the exporters get a private copy.
+        export_map(pmap, target, folder / filename, model=copy.deepcopy(model), calibration=calibration)
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if len(files) == 1:
+            return files[0].read_bytes(), files[0].name
+        buffer = BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in files:
+                archive.write(path, path.relative_to(folder).as_posix())
+        return buffer.getvalue(), Path(filename).stem.split(".")[0] + ".zip"

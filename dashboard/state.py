@@ -1,0 +1,666 @@
+"""Dashboard state: settings, cached loaders, the on-disk run store, background jobs, session state.
+
+Heavy work never reruns on a widget change:
+- models and data sets are loaded once per (spec, file digest) with `st.cache_resource` (shared by all
+  sessions, so never mutated: the engine works on its own copy);
+- an analysis runs in a background thread (`Job`) that writes progress and finished trials into a
+  plain object; pages poll it from an `st.fragment(run_every=...)`; `QUANTLENS_SYNC_JOBS=1` runs it
+  inline instead (tests, where no browser polls);
+- every finished analysis is a folder in the run store (`QUANTLENS_RUNS_DIR`, default
+  `~/.quantlens/runs`), written by `analysis.runs.analyze_to_directory`, so results survive a browser
+  refresh or a server restart and reopen instantly.
+
+Environment:
+    QUANTLENS_RUNS_DIR          where runs are kept (default ~/.quantlens/runs)
+    QUANTLENS_SYNC_JOBS=1       run analyses inline in the script run (tests)
+    QUANTLENS_DEFAULT_SAMPLE    bundled sample analysed on first open (default cnn)
+    QUANTLENS_DEFAULT_SAMPLES   calibration samples of a new analysis (default 256)
+    QUANTLENS_AUTOSTART=0       do not analyse the bundled sample on first open
+    QUANTLENS_UPLOAD_DIR        where uploaded files are written (default: <tmp>/quantlens-uploads)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+RUN_META = "meta.json"
+META_SCHEMA = "quantlens.dashboard-run/1"
+WEIGHT_FORMAT_CHOICES = ("int8", "int6", "int4", "int4-g32", "int4-g128", "int3", "int2",
+                         "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
+ACT_FORMAT_CHOICES = ("int8", "int16", "fp8_e4m3", "none")
+CALIBRATION_METHODS = ("mse", "minmax", "percentile", "entropy")
+GRANULARITIES = ("per-channel", "per-tensor", "per-group")
+TASK_CHOICES = ("auto", "classification", "language-model", "other")
+MODEL_UPLOAD_TYPES = ("pt2", "safetensors", "pt", "pth")
+DATA_UPLOAD_TYPES = ("npz", "pt", "pth", "safetensors")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("QUANTLENS_RUNS_DIR") or "~/.quantlens/runs").expanduser()
+
+
+def sync_jobs() -> bool:
+    return os.environ.get("QUANTLENS_SYNC_JOBS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def autostart_enabled() -> bool:
+    return os.environ.get("QUANTLENS_AUTOSTART", "1").strip().lower() not in ("0", "false", "no")
+
+
+def default_sample() -> str:
+    return os.environ.get("QUANTLENS_DEFAULT_SAMPLE", "cnn").strip() or "cnn"
+
+
+def default_samples() -> int:
+    try:
+        return max(1, int(os.environ.get("QUANTLENS_DEFAULT_SAMPLES", "256")))
+    except ValueError:
+        return 256
+
+
+def upload_dir() -> Path:
+    return Path(os.environ.get("QUANTLENS_UPLOAD_DIR") or Path(tempfile.gettempdir()) / "quantlens-uploads")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message a user sees: one line, library noise removed; unexpected errors name their type."""
+    from analysis.loading import LoadError
+
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, (LoadError, ValueError, KeyError, FileNotFoundError)) and text:
+        return text.strip("'\"") if isinstance(exc, KeyError) else text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --- inputs: what a run analyses ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model and data of a run, as specs `analysis.loading` understands."""
+
+    model_spec: str  # "sample:cnn", "path/model.pt2" or "path/file.py:factory"
+    data_spec: str  # "sample:cnn" or a data file
+    weights: str | None = None  # state dict for a factory
+    eval_spec: str | None = None  # evaluation data file; None: the sample's evaluation split / the calibration data
+    task: str | None = None
+    label: str = ""  # shown in the run list
+    data_label: str = ""
+
+    @property
+    def is_sample(self) -> bool:
+        return self.model_spec.startswith("sample:")
+
+    def eval_source(self) -> tuple[str, str]:
+        """(spec, split) of the evaluation data."""
+        if self.eval_spec:
+            return self.eval_spec, "calibration"
+        if self.data_spec.startswith("sample:"):
+            return self.data_spec, "evaluation"
+        return self.data_spec, "calibration"
+
+
+def sample_inputs(name: str) -> Inputs:
+    spec = f"sample:{name}"
+    return Inputs(spec, spec, label=spec, data_label=f"{spec} (calibration split)")
+
+
+def available_samples() -> dict[str, str | None]:
+    """Bundled samples -> None when usable, else why not (e.g. the transformer still training)."""
+    try:
+        import sample_models
+    except Exception as exc:  # noqa: BLE001
+        return {"?": f"sample models unavailable ({one_line(exc)})"}
+    out: dict[str, str | None] = {}
+    for name in sample_models.SAMPLE_NAMES:
+        folder = sample_models.sample_dir(name)
+        missing = [f for f in ("model.safetensors", "calibration.safetensors", "evaluation.safetensors", "meta.json")
+                   if not (folder / f).is_file()]
+        out[name] = None if not missing else "not built yet (still training?)"
+    return out
+
+
+def _stat_digest(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def spec_digest(spec: str | None) -> str:
+    """A cheap cache key for the files behind a spec (size and mtime): a changed file is reloaded."""
+    if not spec:
+        return ""
+    if spec.startswith("sample:"):
+        try:
+            import sample_models
+
+            folder = sample_models.sample_dir(spec.removeprefix("sample:"))
+        except Exception:  # noqa: BLE001 — unknown names fail in the loader, with its message
+            return "unknown-sample"
+        return "|".join(f"{p.name}:{_stat_digest(p)}" for p in sorted(folder.glob("*")) if p.is_file())
+    head, sep, _ = spec.rpartition(":")
+    if sep and head.lower().endswith(".py"):
+        return _stat_digest(Path(head).expanduser())
+    return _stat_digest(Path(spec).expanduser())
+
+
+def save_upload(uploaded: Any) -> Path:
+    """Write an uploaded file to the upload folder, content-addressed; returns its path."""
+    data = uploaded.getvalue()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name) or "upload"
+    folder = upload_dir() / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if not path.exists() or path.stat().st_size != len(data):
+        tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+# --- cached loaders (shared by all sessions: never mutate what they return) -----------------------
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _cached_model(spec: str, weights: str | None, digest: str) -> Any:
+    from analysis.loading import load_model
+
+    return load_model(spec, weights)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _cached_data(spec: str, split: str, task: str | None, digest: str) -> Any:
+    from analysis.loading import load_data
+
+    return load_data(spec, split=split, task=task)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _checked_pair(model_key: tuple, data_key: tuple, _model: Any, _data: Any) -> bool:
+    from analysis.loading import check_compatible
+
+    check_compatible(_model, _data)
+    return True
+
+
+def load_model(inputs: Inputs) -> Any:
+    return _cached_model(inputs.model_spec, inputs.weights,
+                         spec_digest(inputs.model_spec) + "|" + spec_digest(inputs.weights))
+
+
+def load_data(inputs: Inputs) -> Any:
+    return _cached_data(inputs.data_spec, "calibration", inputs.task, spec_digest(inputs.data_spec))
+
+
+def load_eval_data(inputs: Inputs) -> Any:
+    spec, split = inputs.eval_source()
+    return _cached_data(spec, split, inputs.task, spec_digest(spec))
+
+
+def load_checked(inputs: Inputs) -> tuple[Any, Any]:
+    """Model and calibration data, checked to run together (LoadError otherwise)."""
+    model, data = load_model(inputs), load_data(inputs)
+    _checked_pair((inputs.model_spec, inputs.weights, spec_digest(inputs.model_spec), spec_digest(inputs.weights)),
+                  (inputs.data_spec, inputs.task, spec_digest(inputs.data_spec)), model, data)
+    return model, data
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _cached_result(path: str, stamp: str) -> Any:
+    from analysis.results import load_analysis
+
+    return load_analysis(path)
+
+
+# --- the run store ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: str
+    path: Path
+    status: str  # running, done, failed, cancelled, interrupted
+    model: str
+    data: str
+    created: float
+    seconds: float | None = None
+    error: str | None = None
+    inputs: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    layers: int | None = None
+    trials: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def stamp(self) -> str:
+        """Changes whenever analysis.json is rewritten: the cache key of everything derived."""
+        return _stat_digest(self.path / "analysis.json")
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}@{self.stamp}"
+
+    @property
+    def when(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
+
+    def formats_summary(self) -> str:
+        weights = ",".join(self.config.get("weight_formats") or ()) or "—"
+        acts = ",".join(self.config.get("act_formats") or ()) or "none"
+        samples = self.config.get("num_samples")
+        return f"W {weights} · A {acts}" + (f" · {samples} samples" if samples else "")
+
+    def title(self) -> str:
+        status = "" if self.done else f" · {self.status}"
+        return f"{self.model} · {self.when}{status}"
+
+    def get_inputs(self) -> Inputs | None:
+        if not self.inputs:
+            return None
+        names = {f.name for f in fields(Inputs)}
+        return Inputs(**{k: v for k, v in self.inputs.items() if k in names})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:32] or "run"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def new_run_dir(label: str) -> tuple[str, Path]:
+    root = runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{uuid.uuid4().hex[:4]}"
+    path = root / run_id
+    path.mkdir()
+    return run_id, path
+
+
+def write_meta(path: Path, **updates: Any) -> dict:
+    meta_path = path / RUN_META
+    meta = {}
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+    meta.update(updates)
+    meta["schema"] = META_SCHEMA
+    _write_json(meta_path, meta)
+    return meta
+
+
+def _read_run(path: Path) -> RunInfo | None:
+    meta_path = path / RUN_META
+    meta: dict[str, Any] = {}
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+    has_analysis = (path / "analysis.json").exists()
+    if not meta and not has_analysis and not (path / "run.json").exists():
+        return None  # not a run folder
+    status = meta.get("status") or ("done" if has_analysis else "interrupted")
+    if status == "running":
+        job = JOBS.get(path.name)
+        if job is None or not job.running:  # the server stopped mid-run (or another process runs it)
+            status = "interrupted"
+    if status == "done" and not has_analysis:
+        status = "interrupted"
+    config = meta.get("config") or {}
+    if not config and (path / "run.json").exists():  # a folder written by `quantlens analyze --out`
+        try:
+            config = json.loads((path / "run.json").read_text()).get("config", {})
+        except (OSError, json.JSONDecodeError):
+            config = {}
+    try:
+        created = float(meta.get("created") or path.stat().st_mtime)
+    except OSError:
+        return None
+    return RunInfo(
+        id=path.name, path=path, status=status, model=str(meta.get("model") or path.name),
+        data=str(meta.get("data") or ""), created=created, seconds=meta.get("seconds"),
+        error=meta.get("error"), inputs=meta.get("inputs"), config=config,
+        layers=meta.get("layers"), trials=meta.get("trials"),
+    )
+
+
+def list_runs() -> list[RunInfo]:
+    """Every run folder under the store, newest first (a few small JSON reads: cheap)."""
+    root = runs_dir()
+    if not root.is_dir():
+        return []
+    runs = []
+    for child in root.iterdir():
+        if child.is_dir() and not child.name.startswith("."):
+            info = _read_run(child)
+            if info is not None:
+                runs.append(info)
+    return sorted(runs, key=lambda r: (r.created, r.id), reverse=True)
+
+
+def run_labels(runs: list[RunInfo], detailed: bool = False) -> dict[str, str]:
+    """Unique display labels (widgets tell options apart by their label)."""
+    labels = {r.id: r.title() + (f" · {r.formats_summary()}" if detailed else "") for r in runs}
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {i: (label if counts[label] == 1 else f"{label} · {i.rsplit('-', 1)[-1]}") for i, label in labels.items()}
+
+
+def get_run(run_id: str | None) -> RunInfo | None:
+    if not run_id:
+        return None
+    path = runs_dir() / run_id
+    return _read_run(path) if path.is_dir() else None
+
+
+def delete_run(run_id: str) -> None:
+    root = runs_dir().resolve()
+    path = (root / run_id).resolve()
+    if path.parent != root or not path.is_dir():
+        raise ValueError(f"no run {run_id!r} in {root}")
+    job = JOBS.get(run_id)
+    if job is not None and job.running:
+        raise ValueError("this run is still being analysed; cancel it first")
+    shutil.rmtree(path)
+
+
+def load_run_result(info: RunInfo) -> Any:
+    """The AnalysisResult of a finished run (cached per analysis.json version)."""
+    if not info.done:
+        raise ValueError(f"run {info.id} has no results ({info.status})")
+    return _cached_result(str(info.path), info.stamp)
+
+
+# --- background jobs ------------------------------------------------------------------------------
+
+
+class Job:
+    """One analysis: a local-only pass (fast, shown first), then the full run into the run store.
+
+    The worker thread only writes plain attributes; pages read them. `stop` is what `should_stop`
+    reads; Cancel sets it.
+    """
+
+    def __init__(self, run_id: str, path: Path, inputs: Inputs, config: Any, model: Any, data: Any,
+                 resume: bool = False) -> None:
+        self.id = run_id
+        self.path = path
+        self.inputs = inputs
+        self.config = config
+        self.resume = resume
+        self._model, self._data = model, data
+        self.phase = "queued"  # queued, local, full, done, failed, cancelled
+        self.done = 0
+        self.total = 0
+        self.label = ""
+        self.local_result: Any = None
+        self.trials: list[Any] = []
+        self.result: Any = None
+        self.error: str | None = None
+        self.stop = threading.Event()
+        self.started = time.time()
+        self.finished: float | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.phase in ("queued", "local", "full")
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    def describe(self) -> str:
+        if self.phase == "queued":
+            return "starting…"
+        if self.phase == "local":
+            return f"1/2 local metrics: {self.done}/{self.total} trials" + (f" · {self.label}" if self.label else "")
+        if self.phase == "full":
+            return f"2/2 output metrics: {self.done}/{self.total} trials" + (f" · {self.label}" if self.label else "")
+        if self.phase == "done":
+            return f"finished in {(self.finished or time.time()) - self.started:.1f} s"
+        if self.phase == "cancelled":
+            return "cancelled"
+        return f"failed: {self.error}"
+
+    def _progress(self, done: int, total: int, label: str) -> None:
+        self.done, self.total, self.label = done, total, label
+
+    def cancel(self) -> None:
+        self.stop.set()
+
+    def run(self) -> None:
+        from analysis.runs import analyze_to_directory
+        from analysis.sweep import AnalysisCancelled, analyze
+
+        try:
+            if not self.resume:
+                self.phase = "local"
+                local = replace(self.config, output_metrics=False, cumulative=False)
+                self.local_result = analyze(self._model, self._data, local, progress=self._progress,
+                                            should_stop=self.stop.is_set)
+            self.phase, self.done, self.total = "full", 0, 0
+            result = analyze_to_directory(
+                self._model, self._data, self.config, self.path, resume=self.resume, progress=self._progress,
+                should_stop=self.stop.is_set, on_result=self.trials.append,
+                model_spec=self.inputs.model_spec, data_spec=self.inputs.data_spec,
+            )
+            self.result = result
+            write_meta(self.path, status="done", seconds=round(time.time() - self.started, 2),
+                       layers=len(result.layers), trials=len(result.trials), error=None)
+            self.phase = "done"
+        except AnalysisCancelled:
+            write_meta(self.path, status="cancelled", error="cancelled by the user")
+            self.phase = "cancelled"
+        except Exception as exc:  # noqa: BLE001 — the job reports, the app stays up
+            self.error = one_line(exc)
+            write_meta(self.path, status="failed", error=self.error)
+            self.phase = "failed"
+        finally:
+            self.finished = time.time()
+            self._model = self._data = None  # the cached originals stay cached; drop our references
+
+
+JOBS: dict[str, Job] = {}
+_JOBS_LOCK = threading.Lock()
+_MAX_FINISHED_JOBS = 6
+
+
+def _prune_jobs() -> None:
+    finished = sorted((j for j in JOBS.values() if not j.running), key=lambda j: j.finished or 0)
+    for job in finished[:-_MAX_FINISHED_JOBS]:
+        JOBS.pop(job.id, None)
+
+
+def _config_json(config: Any) -> dict:
+    from analysis.results import _jsonable
+
+    return _jsonable(asdict(config))
+
+
+def running_job_for(inputs: Inputs, config: Any) -> Job | None:
+    with _JOBS_LOCK:
+        for job in JOBS.values():
+            if job.running and job.inputs == inputs and job.config == config:
+                return job
+    return None
+
+
+def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) -> Job:
+    """Load (cached), check, and start an analysis; inline when QUANTLENS_SYNC_JOBS is set.
+
+    Raises LoadError/ValueError for bad inputs before anything is written. If the very same analysis
+    is already running (another tab, the first-open auto start), that job is returned instead.
+    """
+    existing = running_job_for(inputs, config) if resume_run is None else None
+    if existing is not None:
+        return existing
+    model, data = load_checked(inputs)
+    if resume_run is not None:
+        run_id, path = resume_run.id, resume_run.path
+        write_meta(path, status="running", error=None)
+    else:
+        run_id, path = new_run_dir(inputs.label or inputs.model_spec)
+        write_meta(path, id=run_id, created=time.time(), status="running", model=inputs.label or inputs.model_spec,
+                   data=inputs.data_label or inputs.data_spec, inputs=asdict(inputs), config=_config_json(config))
+    job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None)
+    with _JOBS_LOCK:
+        _prune_jobs()
+        JOBS[run_id] = job
+    if sync_jobs():
+        job.run()
+    else:
+        job.thread = threading.Thread(target=job.run, name=f"quantlens-{run_id}", daemon=True)
+        job.thread.start()
+    return job
+
+
+def config_from_dict(payload: dict, **overrides: Any) -> Any:
+    """An AnalysisConfig from a stored config dict (lists back to tuples; unknown keys ignored)."""
+    from analysis.sweep import AnalysisConfig
+
+    names = {f.name for f in fields(AnalysisConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in payload.items() if k in names}
+    values.update(overrides)
+    return AnalysisConfig(**values)
+
+
+# --- session ------------------------------------------------------------------------------------
+
+
+def init_session() -> None:
+    ss = st.session_state
+    ss.setdefault("run_id", None)
+    ss.setdefault("job_id", None)
+    ss.setdefault("selected_layer", None)
+    ss.setdefault("current_maps", {})  # run id -> PrecisionMap edited on the mixed-precision page
+    ss.setdefault("evaluations", {})  # run id -> comparison table
+    ss.setdefault("notices", [])
+    if ss.run_id is not None and get_run(ss.run_id) is None:
+        ss.run_id = None  # deleted meanwhile
+    if ss.run_id is None:
+        latest = next((r for r in list_runs() if r.done), None)
+        ss.run_id = latest.id if latest else None
+
+
+def session_job() -> Job | None:
+    job_id = st.session_state.get("job_id")
+    return JOBS.get(job_id) if job_id else None
+
+
+def any_job_running() -> bool:
+    job = session_job()
+    return job is not None and job.running
+
+
+def attach_job(job: Job) -> None:
+    st.session_state.job_id = job.id
+    acknowledge_job()
+
+
+def acknowledge_job() -> None:
+    """A finished job: select its run (done) or keep the earlier results and say why (failed)."""
+    job = session_job()
+    if job is None or job.running:
+        return
+    st.session_state.job_id = None
+    if job.phase == "done":
+        select_run(job.id)
+        st.session_state.notices.append(("success", f"Analysis of {job.inputs.label} finished: "
+                                         f"{len(job.result.layers)} layers, {len(job.result.trials)} trials."))
+    elif job.phase == "failed":
+        st.session_state.notices.append(("error", f"Analysis of {job.inputs.label} failed: {job.error}"))
+    else:
+        st.session_state.notices.append(("info", f"Analysis of {job.inputs.label} was cancelled; "
+                                         "its finished trials are kept (resume it from the sidebar)."))
+
+
+def select_run(run_id: str | None) -> None:
+    st.session_state.run_id = run_id
+
+
+def maybe_autostart() -> None:
+    """First open with an empty run store: analyse the bundled sample so results appear in seconds."""
+    ss = st.session_state
+    if ss.get("_autostart_checked"):
+        return
+    ss["_autostart_checked"] = True
+    if session_job() is not None:
+        return
+    with _JOBS_LOCK:
+        running = sorted((j for j in JOBS.values() if j.running), key=lambda j: j.started)
+    if running:  # another tab (or a closed one) is analysing: follow it instead of showing nothing
+        ss.job_id = running[-1].id
+        return
+    if not autostart_enabled() or list_runs():
+        return
+    samples = available_samples()
+    usable = [n for n, why in samples.items() if why is None]
+    name = default_sample() if samples.get(default_sample(), "missing") is None else (usable or [None])[0]
+    if name is None:
+        return
+    from analysis.sweep import AnalysisConfig
+
+    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples())
+    attach_job(start_job(sample_inputs(name), config))
+
+
+def current_run() -> RunInfo | None:
+    return get_run(st.session_state.get("run_id"))
+
+
+def current_result() -> tuple[RunInfo, Any] | None:
+    info = current_run()
+    if info is None or not info.done:
+        return None
+    return info, load_run_result(info)
+
+
+def require_result() -> tuple[RunInfo, Any]:
+    """The selected finished run and its result, or a message and st.stop()."""
+    info = current_run()
+    if info is None:
+        if any_job_running():
+            st.info("The analysis is running; results appear here when it finishes (progress in the sidebar).")
+        else:
+            st.info("No analysis yet: start one on the **Model & data** page.")
+        st.stop()
+    if not info.done:
+        why = f": {info.error}" if info.error else ""
+        st.warning(f"Run {info.id} has no results ({info.status}{why}). Pick a finished run in the sidebar.")
+        st.stop()
+    try:
+        return info, load_run_result(info)
+    except Exception as exc:  # noqa: BLE001 — a corrupt analysis.json must not take the page down
+        st.error(f"Cannot open run {info.id}: {one_line(exc)}")
+        st.stop()
+    raise AssertionError("unreachable")

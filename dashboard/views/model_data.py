@@ -1,0 +1,189 @@
+"""Page 1: choose a model and data, choose what to sweep, run the analysis with live progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from analysis import charts
+from analysis.results import TARGETS
+from dashboard import derived, state, widgets
+
+st.title("Model & data")
+st.caption("Which layers lose precision when quantized, and what it costs. Pick a model, pick formats, run.")
+
+running = state.any_job_running()
+
+
+def _config(values: dict):
+    from analysis.sweep import AnalysisConfig
+
+    weights = tuple(values["weights"])
+    acts_chosen = list(values["acts"])
+    acts = tuple(a for a in acts_chosen if a != "none")
+    if "none" in acts_chosen and acts:
+        raise ValueError("activation formats: choose 'none' on its own for a weight-only analysis")
+    if not weights and not acts:
+        raise ValueError("nothing to analyse: choose at least one weight or activation format")
+    targets = tuple(t for t in values["targets"]
+                    if (t != "weights" or weights) and (t != "activations" or acts) and (t != "both" or (weights and acts)))
+    if not targets:
+        raise ValueError("the chosen targets have no formats to try; add formats or targets")
+    granularity = None if values["granularity"] == "per-channel" else values["granularity"]
+    return AnalysisConfig(
+        weight_formats=weights, act_formats=acts, targets=targets, granularity=granularity,
+        weight_calibration=values["wcal"], act_calibration=values["acal"],
+        dynamic_activations=values["dynamic"], fold_batchnorm=values["fold"],
+        num_samples=int(values["samples"]), cumulative=values["cumulative"],
+    )
+
+
+def _check_suffix(uploaded, allowed: tuple[str, ...], what: str) -> None:
+    suffix = Path(uploaded.name).suffix.lower().lstrip(".")
+    if suffix not in allowed:
+        raise ValueError(f"{uploaded.name} is not a supported {what} file (.{suffix or '?'}); "
+                         f"use {', '.join('.' + a for a in allowed)}")
+
+
+def _upload_inputs(values: dict) -> state.Inputs:
+    model_file, factory, trust = values["model_file"], (values["factory"] or "").strip(), values["trust"]
+    calib_file, eval_file = values["calib_file"], values["eval_file"]
+    if model_file is None and not factory:
+        raise ValueError("upload a model (.pt2, or a .safetensors/.pt state dict with its factory) "
+                         "or name a factory as file.py:function")
+    weights = None
+    if model_file is not None:
+        _check_suffix(model_file, state.MODEL_UPLOAD_TYPES, "model")
+    is_program = model_file is not None and model_file.name.lower().endswith(".pt2")
+    if is_program and factory:
+        raise ValueError("a .pt2 program holds its own architecture: clear the factory field")
+    if model_file is not None and not is_program and not factory:
+        raise ValueError(f"{model_file.name} holds weights only: name the architecture as file.py:function")
+    if not trust:
+        what = "a .pt2 program" if is_program else f"the factory {factory}"
+        raise ValueError(f"loading {what} runs Python code: tick 'I trust this code' if you do")
+    if calib_file is None:
+        raise ValueError("upload calibration data: a .npz/.pt/.safetensors file with key 'inputs' (and 'labels')")
+    _check_suffix(calib_file, state.DATA_UPLOAD_TYPES, "data")
+    if eval_file is not None:
+        _check_suffix(eval_file, state.DATA_UPLOAD_TYPES, "data")
+    if is_program:
+        model_spec = str(state.save_upload(model_file))
+    else:
+        model_spec = factory
+        weights = str(state.save_upload(model_file)) if model_file is not None else None
+    label = model_file.name if model_file is not None else factory
+    if model_file is not None and not is_program:
+        label = f"{factory} + {model_file.name}"
+    return state.Inputs(
+        model_spec=model_spec, weights=weights, data_spec=str(state.save_upload(calib_file)),
+        eval_spec=str(state.save_upload(eval_file)) if eval_file is not None else None,
+        task=None if values["task"] == "auto" else values["task"], label=label,
+        data_label=calib_file.name + (f" (eval: {eval_file.name})" if eval_file is not None else ""),
+    )
+
+
+def _submit(source: str, values: dict) -> None:
+    try:
+        config = _config(values)
+        inputs = state.sample_inputs(values["sample"]) if source == "sample" else _upload_inputs(values)
+        job = state.start_job(inputs, config)
+    except Exception as exc:  # noqa: BLE001 — one line; the earlier results stay selected
+        st.error(state.one_line(exc))
+        return
+    state.attach_job(job)
+    st.rerun()
+
+
+left, right = st.columns([2, 3], gap="large")
+
+with left:
+    source = st.radio("Model source", ["sample", "upload"], horizontal=True, key="md_source",
+                      format_func=lambda s: "Bundled sample" if s == "sample" else "Bring your own")
+    values: dict = {}
+    with st.form("analysis_form"):
+        if source == "sample":
+            samples = state.available_samples()
+            usable = [n for n, why in samples.items() if why is None]
+            if not usable:
+                st.error("No bundled sample is available; rebuild them with python -m sample_models.train")
+            preferred = state.default_sample() if state.default_sample() in usable else (usable or [None])[0]
+            values["sample"] = st.selectbox("Sample model", usable, key="md_sample",
+                                            index=usable.index(preferred) if preferred in usable else 0,
+                                            format_func=lambda n: f"sample:{n}")
+            missing = [f"sample:{n} — {why}" for n, why in samples.items() if why]
+            if missing:
+                st.caption("Not available: " + "; ".join(missing))
+        else:
+            values["model_file"] = st.file_uploader(
+                "Model: a torch.export program (.pt2) or a state dict (.safetensors / .pt)",
+                key="md_model_file")
+            values["factory"] = st.text_input(
+                "Architecture factory for a state dict (file.py:function, on the server)", key="md_factory",
+                placeholder="models/net.py:build_model")
+            values["trust"] = st.checkbox("I trust this code (.pt2 programs and factories run Python code)",
+                                          key="md_trust")
+            values["calib_file"] = st.file_uploader(
+                "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
+                key="md_calib_file")
+            values["eval_file"] = st.file_uploader(
+                "Evaluation data (optional; default: the calibration data)",
+                key="md_eval_file")
+            values["task"] = st.selectbox("Task", state.TASK_CHOICES, key="md_task",
+                                          help="auto: class ids [N] → classification, [N, T] → language model")
+        st.markdown("**What to try**")
+        values["weights"] = st.multiselect("Weight formats", state.WEIGHT_FORMAT_CHOICES, default=["int8", "int4"],
+                                           key="md_weights", accept_new_options=True,
+                                           help="Also typed names such as int5, int8-asym or int4-g64.")
+        values["acts"] = st.multiselect("Activation formats", state.ACT_FORMAT_CHOICES, default=["int8"],
+                                        key="md_acts", help="'none' (or nothing): weight-only analysis.")
+        c1, c2 = st.columns(2)
+        values["granularity"] = c1.selectbox("Weight granularity", state.GRANULARITIES, key="md_granularity",
+                                             help="For names without a suffix; per-group uses groups of 32.")
+        values["samples"] = c2.number_input("Calibration samples", min_value=1, max_value=1_000_000,
+                                            value=state.default_samples(), key="md_samples")
+        values["wcal"] = c1.selectbox("Weight calibration", state.CALIBRATION_METHODS, key="md_wcal")
+        values["acal"] = c2.selectbox("Activation calibration", state.CALIBRATION_METHODS,
+                                      index=state.CALIBRATION_METHODS.index("percentile"), key="md_acal")
+        with st.expander("More options"):
+            values["targets"] = st.multiselect("Targets", TARGETS, default=list(TARGETS), key="md_targets",
+                                               help="weights alone, input activations alone, or both together")
+            values["dynamic"] = st.checkbox("Dynamic activation ranges (per token / per sample)", key="md_dynamic")
+            values["fold"] = st.checkbox("Fold BatchNorm into convolutions", value=True, key="md_fold")
+            values["cumulative"] = st.checkbox("Cumulative analysis (all layers quantized at once)", value=True,
+                                               key="md_cumulative")
+        submitted = st.form_submit_button("Run analysis", type="primary", disabled=running, key="md_run",
+                                          help="Disabled while an analysis runs." if running else None)
+    if submitted:
+        _submit(source, values)
+
+with right:
+    if state.session_job() is not None:
+        st.subheader("Analysis in progress")
+        widgets.job_panel("main", detailed=True)
+    else:
+        try:
+            current = state.current_result()
+        except Exception as exc:  # noqa: BLE001
+            current = None
+            st.error(f"Cannot open the selected run: {state.one_line(exc)}")
+        if current is None:
+            st.info("No finished analysis selected yet. Run one on the left, or open a saved run in the sidebar.")
+        else:
+            info, result = current
+            st.subheader(f"Results: {info.model}")
+            frame = derived.frame(info.key, result)
+            failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
+            m1, m2, m3, m4 = st.columns(4)
+            m1.metric("Layers analysed", len(result.layers))
+            m2.metric("Skipped", len(result.skipped))
+            m3.metric("Trials", len(frame), delta=f"{failed} failed" if failed else None, delta_color="inverse")
+            m4.metric("Sweep time", f"{result.seconds:.1f} s", help="The full sweep; the sidebar's time includes loading and the local-only first pass.")
+            targets = charts.swept_targets(result)
+            if targets:
+                metric = "output_sqnr_db" if charts.has_values(result, "output_sqnr_db") else "sqnr_db"
+                fig = derived.figure("summary-bar", info.key, (metric,), lambda: charts.sensitivity_bar(
+                    result, target=targets[0], metric=metric, top_n=15))
+                st.plotly_chart(fig, key="summary_bar")
+            st.page_link("views/sensitivity.py", label="Explore every layer and format →", icon=":material/bar_chart:")

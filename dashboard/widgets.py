@@ -1,0 +1,143 @@
+"""Pieces drawn on every page: the sidebar (run store, job progress) and one-shot notices."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import state
+
+POLL_SECONDS = 0.5
+
+
+# --- job progress ----------------------------------------------------------------------------------
+
+
+def job_panel(where: str, detailed: bool = False) -> None:
+    """Progress of this session's analysis, polled every half second while it runs."""
+    job = state.session_job()
+    if job is None:
+        return
+    every = POLL_SECONDS if job.running and not state.sync_jobs() else None
+    st.fragment(run_every=every)(_job_body)(where, detailed)
+
+
+def _job_body(where: str, detailed: bool) -> None:
+    job = state.session_job()
+    if job is None:
+        return
+    if not job.running:
+        st.rerun()  # the whole app: the finished run gets selected and every page refreshed
+    st.progress(job.fraction, text=f"**{job.inputs.label}** — {job.describe()}")
+    st.button("Cancel analysis", key=f"cancel_job_{where}", on_click=job.cancel, disabled=job.stop.is_set(),
+              help="Stops after the current trial; finished trials are kept and the run can be resumed.")
+    if not detailed:
+        return
+    if job.local_result is not None:
+        from analysis import charts
+
+        from dashboard import derived
+
+        local = job.local_result
+        fig = derived.figure("local-bar", f"local-{job.id}", (), lambda: charts.sensitivity_bar(
+            local, target=charts.swept_targets(local)[0], metric="sqnr_db", top_n=25))
+        st.caption("First pass done: local SQNR of each layer (its own output, FP32 inputs). "
+                   "Output metrics are streaming in below.")
+        st.plotly_chart(fig, key=f"local_bar_{where}")
+    if job.trials:
+        rows = [{
+            "layer": t.layer, "target": t.target, "format": t.format,
+            "local SQNR (dB)": t.local.sqnr_db if t.local else None,
+            "output SQNR (dB)": t.output.sqnr_db if t.output else None,
+            "status": "ok" if t.ok else f"failed: {t.error}",
+        } for t in list(job.trials)]
+        st.caption(f"{len(rows)} trials with output metrics so far (lowest output SQNR first)")
+        table = pd.DataFrame(rows).sort_values("output SQNR (dB)", na_position="last")
+        st.dataframe(table, hide_index=True, height=280, key=f"stream_{where}")
+
+
+# --- sidebar -------------------------------------------------------------------------------------
+
+
+def _on_pick(key: str) -> None:
+    state.select_run(st.session_state.get(key))
+
+
+def _delete(run_id: str) -> None:
+    try:
+        state.delete_run(run_id)
+    except Exception as exc:  # noqa: BLE001
+        st.session_state.notices.append(("error", f"Cannot delete run {run_id}: {state.one_line(exc)}"))
+        return
+    st.session_state.evaluations.pop(run_id, None)
+    st.session_state.current_maps.pop(run_id, None)
+    latest = next((r for r in state.list_runs() if r.done), None)
+    state.select_run(latest.id if latest else None)
+    st.session_state.notices.append(("info", f"Deleted run {run_id}."))
+
+
+def _resume(run_id: str) -> None:
+    info = state.get_run(run_id)
+    try:
+        inputs = info.get_inputs() if info else None
+        if info is None or inputs is None:
+            raise ValueError("this run does not record its model and data, so it cannot be resumed")
+        job = state.start_job(inputs, state.config_from_dict(info.config), resume_run=info)
+    except Exception as exc:  # noqa: BLE001
+        st.session_state.notices.append(("error", f"Cannot resume run {run_id}: {state.one_line(exc)}"))
+        return
+    state.attach_job(job)
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        job_panel("sidebar")
+        st.markdown("#### Runs")
+        runs = state.list_runs()
+        if not runs:
+            st.caption(f"No runs yet. Finished analyses are kept in `{state.runs_dir()}`.")
+            return
+        by_id = {r.id: r for r in runs}
+        labels = state.run_labels(runs)
+        current = st.session_state.get("run_id")
+        if current not in by_id:
+            current = next((r.id for r in runs if r.done), runs[0].id)
+            state.select_run(current)
+        # Keyed by the selection: a run chosen elsewhere (a finished job, a deletion) gives a fresh
+        # widget showing it, instead of fighting the value the browser still holds.
+        picker_key = f"run_picker_{current}_{by_id[current].status}"
+        st.selectbox("Open a run", list(by_id), index=list(by_id).index(current), key=picker_key,
+                     on_change=_on_pick, args=(picker_key,),
+                     format_func=lambda i: labels.get(i, i),
+                     help="Every analysis is saved on disk and reopens after a refresh or a restart.")
+        info = by_id[current]
+        details = [f"**model** {info.model}", f"**data** {info.data}", info.formats_summary(),
+                   f"{info.when} · {info.status}" + (f" · took {info.seconds:.1f} s" if info.seconds else "")]
+        if info.layers:
+            details.append(f"{info.layers} layers · {info.trials} trials")
+        if info.error and not info.done:
+            details.append(f"⚠ {info.error}")
+        st.caption("  \n".join(details))
+        with st.expander(f"All runs ({len(runs)})"):
+            st.dataframe(pd.DataFrame([{"time": r.when, "model": r.model, "data": r.data, "status": r.status}
+                                       for r in runs]), hide_index=True, key="runs_table")
+        with st.expander("Manage this run"):
+            running = state.any_job_running()
+            if info.status in ("interrupted", "cancelled", "failed") and info.inputs:
+                st.button("Resume this run", key="resume_run", on_click=_resume, args=(info.id,), disabled=running,
+                          help="Runs only the trials that did not finish.")
+            st.button("Delete this run", key="delete_run", on_click=_delete, args=(info.id,),
+                      disabled=info.status == "running")
+            st.caption(f"Run store: `{state.runs_dir()}`")
+
+
+def notices() -> None:
+    """Messages left by callbacks and finished jobs, shown once."""
+    pending, st.session_state.notices = list(st.session_state.notices), []
+    for kind, text in pending:
+        if kind == "success":
+            st.toast(text, icon=":material/check_circle:")
+        elif kind == "error":
+            st.error(text)
+        else:
+            st.info(text)

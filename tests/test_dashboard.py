@@ -1,0 +1,439 @@
+"""The dashboard, driven headless with Streamlit's AppTest: every page, the run store, bad inputs.
+
+Jobs run inline (QUANTLENS_SYNC_JOBS=1) so an analysis finishes inside `at.run()`; the bundled mlp
+with 64 samples keeps each analysis around a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+import sample_models
+from dashboard import state
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+MLP_LAYERS = 3
+# 3 layers × (2 weight formats + 1 activation format + 2 weight/activation pairs)
+MLP_TRIALS = MLP_LAYERS * (2 + 1 + 2)
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLENS_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("QUANTLENS_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("QUANTLENS_SYNC_JOBS", "1")
+    monkeypatch.setenv("QUANTLENS_DEFAULT_SAMPLE", "mlp")
+    monkeypatch.setenv("QUANTLENS_DEFAULT_SAMPLES", "64")
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    state.JOBS.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    state.JOBS.clear()
+
+
+@pytest.fixture(scope="module")
+def template_runs(tmp_path_factory) -> Path:
+    """A run store holding one finished mlp analysis, made once by the first-open auto start."""
+    root = tmp_path_factory.mktemp("template") / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLENS_RUNS_DIR", str(root))
+        mp.setenv("QUANTLENS_SYNC_JOBS", "1")
+        mp.setenv("QUANTLENS_DEFAULT_SAMPLE", "mlp")
+        mp.setenv("QUANTLENS_DEFAULT_SAMPLES", "64")
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        assert not at.exception
+    state.JOBS.clear()
+    return root
+
+
+def _open(tmp_path: Path, template: Path | None = None) -> AppTest:
+    if template is not None:
+        shutil.copytree(template, tmp_path / "runs")
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    _ok(at)
+    return at
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _page(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"views/{name}.py").run()
+    _ok(at)
+    return at
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _table(at: AppTest, column: str, without: str | None = None):
+    """The table with `column` (plain st.dataframe elements do not carry their key)."""
+    for frame in at.dataframe:
+        value = frame.value
+        if column in value and (without is None or without not in value):
+            return value
+    raise AssertionError(f"no table with column {column!r}")
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+
+
+# --- first impression and the run store ------------------------------------------------------------
+
+
+def test_first_open_analyses_the_sample_and_a_second_open_reuses_it(tmp_path):
+    at = _open(tmp_path)
+    runs = _run_dirs(tmp_path)
+    assert len(runs) == 1
+    for name in ("run.json", "trials.jsonl", "analysis.json", "layers.csv", state.RUN_META):
+        assert (runs[0] / name).exists(), name
+    meta = json.loads((runs[0] / state.RUN_META).read_text())
+    assert meta["status"] == "done" and meta["model"] == "sample:mlp"
+    assert at.session_state.run_id == runs[0].name
+    assert not _errors(at)
+    # the landing page shows the finished per-layer analysis
+    assert at.get("plotly_chart")
+    assert at.sidebar.selectbox[0].value == runs[0].name
+
+    # a browser refresh / server restart: a new session reopens the stored run, nothing reruns
+    state.JOBS.clear()
+    st.cache_resource.clear()
+    again = _open(tmp_path)
+    assert _run_dirs(tmp_path) == runs
+    assert again.session_state.run_id == runs[0].name
+    _page(again, "sensitivity")
+    assert len(again.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+# --- the pages ---------------------------------------------------------------------------------------
+
+
+def test_sensitivity_page_table_charts_filters_and_tabs(tmp_path, template_runs):
+    at = _page(_open(tmp_path, template_runs), "sensitivity")
+    table = at.dataframe(key="sens_table").value
+    assert len(table) == MLP_TRIALS  # one row per layer × target × format
+    assert set(table["layer"]) == {"fc1", "fc2", "fc3"}
+    assert len(at.get("plotly_chart")) >= 2  # bar chart + heat map (the first tab)
+    heat = at.get("plotly_chart")[1].proto.spec
+    assert '"heatmap"' in heat
+
+    at.text_input(key="sens_search").set_value("fc2").run()
+    _ok(at)
+    assert set(at.dataframe(key="sens_table").value["layer"]) == {"fc2"}
+    at.text_input(key="sens_search").set_value("").run()
+    at.selectbox(key="sens_target").set_value("weights").run()
+    assert len(at.dataframe(key="sens_table").value) == MLP_LAYERS * 2
+    at.number_input(key="sens_top_n").set_value(1).run()
+    _ok(at)
+    assert at.dataframe(key="sens_table").value["layer"].nunique() == 1
+
+    for tab in ("Local vs output", "Cumulative", "Skipped & failed"):
+        at.session_state["sens_view"] = tab
+        at.run()
+        _ok(at)
+        assert not _errors(at)
+    at.session_state["sens_view"] = "Cumulative"
+    at.run()
+    assert any('"scatter"' in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_layer_detail_page(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    at.session_state["selected_layer"] = "fc2"
+    _page(at, "layer_detail")
+    assert at.selectbox(key="detail_layer_fc2").value == "fc2"
+    assert len(at.get("plotly_chart")) == 4  # weights, activations, error, channel ranges
+    rows = _table(at, "target", without="layer")
+    assert len(rows) == MLP_TRIALS // MLP_LAYERS
+    at.selectbox(key="detail_layer_fc2").set_value("fc3").run()
+    _ok(at)
+    assert at.session_state.selected_layer == "fc3"
+    at.selectbox(key="detail_wfmt").set_value("int8").run()
+    _ok(at)
+    assert "int8 clip" in at.get("plotly_chart")[0].proto.spec
+
+
+def test_mixed_precision_budget_edit_and_evaluate(tmp_path, template_runs):
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    assert not _errors(at)
+    assert at.get("plotly_chart")  # the Pareto front
+    assert '"uniform"' in at.get("plotly_chart")[0].proto.spec
+    bits_at_6 = float(_metric(at, "Average weight bits"))
+    assert bits_at_6 <= 6.0
+
+    at.number_input(key="mp_value_avg-bits").set_value(4.5).run()
+    _ok(at)
+    bits_at_4 = float(_metric(at, "Average weight bits"))
+    assert bits_at_4 < bits_at_6 and bits_at_4 <= 4.5
+
+    # override one layer by hand
+    editor = at.data_editor[0]
+    table = editor.value
+    first = table["layer"][0]
+    at.session_state[editor.key] = {"edited_rows": {0: {"weight": "fp32", "activation": "none"}},
+                                    "added_rows": [], "deleted_rows": []}
+    at.run()
+    _ok(at)
+    assert not _errors(at)
+    edited_bits = float(_metric(at, "Average weight bits"))
+    assert edited_bits > bits_at_4
+    current = at.session_state.current_maps[at.session_state.run_id]
+    assert current.precision(first).weight == "fp32"
+
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    assert not _errors(at)
+    comparison = _table(at, "configuration")
+    labels = list(comparison["configuration"])
+    assert labels[0] == "fp32" and labels[-1] == "this map"
+    assert any(label.startswith("uniform") for label in labels)
+    assert {"task metric", "drop (points)", "output SQNR (dB)", "output KL", "size (KiB)", "BOPs / sample"} <= set(comparison)
+
+    # a bad edit: one-line error, the last valid map and the evaluation survive
+    at.session_state[editor.key] = {"edited_rows": {0: {"weight": "int99"}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    _ok(at)
+    assert any("int99" in e for e in _errors(at))
+    assert at.session_state.current_maps[at.session_state.run_id].precision(first).weight == "fp32"
+    assert len(_table(at, "configuration")) == len(comparison)
+
+    # an impossible budget: the allocator says so
+    at.number_input(key="mp_value_avg-bits").set_value(1.0).run()
+    _ok(at)
+    assert any("cannot be met" in e for e in _errors(at))
+
+
+def test_mixed_precision_other_budget_kinds_and_bad_map_file(tmp_path, template_runs):
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    for kind in ("size-kb", "bops", "min-sqnr"):
+        at.selectbox(key="mp_kind").set_value(kind).run()
+        _ok(at)
+        assert not _errors(at), kind
+    at.file_uploader(key="mp_map_upload").upload("map.json", b"{not json").run()
+    _ok(at)
+    assert any("not valid JSON" in e for e in _errors(at))
+    bad_layer = {"schema": "quantlens.precision-map/1", "layers": {"nope": {"weight": "int8"}}}
+    at.file_uploader(key="mp_map_upload").clear().upload("map2.json", json.dumps(bad_layer).encode()).run()
+    _ok(at)
+    assert any("nope" in e for e in _errors(at))
+
+
+def test_export_page_offers_downloads(tmp_path, template_runs):
+    at = _page(_open(tmp_path, template_runs), "export")
+    keys = {b.key for b in at.get("download_button")}
+    assert {"dl_map_json", "dl_map_yaml", "dl_report", "dl_csv", "dl_analysis"} <= keys
+    assert not _errors(at)
+
+
+# --- bad inputs keep earlier results -------------------------------------------------------------------
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_bad_uploads_show_one_line_errors_and_keep_results(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    run_id = at.session_state.run_id
+    at.radio(key="md_source").set_value("upload").run()
+    _ok(at)
+
+    factory = tmp_path / "net.py"
+    factory.write_text("from sample_models.models import DigitsMLP\n\ndef build():\n    return DigitsMLP()\n")
+    calib = sample_models.load_split("mlp", "calibration")
+    good_data = _npz(inputs=calib["inputs"].numpy()[:32], labels=calib["labels"].numpy()[:32])
+    weights = io.BytesIO()
+    torch.save(sample_models.load_model("mlp").state_dict(), weights)
+    pickled = io.BytesIO()
+    torch.save(sample_models.load_model("mlp"), pickled)
+
+    cases = [
+        # (model file, factory, trust, data file, expected part of the message)
+        (("broken.pt2", b"not a zip"), "", True, ("calib.npz", good_data), "not a torch.export archive"),
+        (("broken.pt2", b"not a zip"), "", False, ("calib.npz", good_data), "I trust this code"),
+        (("model.onnx", b"x"), "", True, ("calib.npz", good_data), "not a supported model file"),
+        (("weights.pt", weights.getvalue()), f"{factory}:build", True, ("calib.npz", b"garbage"), "calib.npz"),
+        (("weights.pt", weights.getvalue()), f"{factory}:build", True,
+         ("calib.npz", _npz(inputs=np.zeros((4, 7), np.float32))), "cannot run on the data"),
+        (("weights.pt", pickled.getvalue()), f"{factory}:build", True, ("calib.npz", good_data), "pickled"),
+        (None, f"{tmp_path / 'missing.py'}:build", True, ("calib.npz", good_data), "does not exist"),
+        (None, f"{factory}:build", True, None, "upload calibration data"),
+    ]
+    for model_file, factory_spec, trust, data_file, expected in cases:
+        at.text_input(key="md_factory").set_value(factory_spec)
+        at.checkbox(key="md_trust").set_value(trust)
+        uploader = at.file_uploader(key="md_model_file").clear()
+        if model_file:
+            uploader.upload(*model_file)
+        uploader = at.file_uploader(key="md_calib_file").clear()
+        if data_file:
+            uploader.upload(*data_file)
+        at.button(key="md_run").click().run()
+        _ok(at)
+        errors = _errors(at)
+        assert len(errors) == 1 and expected in errors[0], (expected, errors)
+        assert "\n" not in errors[0] and "Traceback" not in errors[0]
+        assert at.session_state.run_id == run_id  # the earlier results stay selected
+    assert len(_run_dirs(tmp_path)) == 1  # nothing half-made in the run store
+    _page(at, "sensitivity")
+    assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_upload_a_state_dict_with_factory_runs(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    at.radio(key="md_source").set_value("upload").run()
+    factory = tmp_path / "net.py"
+    factory.write_text("from sample_models.models import DigitsMLP\n\ndef build():\n    return DigitsMLP()\n")
+    calib = sample_models.load_split("mlp", "calibration")
+    weights = io.BytesIO()
+    torch.save(sample_models.load_model("mlp").state_dict(), weights)
+    at.text_input(key="md_factory").set_value(f"{factory}:build")
+    at.checkbox(key="md_trust").set_value(True)
+    at.file_uploader(key="md_model_file").upload("weights.pt", weights.getvalue())
+    at.file_uploader(key="md_calib_file").upload(
+        "calib.npz", _npz(inputs=calib["inputs"].numpy()[:48], labels=calib["labels"].numpy()[:48]))
+    at.multiselect(key="md_acts").set_value(["none"])
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at)
+    assert len(_run_dirs(tmp_path)) == 2
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and "weights.pt" in info.model
+    _page(at, "sensitivity")
+    assert len(at.dataframe(key="sens_table").value) == MLP_LAYERS * 2  # weight-only: int8, int4
+
+
+def test_corrupt_run_in_the_store_is_reported(tmp_path, template_runs):
+    shutil.copytree(template_runs, tmp_path / "runs")
+    run = _run_dirs(tmp_path)[0]
+    (run / "analysis.json").write_text("{broken")
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    _ok(at)
+    _page(at, "sensitivity")
+    assert any("not valid JSON" in e for e in _errors(at))
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def test_compare_two_runs(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    first = at.session_state.run_id
+    at.multiselect(key="md_weights").set_value(["int8", "int2"])
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at)
+    second = at.session_state.run_id
+    assert second != first and len(_run_dirs(tmp_path)) == 2
+
+    _page(at, "sensitivity")
+    at.session_state["sens_view"] = "Compare runs"
+    at.run()
+    _ok(at)
+    assert at.selectbox(key="sens_compare_run").value == first
+    merged = _table(at, "B − A")
+    # common trials: int8 weights, int8 activations, int8/int8 both, for each layer
+    assert len(merged) == MLP_LAYERS * 3
+    assert "B − A" in merged
+    assert any("run A vs run B" in c.proto.spec for c in at.get("plotly_chart"))
+
+    # the sidebar switches runs; the selection survives page changes
+    at.sidebar.selectbox[0].set_value(first).run()
+    _ok(at)
+    assert at.session_state.run_id == first
+    _page(at, "export")
+    assert at.session_state.run_id == first
+
+
+# --- launcher --------------------------------------------------------------------------------------
+
+
+def test_launch_command(monkeypatch):
+    from dashboard import launch
+
+    seen = {}
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+    assert launch.main(port=8765, address="0.0.0.0") == 0
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]).is_absolute() and cmd[4].endswith("app.py")
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert flags["--server.port"] == "8765" and flags["--server.address"] == "0.0.0.0"
+    assert flags["--server.headless"] == "true" and flags["--server.fileWatcherType"] == "none"
+    assert flags["--browser.gatherUsageStats"] == "false" and flags["--server.maxUploadSize"] == "200"
+    assert flags["--server.enableXsrfProtection"] == "true"
+
+
+# --- cancel and resume ---------------------------------------------------------------------------
+
+
+class _StopAfter:
+    """A `should_stop` flag that trips after `n` trials of the full run (a Cancel press mid-run)."""
+
+    def __init__(self, job: state.Job, n: int) -> None:
+        self.job, self.n, self.calls = job, n, 0
+
+    def is_set(self) -> bool:
+        if self.job.phase != "full":
+            return False
+        self.calls += 1
+        return self.calls > self.n
+
+    def set(self) -> None:
+        self.calls = self.n
+
+
+def test_cancelled_run_is_kept_and_resumes(tmp_path):
+    from analysis.loading import load_data, load_model
+    from analysis.sweep import AnalysisConfig
+
+    inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
+    run_id, path = state.new_run_dir(inputs.label)
+    state.write_meta(path, id=run_id, created=1.0, status="running", model=inputs.label, data=inputs.data_label,
+                     inputs=inputs.__dict__, config=state._config_json(config))
+    job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
+    job.stop = _StopAfter(job, 5)
+    job.run()
+    assert job.phase == "cancelled" and job.local_result is not None and len(job.trials) == 5
+    assert state.get_run(run_id).status == "cancelled"
+
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    _ok(at)
+    assert len(_run_dirs(tmp_path)) == 1  # a stored (cancelled) run: no auto start
+    _page(at, "sensitivity")
+    assert any("cancelled" in w.value for w in at.warning)
+    at.button(key="resume_run").click().run()
+    _ok(at)
+    assert state.get_run(run_id).status == "done"
+    assert at.session_state.run_id == run_id
+    assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_toolchain_exports(tmp_path, template_runs):
+    pytest.importorskip("analysis.export")
+    at = _page(_open(tmp_path, template_runs), "export")
+    at.button(key="dl_prepare").click().run()
+    _ok(at)
+    keys = {b.key for b in at.get("download_button")}
+    errors = _errors(at)
+    assert "dl_tool_aimet" in keys, errors
+    assert all("\n" not in e for e in errors)
