@@ -20,7 +20,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 run: setup
-	$(PYTHON) -m analysis.cli analyze sample:cnn --data sample:cnn --out out/cnn
+	$(PYTHON) -m analysis.cli dashboard --port $(PORT)
 
 analyze: setup
 	$(PYTHON) -m analysis.cli analyze sample:cnn --data sample:cnn --out out/cnn
