@@ -38,7 +38,25 @@ DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is 
 ProgressFn = Callable[[int, int, str], None]
 # Quantized weights are rebuilt from cached per-row ranges on demand; only this many bytes of them
 # stay materialized, so a big model never holds a second full copy per format.
-WEIGHT_CACHE_BYTES = 256 << 20
+WEIGHT_CACHE_BYTES = 64 << 20
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc serve big allocations with mmap, so freed activations leave the process.
+
+    glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which
+    activation-sized buffers come from the heap and stay in RSS when freed: a chunked sweep then
+    grows far past its cache bound. Fixing the threshold turns that adaptation off. Linux/glibc
+    only; elsewhere this does nothing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 class AnalysisCancelled(RuntimeError):
@@ -185,6 +203,7 @@ class Analyzer:
     should_stop: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
+        _return_freed_memory_to_the_os()
         self.data = self.data.take(self.config.num_samples)
         self.prepared: PreparedModel = prepare_model(self.model, fold_batchnorm=self.config.fold_batchnorm,
                                                      example_inputs=(self.data.inputs[:2],), share_weights=True)
