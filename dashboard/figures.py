@@ -47,7 +47,10 @@ def pareto_figure(front: list[dict], uniform: list[dict], kind: str, current: di
     if base:
         fig.add_trace(go.Scatter(
             x=[p["cost"] for p in base], y=[p["sqnr"] for p in base], mode="markers+text", name="uniform",
-            text=[p["label"].removeprefix("uniform ") for p in base], textposition="top center",
+            text=[p["label"].removeprefix("uniform ") for p in base],
+            # Below right of a point is empty (the front is never below it); the costliest one's label
+            # goes left instead of past the plot's edge.
+            textposition=["middle left" if p["cost"] >= max(q["cost"] for q in base) else "bottom right" for p in base],
             marker=dict(size=13, symbol="diamond", color=COLORS[1], line=dict(width=1, color="#374151")),
             hovertemplate="%{text} everywhere<br>cost: %{x:.4g}<br>predicted output SQNR: %{y:.1f} dB<extra></extra>",
         ))

@@ -121,6 +121,8 @@ with left:
         base_table, key=editor_key, hide_index=True, num_rows="fixed",
         disabled=["layer", "kind", "params", "SQNR alone (dB)"],
         height=min(38 + 35 * len(base_table), 520),
+        # The editable formats first: in a half-width column the last columns scroll out of view.
+        column_order=["layer", "weight", "activation", "SQNR alone (dB)", "kind", "params"],
         column_config={
             "weight": st.column_config.SelectboxColumn("weight", options=weight_options, required=True),
             "activation": st.column_config.SelectboxColumn("activation", options=act_options, required=True),

@@ -131,7 +131,9 @@ with right:
                            help="Defaults to the lowest precision tried.")
     fig = derived.figure("bar", info.key, filter_key + (bar_target, bar_fmt), lambda: charts.sensitivity_bar(
         subset, bar_target, bar_fmt, metric, top_n=top_n or None))
-    fig.update_layout(title_font_size=13)
+    # A narrow column: the title's parenthesis goes on a second line instead of being cut off.
+    fig.update_layout(title=dict(text=(fig.layout.title.text or "").replace(" (", "<br>(", 1), font_size=13),
+                      margin=dict(t=76))
     st.plotly_chart(fig, key="sens_bar", on_select=lambda: _select_from_chart("sens_bar"),
                     selection_mode="points")
 
