@@ -238,3 +238,18 @@ def test_untraceable_models_fall_back_to_torch_export():
     result = analyze(ShapeDependent(), data(), CONFIG)
     assert result.model["source"] == "export"
     assert [layer.name for layer in result.layers] == ["fc"] and all(t.ok for t in result.trials)
+
+
+def test_shared_weights_are_never_written_even_with_batchnorm_folding():
+    import sample_models
+    from analysis.evaluate import Evaluator
+    from analysis.precision_map import uniform_map
+
+    model = sample_models.load_model("cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split = sample_models.load_split("cnn", "calibration")
+    ds = Dataset(split["inputs"][:32], split["labels"][:32], "classification", "cnn")
+    result = analyze(model, ds, AnalysisConfig(weight_formats=("int4",), act_formats=("int8",), num_samples=32))
+    evaluator = Evaluator(model, ds)
+    evaluator.evaluate(uniform_map([l.name for l in result.layers], "int4", "int8"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
