@@ -29,7 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from analysis import costs
 from analysis.formats import Format, parse_format
 from analysis.layers import Layer
-from analysis.metrics import sqnr_from_sums
+from analysis.metrics import SQNR_CAP_DB, sqnr_from_sums
 from analysis.precision_map import LayerPrecision, PrecisionMap
 from analysis.results import AnalysisResult
 
@@ -242,6 +242,11 @@ def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, 
         picks, measured, spent, more_notes = _noise_floor(problem, problem.noise_for_sqnr(budget.value), measure)
         evaluations += spent
         notes += more_notes
+        if budget.value > SQNR_CAP_DB and not more_notes:
+            # Only error-free (FP32) layers meet such a floor, and their SQNR is reported at the cap.
+            notes.append(f"budget {budget} cannot be met by any quantized layer: {budget.value:g} dB is above the "
+                         f"{SQNR_CAP_DB:g} dB quantlens reports for error-free output; returning the map that "
+                         "comes closest (layers without error stay FP32)")
     else:  # max-drop
         if measure is None:
             raise BudgetError("a max-drop budget is judged with real evaluations: give the model and labelled --eval-data")

@@ -285,8 +285,15 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module | torch.expor
     """Load the model `spec` names ("sample:<name>", "file.py:factory" or "model.pt2"), in eval mode.
 
     `weights` (.safetensors, .pt or .pth holding a state dict) only goes with "file.py:factory".
-    Raises LoadError with a one-line message for anything wrong with the spec or the files.
+    Raises LoadError with a one-line message for anything wrong with the spec or the files,
+    including NaN/Inf in a parameter (which leaves quantization ranges undefined).
     """
+    model = _load_model(spec, weights)
+    _check_finite_parameters(model, str(weights) if weights is not None else str(spec).strip())
+    return model
+
+
+def _load_model(spec: str, weights: str | None) -> nn.Module | torch.export.ExportedProgram:
     spec = str(spec).strip()
     if not spec:
         raise LoadError(f"no model given; {_MODEL_FORMS}")
@@ -318,6 +325,23 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module | torch.expor
     if suffix == ".py":
         raise LoadError(f"{spec} is Python source: name the function that builds the model too, as {spec}:factory")
     raise LoadError(f"unsupported model file {spec} (extension {suffix or 'none'!r}); {_MODEL_FORMS}")
+
+
+def _check_finite_parameters(model: nn.Module | torch.export.ExportedProgram, shown: str) -> None:
+    """NaN/Inf in a parameter (a diverged training run) leaves every quantization range undefined.
+
+    Parameters only: buffers may hold -inf on purpose (causal attention masks)."""
+    bad = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+            nan = int(torch.isnan(param).sum())
+            bad.append(f"{name} has {nan} NaN and {int((~torch.isfinite(param)).sum()) - nan} Inf of {param.numel()}")
+    if bad:
+        layer = bad[0].split(" ", 1)[0].rpartition(".")[0] or bad[0].split(" ", 1)[0]
+        raise LoadError(
+            f"the weights of {shown} hold non-finite values ({_some(bad)}), so layer {layer} cannot be quantized: "
+            f"quantization ranges of NaN/Inf are undefined; fix the model or re-export its weights"
+        )
 
 
 def _load_sample_model(name: str) -> nn.Module:
@@ -529,6 +553,19 @@ def _load_sample_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _read_npz(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise LoadError(f"cannot read {shown}: {_first_line(exc)}") from None
+    # np.load reads anything that is neither a zip nor a .npy header as a pickle, so a text file (or
+    # random bytes) would be refused as "pickled data"; only a real pickle (protocol >= 2) is called one.
+    if head and not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY", b"\x80")):
+        kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "bytes"
+        raise LoadError(
+            f"{shown} is not a .npz archive (it starts with {kind}, not a zip header: a file of another kind, "
+            f"or corrupt); {_SAVE_DATA}"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except ValueError as exc:  # a pickle renamed to .npz: refused, since pickles can run code
@@ -754,10 +791,19 @@ def check_compatible(model: nn.Module | torch.export.ExportedProgram, data: Data
         raise LoadError(
             f"the model cannot run on the data: {described} failed with {_first_line(exc)}; {hint}"
         ) from None
-    if _first_float(output) is None:
+    first = _first_float(output)
+    if first is None:
         raise LoadError(
             f"the model's output on the data has no floating-point tensor (it returned a {type(output).__name__}); "
             f"the analysis compares floating-point outputs such as logits"
+        )
+    bad = int((~torch.isfinite(first)).sum())
+    if bad:
+        nan = int(torch.isnan(first).sum())
+        raise LoadError(
+            f"the model's output on {described} holds {bad} non-finite values ({nan} NaN, {bad - nan} Inf) "
+            f"of {first.numel()}: its activations overflow or hit an undefined operation (log/sqrt of a "
+            f"negative, 0/0), so quantization error cannot be measured; fix the model or its inputs"
         )
 
 
