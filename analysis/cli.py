@@ -231,6 +231,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     suggestion = suggest(problem, budget, measure=measure, fingerprint=result.model.get("fingerprint"),
                          calibration=calibration)
     out = Path(args.out) if args.out else Path(args.analysis) / "map.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     suggestion.map.save(out)
     totals = suggestion.totals
     print(f"map for {budget}: avg weight bits {totals['avg-bits']:.2f}, {totals['size-kb']:.1f} KiB, "
@@ -283,6 +284,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for pmap_real, label in ([(pmap, Path(args.map).name)] if pmap else _uniform_real(evaluator)):
             evaluations.append(evaluate_real(model, evaluator.calibration, evaluator.evaluation, pmap_real, label=f"{label} (real)"))
     _print_evaluations(evaluations)
+    if evaluator.evaluation.labels is None:
+        print("note: the evaluation data has no labels, so no task metric (accuracy / perplexity) was computed; "
+              "pass labelled --eval-data for it")
     if args.out:
         Path(args.out).write_text(json.dumps([e.to_dict() for e in evaluations], indent=1, default=str))
         print(f"-> {args.out}")

@@ -55,7 +55,8 @@ class Dataset:
         for tensor in (self.inputs, self.labels):
             if tensor is not None:
                 digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-                digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+                # raw bytes: bfloat16 (and other dtypes numpy lacks) hash the same way as the rest
+                digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
 

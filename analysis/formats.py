@@ -169,6 +169,9 @@ def quantize_with_range(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torc
         return x
     if fmt.kind == "float":
         return _quantize_float(x, fmt, lo, hi)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # the grid's arithmetic in float32: hi − lo of a wide fp16 range overflows fp16
+        return quantize_with_range(x.float(), fmt, lo.float(), hi.float()).to(x.dtype)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if fmt.symmetric:

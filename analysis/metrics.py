@@ -83,13 +83,20 @@ class ErrorAccumulator:
         # each batch's partial sum is accumulated here in Python floats (float64).
         ref = reference.detach().reshape(-1).float()
         q = quantized.detach().reshape(-1).float()
+        # Normalise by a power of two (exact) so squares neither overflow at 1e30 nor underflow at 1e-30;
+        # the sums are scaled back in Python floats.
+        peak = float(torch.maximum(ref.abs().max(), q.abs().max())) if ref.numel() else 0.0
+        if not math.isfinite(peak):
+            raise ValueError("the compared tensors contain NaN or Inf; the model produced non-finite values")
+        unit = 2.0 ** math.floor(math.log2(peak)) if peak > 0 else 1.0
+        ref, q = ref / unit, q / unit
         err = ref - q
-        self.signal += float(torch.dot(ref, ref))
-        self.noise += float(torch.dot(err, err))
-        self.dot += float(torch.dot(ref, q))
-        self.quant_power += float(torch.dot(q, q))
+        self.signal += float(torch.dot(ref, ref)) * unit * unit
+        self.noise += float(torch.dot(err, err)) * unit * unit
+        self.dot += float(torch.dot(ref, q)) * unit * unit
+        self.quant_power += float(torch.dot(q, q)) * unit * unit
         if err.numel():
-            self.max_abs = max(self.max_abs, float(err.abs().max()))
+            self.max_abs = max(self.max_abs, float(err.abs().max()) * unit)
         self.count += ref.numel()
         if self.logits:
             ref_rows = reference.detach().reshape(-1, reference.shape[-1])
@@ -109,7 +116,7 @@ class ErrorAccumulator:
             raise ValueError("no samples were compared; the data set is empty")
         denom = math.sqrt(self.signal * self.quant_power)
         if denom > 0:
-            cosine = self.dot / denom
+            cosine = max(-1.0, min(1.0, self.dot / denom))  # float rounding can step past ±1
         else:  # both all-zero counts as identical; one all-zero as orthogonal
             cosine = 1.0 if self.signal == self.quant_power else 0.0
         kl = top1 = None

@@ -148,7 +148,7 @@ def quantize_weight(weight: torch.Tensor, fmt: Format, channel_axis: int, method
     """Fake-quantized weight plus the per-row (lo, hi) clipping range that produced it."""
     w = weight.detach().float()
     if fmt.is_identity:
-        return w, w.min().reshape(1), w.max().reshape(1)
+        return weight.detach(), w.min().reshape(1), w.max().reshape(1)
     check_finite(w, "weight")
     rows = to_rows(w, fmt, channel_axis)
     if fmt.scaled:
@@ -159,7 +159,7 @@ def quantize_weight(weight: torch.Tensor, fmt: Format, channel_axis: int, method
     else:
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
     quantized = quantize_with_range(rows, fmt, lo[:, None], hi[:, None])
-    return from_rows(quantized, w, fmt, channel_axis), lo, hi
+    return from_rows(quantized, w, fmt, channel_axis).to(weight.dtype), lo, hi
 
 
 def activation_range(hist: calibration.Histogram, fmt: Format, method: str, percentile: float) -> tuple[float, float]:
@@ -213,6 +213,8 @@ class Analyzer:
             if unknown:
                 raise ValueError(f"unknown layer(s) {sorted(unknown)[:3]}; see `quantlens analyze` output for names")
         self.gm = self.prepared.graph_module
+        for layer in self.table.layers:  # before calibration, which would blame the next layer's input
+            check_finite(self.table.weight(layer.name).detach(), f"the weight of layer {layer.name}")
         self.chunk_size = self._plan_chunks()
         self._act_hists: dict[tuple[str, int], calibration.Histogram] = {}
         self._act_ranges: dict[tuple[str, int, Format], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -276,7 +278,8 @@ class Analyzer:
             lo, hi = self._weight_ranges[key]
             w = weight.detach().float()
             rows = to_rows(w, fmt, info.channel_axis)
-            quantized = from_rows(quantize_with_range(rows, fmt, lo[:, None], hi[:, None]), w, fmt, info.channel_axis)
+            quantized = from_rows(quantize_with_range(rows, fmt, lo[:, None], hi[:, None]), w, fmt,
+                                  info.channel_axis).to(weight.dtype)
         else:
             quantized, lo, hi = quantize_weight(weight, fmt, info.channel_axis, self.config.weight_calibration,
                                                 self.config.percentile)
@@ -367,6 +370,10 @@ class Analyzer:
             skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
         if not self.config.weight_formats and not self.config.act_formats:
             raise ValueError("nothing to sweep: give at least one weight or activation format")
+        if not self.layers:
+            skipped = ", ".join(f"{s.name} ({s.kind})" for s in self.table.skipped[:4]) or "none"
+            raise ValueError(f"the model has no quantizable layers (Linear, Conv, Embedding, attention projections); "
+                             f"modules with weights that were skipped: {skipped}")
         started = time.perf_counter()
         layers = self.layers
         trials = [t for t in plan_trials(layers, self.config)

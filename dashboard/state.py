@@ -483,7 +483,10 @@ class Job:
             self.phase = "cancelled"
         except Exception as exc:  # noqa: BLE001 — the job reports, the app stays up
             self.error = one_line(exc)
-            write_meta(self.path, status="failed", error=self.error)
+            if self.trials or self.resume:
+                write_meta(self.path, status="failed", error=self.error)
+            else:  # failed before any result (e.g. no quantizable layers): leave nothing half-made
+                shutil.rmtree(self.path, ignore_errors=True)
             self.phase = "failed"
         finally:
             self.finished = time.time()
