@@ -229,8 +229,9 @@ class Analyzer:
         env = capture(self.prepared, (self.data.inputs[:1],))
         self._measure_macs(env)
         per_sample = max(1, tensor_bytes(env.values()))
-        # Half the bound for the FP32 cache, half for what a trial recomputes.
-        return max(1, min(len(self.data), self.config.cache_bytes // (2 * per_sample)))
+        # A third of the bound for the FP32 cache, a third for what a trial recomputes, a third for
+        # temporaries (metrics, calibration, the per-sample estimate missing kernel workspaces).
+        return max(1, min(len(self.data), self.config.cache_bytes // (3 * per_sample)))
 
     def chunks(self) -> list[tuple[int, int]]:
         n = len(self.data)
