@@ -4,8 +4,8 @@ How it stays fast (see benchmarks/bench_sweep.py for the figures):
 1. FP32 values of every graph node are captured once per chunk of samples.
 2. A trial re-executes only the layer's descendants, reading everything else from that cache;
    local error falls out of the same pass (the layer's node sees FP32 inputs).
-3. The cache has a byte bound. Samples are split into chunks that fit; all statistics are exact
-   sums over samples, so the chunking changes memory use and never the numbers.
+3. The cache has a byte bound. Samples are split into chunks that fit; all statistics are sums
+   over samples, so the chunking changes memory use, not the numbers (beyond float32 rounding).
 """
 
 from __future__ import annotations
