@@ -170,6 +170,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
+    for skipped in result.skipped[:10]:
+        print(f"  skipped {skipped.name} ({skipped.kind}): {skipped.reason}")
+    if len(result.skipped) > 10:
+        print(f"  ... and {len(result.skipped) - 10} more skipped (see analysis.json)")
     _print_most_sensitive(frame)
     return 0
 
