@@ -81,7 +81,7 @@ def test_budget_that_cannot_be_met_returns_the_cheapest_map_and_says_why():
     assert any("cannot be met" in note for note in suggestion.notes)
 
 
-def test_measured_correction_swaps_when_the_joint_error_is_underpredicted():
+def test_measured_refinement_replaces_a_map_whose_joint_error_is_underpredicted():
     problem = random_problem(random.Random(3), 3)
     limit = problem.totals(extreme_picks(problem, "avg-bits", True))["avg-bits"] + 2.0
     chosen = solve(problem, "avg-bits", limit)
@@ -95,6 +95,34 @@ def test_measured_correction_swaps_when_the_joint_error_is_underpredicted():
     suggestion = suggest(problem, Budget("avg-bits", limit), measure=measure)
     assert suggestion.picks != chosen and suggestion.evaluations > 1
     assert suggestion.totals["avg-bits"] <= limit + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_k_best_lists_the_best_feasible_maps_in_order(seed):
+    from analysis.allocate import k_best
+
+    rng = random.Random(200 + seed)
+    problem = random_problem(rng, 4)
+    limit = problem.totals(extreme_picks(problem, "avg-bits", True))["avg-bits"] + 3.0
+    found = k_best(problem, "avg-bits", limit, 5)
+    space = itertools.product(*[range(len(ch)) for ch in problem.choices])
+    feasible = sorted(problem.totals(list(p))["noise"] for p in space if problem.totals(list(p))["avg-bits"] <= limit + 1e-9)
+    assert [problem.totals(p)["noise"] for p in found] == pytest.approx(feasible[:5], rel=1e-6)
+    assert len({tuple(p) for p in found}) == len(found)
+
+
+def test_refinement_prefers_the_smaller_metric_drop_over_smaller_noise():
+    problem = random_problem(random.Random(9), 3)
+    limit = problem.totals(extreme_picks(problem, "avg-bits", True))["avg-bits"] + 2.0
+    best = solve(problem, "avg-bits", limit)
+
+    def measure(assignment):  # the least-noise map happens to lose the most accuracy
+        picks = [next(i for i, c in enumerate(ch) if (c.weight, c.act) == assignment[l.name])
+                 for l, ch in zip(problem.layers, problem.choices)]
+        return {"noise": problem.totals(picks)["noise"], "drop": 2.0 if picks == best else 0.5}
+
+    suggestion = suggest(problem, Budget("avg-bits", limit), measure=measure)
+    assert suggestion.picks != best and suggestion.measured["drop"] == 0.5
 
 
 def test_pareto_front_is_monotone_in_cost_and_noise():
