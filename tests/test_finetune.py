@@ -9,6 +9,7 @@ import torch
 
 import sample_models as sm
 from analysis.data import Dataset
+from analysis.loading import load_data
 from analysis.finetune import finetune_qat, remedies
 from analysis.precision_map import LayerPrecision, PrecisionMap
 
@@ -16,11 +17,7 @@ MLP_LAYERS = ["fc1", "fc2", "fc3"]
 
 
 def _data(split: str, n: int | None = None) -> Dataset:
-    tensors = sm.load_split("mlp", split)
-    inputs, labels = tensors["inputs"], tensors["labels"]
-    if n is not None:
-        inputs, labels = inputs[:n], labels[:n]
-    return Dataset(inputs, labels, "classification", f"mlp-{split}")
+    return load_data("sample:mlp", split).take(n)
 
 
 @pytest.fixture(scope="module")

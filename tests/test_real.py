@@ -13,17 +13,14 @@ pytest.importorskip("torchao")
 import sample_models as sm
 from analysis import real
 from analysis.data import Dataset
+from analysis.loading import load_data
 from analysis.precision_map import LayerPrecision, PrecisionMap, uniform_map
 
 MLP_LAYERS = ["fc1", "fc2", "fc3"]
 
 
 def _data(name: str, split: str, n: int | None = None) -> Dataset:
-    tensors = sm.load_split(name, split)
-    inputs, labels = tensors["inputs"], tensors["labels"]
-    if n is not None:
-        inputs, labels = inputs[:n], labels[:n]
-    return Dataset(inputs, labels, "classification", f"{name}-{split}")
+    return load_data(f"sample:{name}", split).take(n)
 
 
 @pytest.fixture(scope="module")
