@@ -393,10 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
+    """User errors (all quantlens errors are ValueErrors) as they are; anything else names its type."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    known = ("CLIError", "LoadError", "FormatError", "ModelPreparationError", "ValueError", "FileNotFoundError",
-             "MapError", "BudgetError", "KeyError")
-    if type(exc).__name__ not in known and not isinstance(exc, (ValueError, FileNotFoundError)):
+    if not isinstance(exc, (CLIError, ValueError, FileNotFoundError, KeyError)):
         return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
     return text.strip("'\"") if isinstance(exc, KeyError) else text
 

@@ -168,11 +168,6 @@ class FunctionSite(Site):
         return _conv_macs(value, self.weight, self.transposed, args[self.act_index])
 
 
-def _bind_mha(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return bound
-
-
 class AttentionInProjSite(Site):
     """The packed query/key/value projection of nn.MultiheadAttention (its raw `in_proj_weight`).
 
@@ -185,7 +180,7 @@ class AttentionInProjSite(Site):
         self.module = module
 
     def _qkv(self, args, kwargs) -> tuple[inspect.BoundArguments, list[torch.Tensor]]:
-        bound = _bind_mha(self.module, args, kwargs)
+        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
         return bound, [bound.arguments["query"], bound.arguments["key"], bound.arguments["value"]]
 
     def activation_inputs(self, gm, args, kwargs):
@@ -447,16 +442,7 @@ def _skipped(prepared: PreparedModel, layers: list[Layer], used_modules: set[str
 
 
 def _layer_weights(prepared: PreparedModel, layers: list[Layer]) -> list[torch.Tensor]:
-    table_weights = []
-    gm = prepared.graph_module
-    for name, param in gm.named_parameters(remove_duplicate=False):
-        table_weights.append((name, param))
+    """Parameters of analysed layers: their weights ("attn.in_proj_weight" included) and biases."""
     names = {layer.name for layer in layers} | {a for layer in layers for a in layer.aliases}
-    out = []
-    for name, param in table_weights:
-        owner, attr = _owner_and_param(name)
-        if owner in names or _layer_name_for_param(name) in names:
-            out.append(param)
-        elif attr == "in_proj_weight" and f"{owner}.in_proj" in names:
-            out.append(param)
-    return out
+    return [param for name, param in prepared.graph_module.named_parameters(remove_duplicate=False)
+            if _owner_and_param(name)[0] in names or _layer_name_for_param(name) in names]

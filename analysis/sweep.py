@@ -524,12 +524,10 @@ class Analyzer:
         centers = torch.tensor((fine_edges[:-1] + fine_edges[1:]) / 2, dtype=torch.float32)
         fp32 = np.histogram(centers.numpy(), bins=edges, weights=fine_counts)[0]
         quantized, clip = {}, {}
-        act = self.act_fn(site, None)
         for af in self.config.parsed_act_formats():
             name = af.name_for("activation")
-            act = self.act_fn(site, af)
             # Moving each fine bin's count to where its centre quantizes to: exact up to 1/2048 of the range.
-            q_centers = act(0, centers).numpy() if act else centers.numpy()
+            q_centers = self.act_fn(site, af)(0, centers).numpy()
             quantized[name] = tuple(np.histogram(np.clip(q_centers, edges[0], edges[-1]), bins=edges, weights=fine_counts)[0])
             rng = self._act_ranges.get((site.node.name, 0, af))
             clip[name] = (float(rng[0]), float(rng[1])) if rng else (float(fine_edges[0]), float(fine_edges[-1]))
