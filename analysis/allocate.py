@@ -29,6 +29,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from analysis import costs
+from analysis.config import QuantConfig
 from analysis.formats import Format, parse_format
 from analysis.layers import Layer
 from analysis.metrics import SQNR_CAP_DB, sqnr_from_sums
@@ -90,6 +91,7 @@ class Problem:
     choices: list[list[Choice]]
     signal: float  # mean output signal power (Σref²/count)
     total_elements: int
+    quant: QuantConfig = field(default_factory=QuantConfig)  # how the sweep calibrated; maps carry it
 
     def predicted_sqnr(self, noise: float) -> float:
         return sqnr_from_sums(self.signal, noise)
@@ -106,6 +108,7 @@ class Problem:
         return out
 
     def to_map(self, picks: list[int], **kwargs) -> PrecisionMap:
+        kwargs.setdefault("quant", self.quant)
         return PrecisionMap({layer.name: ch[p].precision for layer, ch, p in zip(self.layers, self.choices, picks)}, **kwargs)
 
     def assignment(self, picks: list[int]) -> dict[str, tuple[Format | None, Format | None]]:
@@ -115,7 +118,8 @@ class Problem:
 def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
     """Choices per layer from the sweep: weight×activation pairs when activations were analysed
     (activations stay quantized), weight-only otherwise, plus FP32 as a fallback."""
-    granularity = result.config.get("granularity")
+    quant = QuantConfig.from_dict(result.config["quant"], "the analysis' quant config")
+    granularity = quant.granularity
     has_both = any(t.target == "both" for t in result.trials)
     target = "both" if has_both else "weights"
     layers, choices, signals = [], [], []
@@ -128,8 +132,8 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
         for trial in picked:
             weight = parse_format(trial.weight_format, "weight", granularity) if trial.weight_format else None
             act = parse_format(trial.act_format, "activation") if trial.act_format else None
-            layer_choices.append(_choice(layer, LayerPrecision(trial.weight_format or "fp32", trial.act_format),
-                                         weight, act, trial.output.mse, total_elements))
+            precision = LayerPrecision(trial.weight_format or "fp32", trial.act_format).qualified(granularity)
+            layer_choices.append(_choice(layer, precision, weight, act, trial.output.mse, total_elements))
             if trial.output.mse > 0 and trial.output.sqnr_db < 99:
                 signals.append(trial.output.mse * 10 ** (trial.output.sqnr_db / 10))
         if allow_fp32 or not layer_choices:
@@ -139,7 +143,7 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
     if not layers:
         raise BudgetError("the analysis has no layers to allocate precision to")
     signal = float(np.median(signals)) if signals else 1.0
-    return Problem(layers, choices, signal, total_elements)
+    return Problem(layers, choices, signal, total_elements, quant)
 
 
 def _choice(layer: Layer, precision: LayerPrecision, weight: Format | None, act: Format | None,
@@ -229,7 +233,7 @@ class Suggestion:
 
 
 def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, refine_trials: int = 6,
-            fingerprint: str | None = None, calibration: dict | None = None) -> Suggestion:
+            fingerprint: str | None = None, provenance: dict | None = None) -> Suggestion:
     """The best map for `budget`; measured and corrected when `measure` is given."""
     notes: list[str] = []
     evaluations = 0
@@ -272,7 +276,7 @@ def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, 
             notes.append(f"joint error is {measured['noise'] / totals['noise']:.2f}× the sum of single-layer errors "
                          "(noise does not add exactly at low bit widths); figures marked measured are the real ones")
     pmap = problem.to_map(
-        picks, model=fingerprint, calibration=calibration or {},
+        picks, model=fingerprint, provenance=provenance,
         budget={"kind": budget.kind, "value": budget.value},
         predicted={"output_sqnr_db": predicted, **{k: totals[k] for k in COST_KINDS}},
         measured=measured_out, notes=tuple(notes),

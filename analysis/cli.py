@@ -27,7 +27,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="sample:<name> | data.npz/.pt/.safetensors (keys inputs, labels) | file.py:function")
     parser.add_argument("--task", choices=("classification", "language-model", "other"),
                         help="what the labels mean (default: inferred from their shape)")
-    parser.add_argument("--samples", type=int, default=256, help="calibration samples to use (default 256)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration samples to use (default: the map's, else 256)")
+    parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N or mps (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +141,9 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import write_report
     from analysis.runs import analyze_to_directory
-    from analysis.sweep import AnalysisConfig
+    from analysis.config import AnalysisConfig
 
+    args.samples = 256 if args.samples is None else args.samples
     if args.samples < 1:
         raise CLIError("--samples must be at least 1")
     config = AnalysisConfig(
@@ -156,13 +159,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         output_metrics=not args.local_only,
         cache_bytes=args.cache_mb * 1024 * 1024,
+        device=args.device,
     )
     model, data = _load(args)
     progress, close = _progress_bar(args.quiet)
     out = Path(args.out)
     try:
         result = analyze_to_directory(model, data, config, out, resume=args.resume, progress=progress,
-                                      model_spec=args.model, data_spec=args.data)
+                                      model_spec=args.model, data_spec=args.data, weights=args.weights)
     finally:
         close()
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")
@@ -198,7 +202,7 @@ def _eval_spec(data_spec: str | None, eval_spec: str | None) -> tuple[str | None
     return data_spec, "calibration"
 
 
-def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, config):
+def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, config, device: str = "cpu"):
     from analysis.evaluate import Evaluator
     from analysis.loading import check_compatible, load_data
 
@@ -206,34 +210,39 @@ def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, c
     check_compatible(model, calibration)
     spec, split = _eval_spec(data_spec, eval_spec)
     evaluation = load_data(spec, split=split, task=task) if spec else calibration
-    return Evaluator(model, calibration, evaluation, config)
+    return Evaluator(model, calibration, evaluation, config, device=device)
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from analysis.allocate import build_problem, pareto_front, parse_budget, suggest, uniform_points
+    from analysis.allocate import build_problem, parse_budget, suggest
+    from analysis.config import QuantConfig
     from analysis.loading import load_model
+    from analysis.provenance import Provenance, check_model, weights_to_load
     from analysis.results import load_analysis
-    from analysis.sweep import AnalysisConfig
 
     budget = parse_budget(args.budget)
     result = load_analysis(args.analysis)
     problem = build_problem(result, allow_fp32=not args.no_fp32)
-    config = AnalysisConfig(**{**result.config, "weight_formats": (), "act_formats": (), "cumulative": False,
-                               "targets": tuple(result.config["targets"]),
-                               "layers": tuple(result.config["layers"]) if result.config.get("layers") else None})
+    quant = QuantConfig.from_dict(result.config["quant"], f"{args.analysis}: quant")
+    recorded = Provenance.from_dict(result.model)
+    provenance = Provenance(model_spec=result.model.get("spec"), weights=result.model.get("weights"),
+                            weights_sha256=result.model.get("weights_sha256"), data_spec=result.data.get("spec"),
+                            model_fingerprint=result.model.get("fingerprint"),
+                            data_fingerprint=result.data.get("fingerprint"))
     evaluator = None
-    model_spec, data_spec = result.model.get("spec"), result.data.get("spec")
+    model_spec, data_spec = provenance.model_spec, provenance.data_spec
     if not args.no_measure or budget.kind == "max-drop":
         if not model_spec or not data_spec:
             raise CLIError("this analysis does not record its model and data; pass --no-measure "
                            "(max-drop budgets need them: re-run analyze with the CLI)")
-        evaluator = _evaluator(load_model(model_spec, args.weights), data_spec, args.eval_data,
-                               result.data.get("task"), config)
+        weights = weights_to_load(recorded if recorded.weights else provenance, args.weights, f"the analysis in {args.analysis}")
+        model = load_model(model_spec, weights)
+        check_model(provenance.model_fingerprint, model, f"the analysis in {args.analysis}",
+                    "pass the --weights the analysis used, or re-run `quantlens analyze`")
+        evaluator = _evaluator(model, data_spec, args.eval_data, result.data.get("task"), quant)
     measure = evaluator.measure if evaluator else None
-    calibration = {k: result.config[k] for k in ("weight_calibration", "act_calibration", "percentile",
-                                                 "granularity", "dynamic_activations", "fold_batchnorm")}
-    suggestion = suggest(problem, budget, measure=measure, fingerprint=result.model.get("fingerprint"),
-                         calibration=calibration)
+    suggestion = suggest(problem, budget, measure=measure, fingerprint=provenance.model_fingerprint,
+                         provenance=provenance.to_dict())
     out = Path(args.out) if args.out else Path(args.analysis) / "map.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     suggestion.map.save(out)
@@ -247,6 +256,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     for note in suggestion.notes:
         print(f"note: {note}")
     if args.front_points > 0:
+        from analysis.allocate import pareto_front, uniform_points
+
         front = pareto_front(problem, budget.kind if budget.kind in ("avg-bits", "size-kb", "bops") else "avg-bits",
                              args.front_points, measure)
         rows = front + uniform_points(problem, measure)
@@ -265,20 +276,43 @@ def _write_front(points, path: Path) -> None:
         print(frame.drop(columns=["bops"]).to_string(index=False))
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _map_model(args: argparse.Namespace, pmap, what: str):
+    """The model a map is applied to: the one named, else the one the map records; checked against
+    the map's fingerprint either way."""
     from analysis.loading import load_model
-    from analysis.precision_map import load_map
-    from analysis.sweep import AnalysisConfig
+    from analysis.provenance import Provenance, check_model, weights_to_load
 
-    model = load_model(args.model, args.weights)
-    pmap = load_map(args.map) if args.map else None
-    config = AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False, num_samples=args.samples,
-                            **_calibration_fields(pmap.calibration if pmap else {}))
-    evaluator = _evaluator(model, args.data, args.eval_data, args.task, config)
+    recorded = Provenance.from_dict(pmap.provenance) if pmap is not None else Provenance()
+    spec = getattr(args, "model", None) or recorded.model_spec
+    if spec is None:
+        raise CLIError(f"{what} needs the model: name it (and --weights for a file.py:factory model)")
+    same_model = pmap is not None and (getattr(args, "model", None) is None or recorded.model_spec == spec)
+    weights = weights_to_load(recorded, args.weights, what) if same_model else args.weights
+    model = load_model(spec, weights)
     if pmap is not None:
-        from analysis.loading import model_fingerprint
+        check_model(pmap.model, model, what, "pass the model (and --weights) the map was made for, "
+                    "or remove the map's \"model\" field to force it")
+    return model
 
-        pmap.validate(evaluator.layer_names, model_fingerprint(model))
+
+def _quant_for(pmap, samples: int | None):
+    from dataclasses import replace
+
+    from analysis.config import QuantConfig
+
+    quant = pmap.quant if pmap is not None else QuantConfig()
+    return replace(quant, num_samples=samples) if samples is not None else quant
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from analysis.precision_map import load_map
+
+    pmap = load_map(args.map) if args.map else None
+    model = _map_model(args, pmap, f"the map {args.map}")
+    config = _quant_for(pmap, args.samples)
+    evaluator = _evaluator(model, args.data, args.eval_data, args.task, config, args.device)
+    if pmap is not None:
+        pmap.validate(evaluator.layer_names)
         evaluations = [evaluator.fp32(), evaluator.evaluate(pmap, label=Path(args.map).name)]
     else:
         evaluations = evaluator.baselines()
@@ -304,11 +338,6 @@ def _uniform_real(evaluator):
             (uniform_map(evaluator.layer_names, "int8", "int8"), "uniform int8/int8")]
 
 
-def _calibration_fields(calibration: dict) -> dict:
-    names = {"weight_calibration", "act_calibration", "percentile", "granularity", "dynamic_activations", "fold_batchnorm"}
-    return {k: v for k, v in calibration.items() if k in names}
-
-
 def _print_evaluations(evaluations) -> None:
     import pandas as pd
 
@@ -326,9 +355,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from analysis.loading import check_compatible, load_data, load_model
     from analysis.precision_map import load_map
 
-    model = load_model(args.model, args.weights)
     pmap = load_map(args.map)
-    calibration = load_data(args.data, split="calibration", task=args.task).take(args.samples)
+    model = _map_model(args, pmap, f"the map {args.map}")
+    calibration = load_data(args.data, split="calibration", task=args.task).take(_quant_for(pmap, args.samples).num_samples)
     check_compatible(model, calibration)
     train = load_data(args.train_data, task=args.task) if args.train_data else calibration
     spec, split = _eval_spec(args.data, args.eval_data)
@@ -363,9 +392,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from analysis.loading import load_data, load_model
     from analysis.precision_map import load_map
 
+    from analysis.provenance import Provenance
+
     pmap = load_map(args.map)
-    model = load_model(args.model, args.weights) if args.model else None
-    calibration = load_data(args.data, split="calibration") if args.data else None
+    recorded = Provenance.from_dict(pmap.provenance)
+    needs_model = args.to not in ("json", "yaml")
+    model = _map_model(args, pmap, f"the map {args.map}") if needs_model and (args.model or recorded.model_spec) else None
+    data_spec = args.data or (recorded.data_spec if needs_model else None)
+    calibration = load_data(data_spec, split="calibration") if data_spec else None
     path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
     print(f"wrote {args.to} -> {path}")
     return 0
@@ -380,6 +414,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from analysis.memory import return_freed_memory_to_the_os
+
+    # The CLI process is ours: tune the allocator here (never in the library, which runs inside
+    # other people's processes, the Streamlit server among them).
+    return_freed_memory_to_the_os()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Apply a precision map and evaluate it: task metric, output error vs FP32, size and speed.
 
 The simulated path runs exactly the quantizers and calibrated ranges the sweep measured with (the
-same `Analyzer`), so a map's evaluation and its prediction are comparable. The real path
+same `QuantSim` configuration), so a map's evaluation and its prediction are comparable. The real path
 (analysis.real) runs the same map on torchao's low-precision CPU kernels.
 """
 
@@ -18,7 +18,8 @@ from analysis.data import Dataset
 from analysis.formats import Format
 from analysis.metrics import ErrorAccumulator, ErrorStats, accuracy, perplexity
 from analysis.precision_map import PrecisionMap, uniform_map
-from analysis.sweep import AnalysisConfig, Analyzer
+from analysis.config import QuantConfig
+from analysis.quantsim import QuantSim
 
 DEFAULT_BASELINES = (("int8", "int8"), ("int4", "int8"), ("int8", None), ("int4", None))
 
@@ -73,16 +74,19 @@ class Evaluator:
     """Calibrates once on calibration data; evaluates any number of maps on evaluation data."""
 
     def __init__(self, model: Any, calibration: Dataset, evaluation: Dataset | None = None,
-                 config: AnalysisConfig | None = None) -> None:
-        self.analyzer = Analyzer(model, calibration, config or AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False))
-        self.calibration = self.analyzer.data
+                 config: QuantConfig | None = None, *, device: str | None = None,
+                 sim: QuantSim | None = None) -> None:
+        self.sim = sim or QuantSim(model, calibration, config or QuantConfig(), device=device)
+        self.config = self.sim.config
+        self.calibration = self.sim.data
         self.evaluation = evaluation or calibration
-        self.layers = self.analyzer.table.layers
+        self.layers = self.sim.layers
         self.layer_names = [layer.name for layer in self.layers]
         started = time.perf_counter()
-        self.reference = self.analyzer.forward(self.evaluation.inputs, {})
+        self.reference = self.sim.forward(self.evaluation.inputs, {})
         self.fp32_seconds = time.perf_counter() - started
-        self.metric_name, self.fp32_metric = task_metric(self.evaluation.task, self.reference, self.evaluation.labels)
+        self.metric_name, self.fp32_metric = task_metric(self.evaluation.task, self.reference,
+                                                         _on(self.evaluation.labels, self.reference))
         self._calibration_reference: torch.Tensor | None = None
 
     def fp32(self) -> Evaluation:
@@ -93,13 +97,13 @@ class Evaluator:
     def evaluate(self, pmap: PrecisionMap, label: str = "map") -> Evaluation:
         pmap.validate(self.layer_names)
         assignment = pmap.assignment(self.layer_names)
-        self.analyzer.forward(self.evaluation.inputs[:1], assignment)  # calibrates; keeps it out of the timing
+        self.sim.forward(self.evaluation.inputs[:1], assignment)  # calibrates; keeps it out of the timing
         started = time.perf_counter()
-        output = self.analyzer.forward(self.evaluation.inputs, assignment)
+        output = self.sim.forward(self.evaluation.inputs, assignment)
         seconds = time.perf_counter() - started
         acc = ErrorAccumulator(self.evaluation.logits)
         acc.update(self.reference, output)
-        name, value = task_metric(self.evaluation.task, output, self.evaluation.labels)
+        name, value = task_metric(self.evaluation.task, output, _on(self.evaluation.labels, output))
         return Evaluation(
             label, "simulated", name, value, metric_drop(name, self.fp32_metric, value), acc.result(),
             costs.model_cost(self.layers, assignment).as_dict(), 1000 * seconds / len(self.evaluation),
@@ -117,13 +121,17 @@ class Evaluator:
         """The allocator's yardstick: output noise on the calibration data (what the sweep measured
         on), plus the task metric and its drop on the evaluation data when it has labels."""
         if self._calibration_reference is None:
-            self._calibration_reference = self.analyzer.forward(self.calibration.inputs, {})
-        output = self.analyzer.forward(self.calibration.inputs, assignment)
+            self._calibration_reference = self.sim.forward(self.calibration.inputs, {})
+        output = self.sim.forward(self.calibration.inputs, assignment)
         noise = float(((output.double() - self._calibration_reference.double()) ** 2).mean())
         result = {"noise": noise}
         if self.evaluation.labels is not None and self.metric_name is not None:
-            eval_output = self.analyzer.forward(self.evaluation.inputs, assignment)
-            _, value = task_metric(self.evaluation.task, eval_output, self.evaluation.labels)
+            eval_output = self.sim.forward(self.evaluation.inputs, assignment)
+            _, value = task_metric(self.evaluation.task, eval_output, _on(self.evaluation.labels, eval_output))
             result["metric"] = value
             result["drop"] = metric_drop(self.metric_name, self.fp32_metric, value)
         return result
+
+
+def _on(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels.to(like.device)

@@ -1,7 +1,7 @@
 """Hand a precision map to the tools that deploy it: AIMET encodings, ONNX Runtime overrides, QDQ ONNX.
 
 Every number written here (weight scales and zero points per channel or group, the scale and zero
-point of each quantized layer input) comes from the same `Analyzer` quantizers and calibrated
+point of each quantized layer input) comes from the same `QuantSim` quantizers and calibrated
 ranges that the simulation used, so a deployed model reproduces the simulated one instead of
 re-calibrating with the tool's own (different) rules. Two examples of why this matters:
 ONNX Runtime's symmetric int8 grid is [-127, 127] with scale absmax/127, ours (and torchao's) is
@@ -40,7 +40,7 @@ import torch
 from analysis.data import Dataset
 from analysis.formats import Format, scale_and_zero_point
 from analysis.precision_map import PrecisionMap
-from analysis.sweep import AnalysisConfig, Analyzer, _per_token
+from analysis.quantsim import QuantSim, guess_param_name
 
 if TYPE_CHECKING:  # onnx is an optional dependency ("real" extra): imported only where needed
     import onnx
@@ -58,42 +58,11 @@ class ExportError(ValueError):
     """A map/target combination the target cannot express; the message says what to do instead."""
 
 
-# --- the map's calibration settings -> AnalysisConfig -------------------------------------------
-
-# Keys a map's "calibration" block may carry, and the AnalysisConfig field each one sets. The short
-# forms are what the precision-map docstring shows; the long forms mirror AnalysisConfig itself.
-_CALIBRATION_KEYS = {
-    "weight_calibration": "weight_calibration", "weight": "weight_calibration",
-    "act_calibration": "act_calibration", "activation": "act_calibration",
-    "activation_calibration": "act_calibration",
-    "percentile": "percentile",
-    "granularity": "granularity",
-    "dynamic_activations": "dynamic_activations", "dynamic": "dynamic_activations",
-    "fold_batchnorm": "fold_batchnorm",
-    "num_samples": "num_samples", "samples": "num_samples",
-}
+# --- the simulator the numbers come from ---------------------------------------------------------
 
 
-def analysis_config(pmap: PrecisionMap, **overrides: Any) -> AnalysisConfig:
-    """The AnalysisConfig that reproduces the calibration the map was made with.
-
-    Unknown keys in the map's calibration block are ignored (they may describe things an exporter
-    does not need, e.g. the sweep's format list); `overrides` win over the map.
-    """
-    values: dict[str, Any] = {}
-    for key, value in (pmap.calibration or {}).items():
-        target = _CALIBRATION_KEYS.get(key)
-        if target is not None and value is not None:
-            values[target] = value
-    values.update(overrides)
-    if "percentile" in values:
-        values["percentile"] = float(values["percentile"])
-    # No sweep: the analyzer is only used for its quantizers and calibrated ranges.
-    return AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False, output_metrics=False, **values)
-
-
-def build_analyzer(pmap: PrecisionMap, model: Any, calibration: Any) -> Analyzer:
-    """An Analyzer over `calibration` with the map's calibration settings.
+def build_sim(pmap: PrecisionMap, model: Any, calibration: Any) -> QuantSim:
+    """A QuantSim over `calibration` with the map's quantization config (`pmap.quant`).
 
     `model`: nn.Module, torch.export program, or a `quantlens` model spec ("sample:cnn", "file.py:fn",
     "model.pt2"); `calibration`: Dataset, {"inputs", "labels"} mapping, input tensor, or a data spec.
@@ -105,7 +74,7 @@ def build_analyzer(pmap: PrecisionMap, model: Any, calibration: Any) -> Analyzer
         from analysis.loading import load_model
 
         model = load_model(model)
-    return Analyzer(model, _as_dataset(calibration), analysis_config(pmap))
+    return QuantSim(model, _as_dataset(calibration), pmap.quant)
 
 
 def _as_dataset(calibration: Any) -> Dataset:
@@ -129,25 +98,6 @@ def _as_dataset(calibration: Any) -> Dataset:
 # --- the numbers ----------------------------------------------------------------------------------
 
 
-def param_names(analyzer: Analyzer) -> dict[str, str]:
-    """Layer -> PyTorch parameter name of its weight ("fc1.weight", "attn.in_proj_weight").
-
-    Taken from the analysed graph module, so BatchNorm-folded convolutions keep their module's name.
-    """
-    by_tensor: dict[int, str] = {}
-    for name, param in analyzer.gm.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(param), name)
-    return {layer.name: by_tensor.get(id(analyzer.table.weight(layer.name)), guess_param_name(layer.name))
-            for layer in analyzer.table.layers}
-
-
-def guess_param_name(layer: str) -> str:
-    """The parameter name a layer name implies when no model is at hand."""
-    if layer.endswith(".in_proj"):
-        return layer[: -len(".in_proj")] + ".in_proj_weight"
-    return f"{layer}.weight"
-
-
 def _format_info(fmt: Format, role: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "format": fmt.name_for(role), "dtype": "int" if fmt.kind == "int" else "float", "base": fmt.base,
@@ -158,27 +108,25 @@ def _format_info(fmt: Format, role: str) -> dict[str, Any]:
     return info
 
 
-def _weight_parameters(analyzer: Analyzer, layer_name: str, fmt: Format) -> dict[str, Any]:
-    layer = next(l for l in analyzer.table.layers if l.name == layer_name)
+def _weight_parameters(sim: QuantSim, layer_name: str, fmt: Format) -> dict[str, Any]:
+    layer = sim.layer(layer_name)
     info = _format_info(fmt, "weight")
     if not fmt.scaled:  # fp16 / bf16: a plain cast, nothing to calibrate
         return info
-    analyzer.weight(layer_name, fmt)  # fills the cache with (quantized weight, lo, hi) per row
-    lo, hi = analyzer.weight_range(layer_name, fmt)
-    scale, zero_point = scale_and_zero_point(fmt, lo, hi)
+    params = sim.weight_params(layer_name, fmt)
     info.update(
-        axis=None if fmt.granularity == "per-tensor" else layer.channel_axis,
+        axis=params.axis,
         group_size=fmt.group_size if fmt.granularity == "per-group" else None,
         channels=layer.weight_shape[layer.channel_axis] if layer.weight_shape else 1,
-        scale=[float(s) for s in scale.reshape(-1).tolist()],
-        zero_point=[int(z) for z in zero_point.reshape(-1).tolist()],
+        scale=[float(s) for s in params.scale.reshape(-1).tolist()],
+        zero_point=[int(z) for z in params.zero_point.reshape(-1).tolist()],
     )
     if fmt.granularity == "per-group":
         info["groups_per_channel"] = len(info["scale"]) // info["channels"]
     return info
 
 
-def quantization_parameters(analyzer: Analyzer, pmap: PrecisionMap, *,
+def quantization_parameters(sim: QuantSim, pmap: PrecisionMap, *,
                             onnx_model: "onnx.ModelProto | str | Path | None" = None) -> dict[str, dict[str, Any]]:
     """Per quantized layer, the exact numbers the simulation quantizes with.
 
@@ -195,17 +143,14 @@ def quantization_parameters(analyzer: Analyzer, pmap: PrecisionMap, *,
     layer has one input per site, else "<layer>.input" ("<layer>.input.<i>" for the i-th distinct
     input, "<layer>@<k>.input" for the k-th call of a layer used more than once).
     """
-    layer_names = [layer.name for layer in analyzer.table.layers]
+    layer_names = sim.layer_names
     pmap.validate(layer_names)
     assignment = pmap.assignment(layer_names)
-    names = param_names(analyzer)
-    onnx_layers = match_onnx_layers(_load_onnx(onnx_model), analyzer, rename=False) if onnx_model is not None else {}
-    sites = [s for layer in analyzer.table.layers if layer.quantizable_input and assignment[layer.name][1] is not None
-             for s in analyzer.table.sites[layer.name]]
-    analyzer.calibrate_activations(sites)
+    names = sim.param_names()
+    onnx_layers = match_onnx_layers(_load_onnx(onnx_model), sim, rename=False) if onnx_model is not None else {}
 
     result: dict[str, dict[str, Any]] = {}
-    for layer in analyzer.table.layers:
+    for layer in sim.layers:
         wf, af = assignment[layer.name]
         if not layer.quantizable_input:
             af = None  # embeddings: integer indices, nothing to quantize on the input side
@@ -214,39 +159,36 @@ def quantization_parameters(analyzer: Analyzer, pmap: PrecisionMap, *,
         entry: dict[str, Any] = {
             "kind": layer.kind, "param": names[layer.name], "weight_shape": list(layer.weight_shape),
             "channel_axis": layer.channel_axis,
-            "weight": _weight_parameters(analyzer, layer.name, wf) if wf is not None else None,
+            "weight": _weight_parameters(sim, layer.name, wf) if wf is not None else None,
             "activations": [],
         }
         if af is not None:
             onnx_layer = onnx_layers.get(layer.name)
-            for k, site in enumerate(analyzer.table.sites[layer.name]):
-                indices = sorted(i for (node, i) in analyzer._act_hists if node == site.node.name) or [0]
-                for index in indices:
-                    act = _format_info(af, "activation")
-                    name = f"{layer.name}{f'@{k}' if k else ''}.input{f'.{index}' if index else ''}"
-                    if onnx_layer is not None and len(indices) == 1 and k < len(onnx_layer.activations):
-                        name = onnx_layer.activations[k]
-                    act.update(name=name, site=site.node.name, index=index)
-                    if not af.scaled:  # fp16/bf16 input: a cast, no range
-                        pass
-                    elif analyzer.config.dynamic_activations:
-                        act.update(dynamic=True, per_token=_per_token(site))
-                    else:
-                        act["dynamic"] = False
-                        analyzer.act_fn(site, af)(index, torch.zeros(1))  # resolves and caches the range
-                        lo, hi = analyzer._act_ranges[(site.node.name, index, af)]
-                        scale, zero_point = scale_and_zero_point(af, lo.reshape(1), hi.reshape(1))
-                        act.update(scale=float(scale[0]), zero_point=int(zero_point[0]),
-                                   range=[float(lo), float(hi)])
-                    entry["activations"].append(act)
+            params = sim.activation_params(layer.name, af)
+            sites = [site.node.name for site in sim.sites(layer.name)]
+            for p in params:
+                k = sites.index(p.site)
+                single = sum(1 for q in params if q.site == p.site) == 1
+                act = _format_info(af, "activation")
+                name = f"{layer.name}{f'@{k}' if k else ''}.input{f'.{p.index}' if p.index else ''}"
+                if onnx_layer is not None and single and k < len(onnx_layer.activations):
+                    name = onnx_layer.activations[k]
+                act.update(name=name, site=p.site, index=p.index)
+                if not af.scaled:  # fp16/bf16 input: a cast, no range
+                    pass
+                elif p.dynamic:
+                    act.update(dynamic=True, per_token=p.per_token)
+                else:
+                    act.update(dynamic=False, scale=p.scale, zero_point=p.zero_point, range=[p.lo, p.hi])
+                entry["activations"].append(act)
         result[layer.name] = entry
     return result
 
 
-def excluded_layers(analyzer: Analyzer, pmap: PrecisionMap) -> list[str]:
+def excluded_layers(sim: QuantSim, pmap: PrecisionMap) -> list[str]:
     """Layers the map leaves FP32 on both sides (what tools call excluded / float fallback)."""
-    assignment = pmap.assignment([layer.name for layer in analyzer.table.layers])
-    return [layer.name for layer in analyzer.table.layers
+    assignment = pmap.assignment([layer.name for layer in sim.layers])
+    return [layer.name for layer in sim.layers
             if assignment[layer.name][0] is None and (assignment[layer.name][1] is None or not layer.quantizable_input)]
 
 
@@ -280,7 +222,7 @@ def _block_shape(layer: str, entry: dict[str, Any]) -> None:
                           "use per-channel for that layer")
 
 
-def to_aimet_encodings(analyzer: Analyzer, pmap: PrecisionMap, version: str = "1.0.0", *,
+def to_aimet_encodings(sim: QuantSim, pmap: PrecisionMap, version: str = "1.0.0", *,
                        onnx_model: "onnx.ModelProto | str | Path | None" = None) -> dict[str, Any]:
     """AIMET encodings for the map, from our own quantizers and calibration.
 
@@ -298,7 +240,7 @@ def to_aimet_encodings(analyzer: Analyzer, pmap: PrecisionMap, version: str = "1
     """
     if version not in ("1.0.0", "2.0.0"):
         raise ExportError(f"unknown AIMET encoding version {version!r}; use 1.0.0 or 2.0.0")
-    params = quantization_parameters(analyzer, pmap, onnx_model=onnx_model)
+    params = quantization_parameters(sim, pmap, onnx_model=onnx_model)
     _reject_dynamic(params, "AIMET encodings")
     param_encodings, activation_encodings = [], []
     for layer, entry in params.items():
@@ -317,8 +259,8 @@ def to_aimet_encodings(analyzer: Analyzer, pmap: PrecisionMap, version: str = "1
         "version": "1.0.0",
         "activation_encodings": activation_encodings,
         "param_encodings": param_encodings,
-        "excluded_layers": excluded_layers(analyzer, pmap),
-        "quantizer_args": _aimet_quantizer_args(analyzer, params),
+        "excluded_layers": excluded_layers(sim, pmap),
+        "quantizer_args": _aimet_quantizer_args(sim, params),
     }
 
 
@@ -355,7 +297,7 @@ def _aimet_entry(name: str, info: dict[str, Any], version: str) -> dict[str, Any
     return entry
 
 
-def _aimet_quantizer_args(analyzer: Analyzer, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _aimet_quantizer_args(sim: QuantSim, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     weights = [e["weight"] for e in params.values() if e["weight"] is not None]
     acts = [a for e in params.values() for a in e["activations"]]
 
@@ -368,7 +310,7 @@ def _aimet_quantizer_args(analyzer: Analyzer, params: dict[str, dict[str, Any]])
         "dtype": "int",
         "is_symmetric": most_common([w["symmetric"] for w in weights], True),
         "per_channel_quantization": any(w["granularity"] != "per-tensor" for w in weights),
-        "quant_scheme": _AIMET_QUANT_SCHEME.get(analyzer.config.act_calibration, "post_training_tf"),
+        "quant_scheme": _AIMET_QUANT_SCHEME.get(sim.config.act_calibration, "post_training_tf"),
     }
 
 
@@ -392,14 +334,14 @@ def _load_onnx(model: "onnx.ModelProto | str | Path") -> "onnx.ModelProto":
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
 
 
-def match_onnx_layers(model: "onnx.ModelProto", analyzer: Analyzer | None = None, *, rename: bool = True,
+def match_onnx_layers(model: "onnx.ModelProto", sim: QuantSim | None = None, *, rename: bool = True,
                       layer_params: dict[str, str] | None = None) -> dict[str, OnnxLayer]:
     """Map layers to the ONNX nodes consuming their weight initializer.
 
-    With an analyzer, an initializer matches a layer by name (the PyTorch parameter name, what both
+    With a simulator, an initializer matches a layer by name (the PyTorch parameter name, what both
     exporters keep for Gemm/Conv) or, failing that, by value: the dynamo exporter folds the transpose
     of a MatMul weight into a new constant ("val_0"); `rename` renames such initializers (in place)
-    to the parameter name so overrides and encodings share one name. Without an analyzer, layers are
+    to the parameter name so overrides and encodings share one name. Without a simulator, layers are
     found by name from `layer_params` (layer -> parameter name) or, if None, from every initializer
     feeding a MatMul/Gemm/Conv ("fc1.weight" -> layer "fc1").
     """
@@ -413,7 +355,7 @@ def match_onnx_layers(model: "onnx.ModelProto", analyzer: Analyzer | None = None
     initializers = {init.name: init for init in graph.initializer}
     result: dict[str, OnnxLayer] = {}
 
-    if analyzer is None:
+    if sim is None:
         if layer_params is None:
             layer_params = {}
             for name in consumers:
@@ -428,7 +370,7 @@ def match_onnx_layers(model: "onnx.ModelProto", analyzer: Analyzer | None = None
                 result[layer] = OnnxLayer(param, [n.name for n in nodes], [n.input[0] for n in nodes], axis)
         return result
 
-    names = param_names(analyzer)
+    names = sim.param_names()
     arrays: dict[str, np.ndarray] = {}
 
     def array(name: str) -> np.ndarray:
@@ -437,8 +379,8 @@ def match_onnx_layers(model: "onnx.ModelProto", analyzer: Analyzer | None = None
         return arrays[name]
 
     candidates = [name for name in consumers if name in initializers]
-    for layer in analyzer.table.layers:
-        w = analyzer.table.weight(layer.name).detach().float().numpy()
+    for layer in sim.layers:
+        w = sim.table.weight(layer.name).detach().float().numpy()
         param = names[layer.name]
         found, transposed = None, False
         order = ([param] if param in candidates else []) + [c for c in candidates if c != param]
@@ -501,10 +443,9 @@ def _ort_quant_type(info: dict[str, Any], role: str, layer: str) -> str:
 
 
 def _layer_format_infos(pmap: PrecisionMap, layers: list[tuple[str, bool]]) -> dict[str, tuple[dict | None, dict | None]]:
-    granularity = pmap.calibration.get("granularity")
     out = {}
     for name, quantizable_input in layers:
-        wf, af = pmap.precision(name).formats(granularity)
+        wf, af = pmap.precision(name).formats()
         if not quantizable_input:
             af = None
         out[name] = (_format_info(wf, "weight") if wf else None, _format_info(af, "activation") if af else None)
@@ -512,7 +453,7 @@ def _layer_format_infos(pmap: PrecisionMap, layers: list[tuple[str, bool]]) -> d
 
 
 def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Path | None" = None, *,
-                     analyzer: Analyzer | None = None) -> dict[str, Any]:
+                     sim: QuantSim | None = None) -> dict[str, Any]:
     """ONNX Runtime `quantize_static` settings for the map, as JSON-ready data.
 
     Returns {"schema", "quant_format": "QDQ", "calibrate_method": "MinMax", "activation_type",
@@ -522,7 +463,7 @@ def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Pa
     `quant_type` values are QuantType enum *names* ("QInt8", "QUInt8", "QInt4", ...): map them back
     with `QuantType[name]`, or call `ort_quantize_kwargs` to get arguments for `quantize_static`.
 
-    With `analyzer`, every quantized weight and input carries our scale and zero point (pinned: ORT
+    With `sim`, every quantized weight and input carries our scale and zero point (pinned: ORT
     then reproduces the simulation instead of using its own grid, e.g. [-127, 127] for symmetric
     int8); without it, only type/symmetry/axis, and ORT calibrates the ranges itself (MinMax).
     Tensor and node names come from `onnx_model`; without it weights are keyed by PyTorch parameter
@@ -531,13 +472,13 @@ def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Pa
     """
     model = _load_onnx(onnx_model) if onnx_model is not None else None
     notes: list[str] = []
-    if analyzer is not None:
-        layers = [(layer.name, layer.quantizable_input) for layer in analyzer.table.layers]
+    if sim is not None:
+        layers = [(layer.name, layer.quantizable_input) for layer in sim.layers]
         pmap.validate([name for name, _ in layers])
-        params: dict[str, dict[str, Any]] | None = quantization_parameters(analyzer, pmap)
+        params: dict[str, dict[str, Any]] | None = quantization_parameters(sim, pmap)
         _reject_dynamic(params, "ONNX Runtime static quantization")
-        names = param_names(analyzer)
-        onnx_layers = match_onnx_layers(model, analyzer) if model is not None else {}
+        names = sim.param_names()
+        onnx_layers = match_onnx_layers(model, sim) if model is not None else {}
     else:
         params = None
         if model is not None:  # layers found by initializer name ("fc1.weight" -> "fc1")
@@ -547,7 +488,7 @@ def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Pa
         else:
             onnx_layers = {}
             layers = [(name, True) for name in pmap.layers]
-            if any(f is not None for f in pmap.default.formats(pmap.calibration.get("granularity"))):
+            if any(f is not None for f in pmap.default.formats(None)):
                 notes.append("the map's default is not fp32 and no ONNX model was given: only layers named in the map "
                              "are listed; pass the ONNX model to cover every layer")
         names = {name: onnx_layers[name].weight if name in onnx_layers else guess_param_name(name) for name, _ in layers}
@@ -710,7 +651,7 @@ class _Wrapped(torch.nn.Module):
         return self.module(*args)
 
 
-def export_fp32_onnx(analyzer: Analyzer, path: str | Path, opset: int = 21, *, model: Any = None,
+def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model: Any = None,
                      dynamo: bool = True) -> Path:
     """FP32 ONNX of the analysed graph, batch dimension dynamic.
 
@@ -720,9 +661,9 @@ def export_fp32_onnx(analyzer: Analyzer, path: str | Path, opset: int = 21, *, m
     the fallback. `model` is exported instead only if the graph module cannot be.
     """
     path = Path(path)
-    example = (analyzer.data.inputs[:2],)
+    example = (sim.data.inputs[:2],)
     errors = []
-    sources = [analyzer.gm] + ([model] if model is not None else [])
+    sources = [sim.gm] + ([model] if model is not None else [])
     for source in sources:
         if dynamo:
             try:
@@ -765,13 +706,13 @@ class _Reader:
         return len(self.batches)
 
 
-def export_qdq_onnx(model: Any, analyzer: Analyzer, pmap: PrecisionMap, path: str | Path, opset: int = 21, *,
+def export_qdq_onnx(model: Any, sim: QuantSim, pmap: PrecisionMap, path: str | Path, opset: int = 21, *,
                     fp32_onnx: str | Path | None = None, dynamo: bool = True) -> Path:
     """A QDQ ONNX model of the map, made by ONNX Runtime's `quantize_static` with our numbers pinned.
 
     Steps: export FP32 ONNX (`export_fp32_onnx`, or reuse `fp32_onnx`, which must come from the same
     analysed graph); map layers to nodes via their weight initializers; quantize with
-    `to_ort_overrides(..., analyzer=analyzer)`: every weight's per-channel (or per-tensor) scale and
+    `to_ort_overrides(..., sim=sim)`: every weight's per-channel (or per-tensor) scale and
     zero point and every quantized input's scale/zero point are pinned through TensorQuantOverrides,
     so ORT's MinMax calibration decides nothing; only the map's quantized layers are touched
     (`nodes_to_quantize`; FP32 layers in `nodes_to_exclude`). Biases become int32 with scale
@@ -787,7 +728,7 @@ def export_qdq_onnx(model: Any, analyzer: Analyzer, pmap: PrecisionMap, path: st
     path = Path(path)
     if opset < QDQ_MIN_OPSET:
         raise ExportError(f"QDQ export needs opset >= {QDQ_MIN_OPSET} (per-channel DequantizeLinear); got {opset}")
-    params = quantization_parameters(analyzer, pmap)
+    params = quantization_parameters(sim, pmap)
     _reject_dynamic(params, "a static QDQ ONNX model")
     for layer, entry in params.items():  # fail before the slow export
         if entry["weight"] is not None:
@@ -801,9 +742,9 @@ def export_qdq_onnx(model: Any, analyzer: Analyzer, pmap: PrecisionMap, path: st
 
     with tempfile.TemporaryDirectory(prefix="quantlens-onnx-") as tmp:
         if fp32_onnx is None:
-            fp32_onnx = export_fp32_onnx(analyzer, Path(tmp) / "fp32.onnx", opset, model=model, dynamo=dynamo)
+            fp32_onnx = export_fp32_onnx(sim, Path(tmp) / "fp32.onnx", opset, model=model, dynamo=dynamo)
         fp32 = onnx.load(str(fp32_onnx))
-        overrides = to_ort_overrides(pmap, fp32, analyzer=analyzer)  # also renames folded MatMul weights
+        overrides = to_ort_overrides(pmap, fp32, sim=sim)  # also renames folded MatMul weights
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(fp32, str(prepared))
         graph_inputs = {i.name for i in fp32.graph.initializer}
@@ -812,7 +753,7 @@ def export_qdq_onnx(model: Any, analyzer: Analyzer, pmap: PrecisionMap, path: st
         if not kwargs["nodes_to_quantize"]:
             onnx.save(fp32, str(path))  # nothing quantized: the FP32 model is the answer
             return path
-        reader = _Reader(input_name, analyzer.data.inputs, 64)
+        reader = _Reader(input_name, sim.data.inputs, 64)
         with _quiet_root_logger():  # ORT logs a "consider pre-processing" hint on every call
             quantize_static(str(prepared), str(path), reader, **kwargs)
         quantized = onnx.load(str(path))
@@ -905,8 +846,8 @@ def _export_yaml(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
 
 def _export_aimet(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
                   version: str = "1.0.0", **_: Any) -> Path:
-    analyzer = build_analyzer(pmap, model, calibration)
-    return _write_json(to_aimet_encodings(analyzer, pmap, version), out_path)
+    sim = build_sim(pmap, model, calibration)
+    return _write_json(to_aimet_encodings(sim, pmap, version), out_path)
 
 
 def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
@@ -915,13 +856,13 @@ def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibr
     written next to the JSON (<out>.onnx). Without: types only, keyed by PyTorch parameter names."""
     if model is None or calibration is None:
         return _write_json(to_ort_overrides(pmap), out_path)
-    analyzer = build_analyzer(pmap, model, calibration)
+    sim = build_sim(pmap, model, calibration)
     onnx_path = out_path.with_suffix(".onnx") if out_path.suffix != ".onnx" else out_path.with_suffix(".fp32.onnx")
-    export_fp32_onnx(analyzer, onnx_path, opset, model=model if not isinstance(model, str) else None, dynamo=dynamo)
+    export_fp32_onnx(sim, onnx_path, opset, model=model if not isinstance(model, str) else None, dynamo=dynamo)
     import onnx
 
     fp32 = onnx.load(str(onnx_path))
-    overrides = to_ort_overrides(pmap, fp32, analyzer=analyzer)
+    overrides = to_ort_overrides(pmap, fp32, sim=sim)
     onnx.save(fp32, str(onnx_path))  # initializers may have been renamed to parameter names
     overrides["model"] = onnx_path.name
     return _write_json(overrides, out_path)
@@ -929,8 +870,8 @@ def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibr
 
 def _export_onnx(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
                  opset: int = 21, dynamo: bool = True, **_: Any) -> Path:
-    analyzer = build_analyzer(pmap, model, calibration)
-    return export_qdq_onnx(model if not isinstance(model, str) else None, analyzer, pmap, out_path, opset, dynamo=dynamo)
+    sim = build_sim(pmap, model, calibration)
+    return export_qdq_onnx(model if not isinstance(model, str) else None, sim, pmap, out_path, opset, dynamo=dynamo)
 
 
 def _export_torchao(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
@@ -961,7 +902,7 @@ def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: 
                calibration: Any = None, **options: Any) -> Path:
     """Write `pmap` for `target` (one of EXPORTERS) to `out_path`; returns the path written.
 
-    json/yaml need nothing else; aimet and onnx (and ort with pinned scales) build an Analyzer from
+    json/yaml need nothing else; aimet and onnx (and ort with pinned scales) build a QuantSim from
     `model` + `calibration` with the map's calibration settings. `options`: `version` ("1.0.0" or
     "2.0.0") for aimet, `opset` and `dynamo` for onnx/ort.
     """

@@ -29,18 +29,15 @@ from analysis.graph import prepare_model, primary_output
 from analysis.layers import FunctionSite, ModuleSite, discover_layers
 from analysis.metrics import compare
 from analysis.precision_map import PrecisionMap
-from analysis.sweep import AnalysisConfig, quantize_weight
+from analysis.config import QuantConfig
+from analysis.quantsim import quantize_weight
 
 __all__ = ["finetune_qat", "remedies", "task_loss", "smooth_model"]
 
-_CALIBRATION_FIELDS = ("weight_calibration", "act_calibration", "percentile", "granularity",
-                       "dynamic_activations", "fold_batchnorm")
 
-
-def _config(pmap: PrecisionMap | None = None, **overrides: Any) -> AnalysisConfig:
-    fields = {k: v for k, v in (pmap.calibration if pmap else {}).items() if k in _CALIBRATION_FIELDS}
-    fields.update(overrides)
-    return AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False, **fields)
+def _config(pmap: PrecisionMap | None = None, **overrides: Any) -> QuantConfig:
+    """The map's quantization config (defaults without a map), with `overrides` applied."""
+    return replace(pmap.quant if pmap else QuantConfig(), **overrides)
 
 
 def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -113,7 +110,7 @@ def _distillation_targets(train: Dataset, evaluator: Evaluator) -> torch.Tensor 
     """None when the task loss applies (labels); else the FP32 outputs to distil from."""
     if train.labels is not None and train.task in ("classification", "language-model"):
         return None
-    return evaluator.analyzer.forward(train.inputs, {}).detach()
+    return evaluator.sim.forward(train.inputs, {}).detach()
 
 
 def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibration: Dataset, *,
@@ -139,11 +136,12 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
     before_eval = Evaluator(model, calibration, evaluation, config)
     pmap.validate(before_eval.layer_names)
     before = before_eval.evaluate(pmap, "before QAT")
-    analyzer = before_eval.analyzer  # calibrated activation ranges live here
+    sim = before_eval.sim  # calibrated activation ranges live here
     assignment = pmap.assignment(before_eval.layer_names)
 
-    prepared = prepare_model(model, fold_batchnorm=config.fold_batchnorm)
-    table = discover_layers(prepared)
+    # The simulator's own prepared graph, copied with private weights: same trace, same BatchNorm
+    # fold, and sites that pair with the simulator's by node name.
+    prepared, table = sim.trainable_copy()
     gm = prepared.graph_module
     notes: list[str] = []
     parametrized: list[tuple[nn.Module, str]] = []
@@ -156,8 +154,9 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                     owner, attr, _FakeQuantWeight(wf, layer.channel_axis, config.weight_calibration, config.percentile))
                 parametrized.append((owner, attr))
         if af is not None and layer.quantizable_input:
-            for mine, theirs in zip(table.sites[layer.name], analyzer.table.sites[layer.name]):
-                act_fn = analyzer.act_fn(theirs, af)
+            theirs_by_node = {site.node.name: site for site in sim.sites(layer.name)}
+            for mine in table.sites[layer.name]:
+                act_fn = sim.activation_quantizer(theirs_by_node[mine.node.name], af)
                 if not _insert_act_quantizer(gm, mine, _FakeQuantAct(act_fn), inserted):
                     notes.append(f"{layer.name}: input quantization not simulated during training "
                                  f"({type(mine).__name__})")
@@ -341,7 +340,7 @@ def remedies(model: nn.Module, calibration: Dataset, evaluation: Dataset | None,
                                  "act_format": a.name_for("activation") if a else None}
         try:
             ev = evaluator or base
-            out = ev.analyzer.forward(ev.evaluation.inputs, {layer: (w, a)})
+            out = ev.sim.forward(ev.evaluation.inputs, {layer: (w, a)})
             entry["output_sqnr_db"] = compare(reference, out).sqnr_db  # always against the original FP32
         except Exception as exc:  # noqa: BLE001 — a remedy that fails is reported, not fatal
             entry.update(output_sqnr_db=None, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -79,6 +79,18 @@ class Format:
             name += "-pc" if self.granularity == "per-channel" else "-pt"
         return name
 
+    def qualified_name(self, role: str) -> str:
+        """The fully qualified name (symmetry, granularity, group size all spelled out), which
+        parses to this format in either role and whatever the defaults: what maps store."""
+        if self.kind == "int":
+            sym = "sym" if self.symmetric else "asym"
+            gran = f"g{self.group_size}" if self.granularity == "per-group" else (
+                "pc" if self.granularity == "per-channel" else "pt")
+            return f"{self.base}-{sym}-{gran}"
+        if self.base in _SCALED_FLOATS:
+            return f"{self.base}-{'pc' if self.granularity == 'per-channel' else 'pt'}"
+        return self.base
+
     @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
@@ -107,6 +119,12 @@ def parse_format(text: str, role: str = "weight", granularity: str | None = None
         raise FormatError(
             f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}"
         )
+    float_base, _, float_suffix = name.partition("-")
+    if float_base in _SCALED_FLOATS and float_suffix in _GRANULARITY_SUFFIX:
+        gran = _GRANULARITY_SUFFIX[float_suffix]
+        if role == "activation" and gran != "per-tensor":
+            raise FormatError(f"activation format {text!r} must be per-tensor")
+        return Format("float", _FLOAT_BITS[float_base], float_base, True, gran)
     if name in _FLOAT_BITS:
         if name == "fp32":
             return Format("fp32", 32, "fp32")

@@ -191,7 +191,7 @@ class AttentionInProjSite(Site):
                 distinct.append(tensor)
         return distinct
 
-    def _quantized_qkv(self, args, kwargs, act):
+    def quantized_qkv(self, args, kwargs, act):
         bound, qkv = self._qkv(args, kwargs)
         if act is None:
             return bound, qkv
@@ -202,13 +202,13 @@ class AttentionInProjSite(Site):
         return bound, mapped
 
     def run(self, gm, args, kwargs, weight, act):
-        bound, _ = self._quantized_qkv(args, kwargs, act)
+        bound, _ = self.quantized_qkv(args, kwargs, act)
         if weight is None:
             return self.module(*bound.args, **bound.kwargs)
         return torch.func.functional_call(self.module, {"in_proj_weight": weight}, bound.args, bound.kwargs)
 
     def local(self, gm, args, kwargs, weight, act, value):
-        _, (q, k, v) = self._quantized_qkv(args, kwargs, act)
+        _, (q, k, v) = self.quantized_qkv(args, kwargs, act)
         w = self.weight if weight is None else weight
         bias = self.module.in_proj_bias
         w_chunks = w.chunk(3)
@@ -236,8 +236,8 @@ class AttentionOutProjSite(Site):
         self.module = module
 
     def _context(self, args, kwargs) -> torch.Tensor:
-        eye = torch.eye(self.module.embed_dim, dtype=self.weight.dtype)
-        zeros = torch.zeros(self.module.embed_dim, dtype=self.weight.dtype)
+        eye = torch.eye(self.module.embed_dim, dtype=self.weight.dtype, device=self.weight.device)
+        zeros = torch.zeros(self.module.embed_dim, dtype=self.weight.dtype, device=self.weight.device)
         overrides = {"out_proj.weight": eye}
         if self.module.out_proj.bias is not None:
             overrides["out_proj.bias"] = zeros

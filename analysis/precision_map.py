@@ -1,28 +1,40 @@
 """The precision map: which format each layer gets, as a versioned, hand-editable JSON/YAML file.
 
-    {"schema": "quantlens.precision-map/1",
+    {"schema": "quantlens.precision-map/2",
      "model": "<fingerprint>",
-     "default": {"weight": "fp32", "activation": null},
-     "calibration": {"weight": "mse", "activation": "percentile", "percentile": 99.99, ...},
-     "layers": {"features.0": {"weight": "int8", "activation": "int8"},
-                "classifier": {"weight": "int4"}},
-     "budget": {...}, "predicted": {...}, "measured": {...}}
+     "quant": {"schema": "quantlens.quant-config/1", "weight_calibration": "mse",
+               "act_calibration": "percentile", "percentile": 99.99, "granularity": null,
+               "dynamic_activations": false, "fold_batchnorm": true, "num_samples": 256, "seed": 0},
+     "default": {"weight": "fp32"},
+     "layers": {"features.0": {"weight": "int8-sym-pc", "activation": "int8-asym-pt"},
+                "classifier": {"weight": "int4-sym-g32"}},
+     "budget": {...}, "predicted": {...}, "measured": {...}, "provenance": {...}}
 
-Formats use quantlens names (see analysis.formats): a weight "int4" is per-channel symmetric, an
-activation "int8" per-tensor asymmetric; "fp32" or null leaves that side in full precision. Layers
-not listed take `default`. Loading validates everything a hand edit can break.
+Format names are written fully qualified (symmetry, granularity, group size), so a map means the
+same thing wherever it is read; hand-written short names ("int4", "int8") are accepted and
+qualified on load with each role's default (weights symmetric per-channel, activations asymmetric
+per-tensor). `quant` is the same `QuantConfig` object analysis.json carries; it decides how the
+quantizers are calibrated and is read strictly. "fp32" or null leaves that side in full
+precision; layers not listed take `default`.
+
+Schema 1 maps (quantlens 0.1: a free "calibration" block, bare format names) still load: their
+calibration keys are mapped onto `quant` (missing keys take the 0.1 defaults, which are today's)
+and their names are qualified with the granularity they named.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from analysis.config import ConfigError, QuantConfig
 from analysis.formats import Format, FormatError, parse_format
 
-SCHEMA = "quantlens.precision-map/1"
+SCHEMA = "quantlens.precision-map/2"
+LEGACY_SCHEMAS = ("quantlens.precision-map/1",)
+MAX_MAP_BYTES = 16 << 20  # a map names each layer once; 16 MiB is far beyond any real model
 
 
 class MapError(ValueError):
@@ -39,6 +51,12 @@ class LayerPrecision:
         act = parse_format(self.activation, "activation") if self.activation else None
         return (None if weight.is_identity else weight, None if act is None or act.is_identity else act)
 
+    def qualified(self, granularity: str | None = None) -> "LayerPrecision":
+        """The same precision with fully qualified format names."""
+        weight, act = self.formats(granularity)
+        return LayerPrecision(weight.qualified_name("weight") if weight else "fp32",
+                              act.qualified_name("activation") if act else None)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"weight": self.weight}
         if self.activation is not None:
@@ -51,29 +69,40 @@ class PrecisionMap:
     layers: dict[str, LayerPrecision]
     model: str | None = None  # fingerprint of the model the map was made for
     default: LayerPrecision = field(default_factory=LayerPrecision)
-    calibration: dict[str, Any] = field(default_factory=dict)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     budget: dict[str, Any] | None = None
     predicted: dict[str, Any] | None = None
     measured: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
+    provenance: dict[str, Any] | None = None  # model spec, weights file and hash, data spec
+
+    def __post_init__(self) -> None:
+        # Names are stored qualified whatever the caller wrote, so equal maps compare equal.
+        try:
+            object.__setattr__(self, "layers", {name: p.qualified(self.quant.granularity) for name, p in self.layers.items()})
+            object.__setattr__(self, "default", self.default.qualified(self.quant.granularity))
+        except FormatError as exc:
+            raise MapError(str(exc)) from None
 
     def precision(self, layer: str) -> LayerPrecision:
         return self.layers.get(layer, self.default)
 
     def assignment(self, layer_names: list[str]) -> dict[str, tuple[Format | None, Format | None]]:
         """layer -> (weight format, activation format) for every named layer."""
-        granularity = self.calibration.get("granularity")
-        return {name: self.precision(name).formats(granularity) for name in layer_names}
+        return {name: self.precision(name).formats() for name in layer_names}
+
+    def with_(self, **changes: Any) -> "PrecisionMap":
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema": SCHEMA,
             "model": self.model,
+            "quant": self.quant.to_dict(),
             "default": self.default.to_dict(),
-            "calibration": dict(self.calibration),
             "layers": {name: p.to_dict() for name, p in self.layers.items()},
         }
-        for key in ("budget", "predicted", "measured"):
+        for key in ("budget", "predicted", "measured", "provenance"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.notes:
@@ -105,28 +134,73 @@ class PrecisionMap:
             raise MapError(f"the map names layer(s) the model does not have: {', '.join(unknown[:3])}; the model's layers are {hint}")
 
 
+# Schema 1's calibration block: its keys (short and long forms) -> QuantConfig fields.
+_LEGACY_CALIBRATION_KEYS = {
+    "weight_calibration": "weight_calibration", "weight": "weight_calibration",
+    "act_calibration": "act_calibration", "activation": "act_calibration",
+    "activation_calibration": "act_calibration",
+    "percentile": "percentile", "granularity": "granularity",
+    "dynamic_activations": "dynamic_activations", "dynamic": "dynamic_activations",
+    "fold_batchnorm": "fold_batchnorm", "num_samples": "num_samples", "samples": "num_samples",
+}
+
+
+def _legacy_quant(calibration: Any, source: str) -> QuantConfig:
+    if not isinstance(calibration, dict):
+        raise MapError(f"{source}: \"calibration\" must be an object")
+    values: dict[str, Any] = {}
+    for key, value in calibration.items():
+        target = _LEGACY_CALIBRATION_KEYS.get(key)
+        if target is not None and value is not None:
+            values[target] = value
+    if isinstance(values.get("percentile"), int) and not isinstance(values.get("percentile"), bool):
+        values["percentile"] = float(values["percentile"])
+    try:
+        return QuantConfig(**values)
+    except (ConfigError, TypeError) as exc:
+        raise MapError(f"{source}: calibration: {exc}") from None
+
+
 def map_from_dict(payload: Any, source: str = "precision map") -> PrecisionMap:
     if not isinstance(payload, dict):
         raise MapError(f"{source} must be a JSON/YAML object with a \"layers\" mapping")
     schema = payload.get("schema")
-    if schema != SCHEMA:
+    if schema not in (SCHEMA, *LEGACY_SCHEMAS):
         raise MapError(f"{source} has schema {schema!r}; expected {SCHEMA!r} (was it written by another tool?)")
+    known = {"schema", "model", "default", "layers", "budget", "predicted", "measured", "notes", "provenance",
+             "quant" if schema == SCHEMA else "calibration"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise MapError(f"{source} has unknown key(s) {', '.join(map(str, unknown))}; "
+                       f"a {schema} map has {', '.join(sorted(known))}")
+    if schema == SCHEMA:
+        try:
+            quant = QuantConfig.from_dict(payload.get("quant"), f"{source}: quant")
+        except ConfigError as exc:
+            raise MapError(str(exc)) from None
+    else:
+        quant = _legacy_quant(payload.get("calibration") or {}, source)
     layers_payload = payload.get("layers")
     if not isinstance(layers_payload, dict):
         raise MapError(f"{source} needs a \"layers\" object mapping layer names to formats")
-    layers = {str(name): _layer(value, f"layer {name!r}") for name, value in layers_payload.items()}
-    default = _layer(payload.get("default", {"weight": "fp32"}), "default")
-    calibration = payload.get("calibration") or {}
-    if not isinstance(calibration, dict):
-        raise MapError(f"{source}: \"calibration\" must be an object")
-    return PrecisionMap(
-        layers=layers, model=payload.get("model"), default=default, calibration=calibration,
-        budget=payload.get("budget"), predicted=payload.get("predicted"), measured=payload.get("measured"),
-        notes=tuple(payload.get("notes") or ()),
-    )
+    layers = {str(name): _layer(value, f"layer {name!r}", quant.granularity) for name, value in layers_payload.items()}
+    default = _layer(payload.get("default", {"weight": "fp32"}), "default", quant.granularity)
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise MapError(f"{source}: \"model\" must be the model's fingerprint (a string) or null")
+    extras = {}
+    for key in ("budget", "predicted", "measured", "provenance"):
+        value = payload.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise MapError(f"{source}: \"{key}\" must be an object or null")
+        extras[key] = value
+    notes = payload.get("notes") or ()
+    if not isinstance(notes, (list, tuple)) or not all(isinstance(n, str) for n in notes):
+        raise MapError(f"{source}: \"notes\" must be a list of strings")
+    return PrecisionMap(layers=layers, model=model, default=default, quant=quant, notes=tuple(notes), **extras)
 
 
-def _layer(value: Any, where: str) -> LayerPrecision:
+def _layer(value: Any, where: str, granularity: str | None = None) -> LayerPrecision:
     if isinstance(value, str):  # shorthand: "int4" means weight int4, activation float
         value = {"weight": value}
     if not isinstance(value, dict):
@@ -137,26 +211,34 @@ def _layer(value: Any, where: str) -> LayerPrecision:
     weight = str(value.get("weight", "fp32"))
     activation = value.get("activation")
     activation = None if activation in (None, "none", "fp32") else str(activation)
-    precision = LayerPrecision(weight, activation)
     try:
-        precision.formats()
+        return LayerPrecision(weight, activation).qualified(granularity)
     except FormatError as exc:
         raise MapError(f"{where}: {exc}") from None
-    return precision
 
 
 def load_map(path: str | Path) -> PrecisionMap:
     path = Path(path)
     if not path.exists():
         raise MapError(f"precision map {path} not found")
+    if not path.is_file():  # a FIFO or device would hang or never end
+        raise MapError(f"precision map {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_MAP_BYTES:
+        raise MapError(f"precision map {path} is {size >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
+            # Aliases let a few hundred bytes expand to gigabytes; a hand-written map never needs them.
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+                raise MapError(f"{path} uses YAML aliases (*name); write each value out instead")
             payload = yaml.safe_load(text)
         else:
             payload = json.loads(text)
+    except MapError:
+        raise
     except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
         raise MapError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {str(exc).splitlines()[0]}") from None
     return map_from_dict(payload, str(path))

@@ -24,7 +24,7 @@ by `probe_cpu_support()`:
 
 Grids match ours (analysis.formats): symmetric scale = absmax / ((2^b - 1) / 2), q ∈ [-2^(b-1),
 2^(b-1) - 1]; torchao picks ranges by min/max, so the like-for-like simulation uses min/max weight
-ranges and, for activations, dynamic per-token ranges (`AnalysisConfig.dynamic_activations`).
+ranges and, for activations, dynamic per-token ranges (`QuantConfig.dynamic_activations`).
 Convolutions, embeddings, attention's packed projections, tied weights, float formats and int16 stay
 in float with the reason given.
 """
@@ -37,7 +37,7 @@ import math
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -50,7 +50,7 @@ from analysis.formats import Format
 from analysis.layers import Layer
 from analysis.metrics import ErrorAccumulator, compare
 from analysis.precision_map import LayerPrecision, PrecisionMap
-from analysis.sweep import AnalysisConfig
+from analysis.config import QuantConfig
 
 __all__ = [
     "torchao_configs", "torchao_config_dict", "apply_real", "evaluate_real", "probe_cpu_support",
@@ -376,12 +376,10 @@ def _time_pair(models: list[nn.Module], inputs: torch.Tensor, batch_size: int, w
     return [statistics.median(t) for t in times]
 
 
-def _sim_config(pmap: PrecisionMap, matched: bool) -> AnalysisConfig:
-    cal = {k: v for k, v in pmap.calibration.items()
-           if k in ("weight_calibration", "act_calibration", "percentile", "granularity", "dynamic_activations", "fold_batchnorm")}
+def _sim_config(pmap: PrecisionMap, matched: bool) -> QuantConfig:
     if matched:  # what torchao does: min/max weight ranges, dynamic per-token activations
-        cal.update(weight_calibration="minmax", dynamic_activations=True, fold_batchnorm=True)
-    return AnalysisConfig(weight_formats=(), act_formats=(), cumulative=False, **cal)
+        return replace(pmap.quant, weight_calibration="minmax", dynamic_activations=True, fold_batchnorm=True)
+    return pmap.quant
 
 
 def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | None, pmap: PrecisionMap,
@@ -415,11 +413,11 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     acc.update(reference, real_out)
     name, value = task_metric(evaluation.task, real_out, evaluation.labels)
 
-    simulated = evaluator.analyzer.forward(inputs, real_assignment)
+    simulated = evaluator.sim.forward(inputs, real_assignment)
     extra: dict[str, Any] = {"sim_vs_real_sqnr_db": compare(simulated, real_out).sqnr_db}
     map_config = _sim_config(pmap, matched=False)
-    if map_config != evaluator.analyzer.config:
-        map_sim = Evaluator(model, calibration, evaluation, map_config).analyzer.forward(inputs, pmap.assignment(evaluator.layer_names))
+    if map_config != evaluator.config:
+        map_sim = Evaluator(model, calibration, evaluation, map_config).sim.forward(inputs, pmap.assignment(evaluator.layer_names))
         extra["sim_map_vs_real_sqnr_db"] = compare(map_sim, real_out).sqnr_db
 
     saved_threads = torch.get_num_threads()

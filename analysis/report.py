@@ -213,7 +213,7 @@ def _subtitle(result: AnalysisResult) -> list[str]:
 
 
 def _overview(result: AnalysisResult) -> str:
-    cfg = result.config
+    cfg = {**result.config, **result.config.get("quant", {})}
     model_pairs: list[tuple[str, Any]] = [("name / spec", result.model.get("spec") or result.model.get("name"))]
     model_pairs += [("source", result.model.get("source")),
                     ("folded batchnorms", result.model.get("folded_batchnorms"))]

@@ -16,11 +16,11 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.config import TARGETS, upgrade_config_dict
 from analysis.layers import Layer, SkippedLayer
 from analysis.metrics import ErrorStats
 
 SCHEMA = "quantlens.analysis/1"
-TARGETS = ("weights", "activations", "both")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class CumulativeResult:
     weight_format: str | None
     act_format: str | None
     per_layer: dict[str, ErrorStats]  # layer -> error at its output, in execution order
-    output: ErrorStats
+    output: ErrorStats | None  # None when the configuration failed (then `error` says why)
     error: str | None = None
 
     @property
@@ -154,6 +154,8 @@ class AnalysisResult:
     def cumulative_frame(self) -> pd.DataFrame:
         rows = []
         for cum in self.cumulative:
+            if cum.output is None:
+                continue
             for depth, (name, stats) in enumerate(cum.per_layer.items()):
                 rows.append({"target": cum.target, "format": cum.format, "depth": depth, "layer": name,
                              **stats.as_dict()})
@@ -189,7 +191,7 @@ class AnalysisResult:
                 "run `quantlens analyze` to produce one"
             )
         return cls(
-            config=payload["config"],
+            config=upgrade_config_dict(payload["config"]),
             layers=tuple(_build(Layer, d) for d in payload["layers"]),
             skipped=tuple(SkippedLayer(**d) for d in payload["skipped"]),
             trials=tuple(_trial(d) for d in payload["trials"]),

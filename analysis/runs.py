@@ -20,7 +20,10 @@ from typing import Any, Callable
 
 from analysis.data import Dataset
 from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
-from analysis.sweep import AnalysisConfig, Analyzer, ProgressFn, _label, plan_trials
+from analysis.config import RESULT_NEUTRAL, AnalysisConfig
+from analysis import provenance as provenance_mod
+from analysis.quantsim import ProgressFn
+from analysis.sweep import Sweep
 
 RUN_SCHEMA = "quantlens.run/1"
 
@@ -39,18 +42,22 @@ def analyze_to_directory(
     model: Any, data: Dataset, config: AnalysisConfig, out: str | Path, *, resume: bool = False,
     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[TrialResult], None] | None = None,
-    model_spec: str | None = None, data_spec: str | None = None,
+    model_spec: str | None = None, data_spec: str | None = None, weights: str | None = None,
 ) -> AnalysisResult:
     """Run the sweep, streaming each finished trial to `out/trials.jsonl`, then write the final files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    analyzer = Analyzer(model, data, config, progress, should_stop)
+    sweep = Sweep(model, data, config, progress=progress, should_stop=should_stop)
     header = {
         "schema": RUN_SCHEMA,
-        "config": _jsonable(asdict(config)),
+        "config": _jsonable(_result_config(config)),
         "model_fingerprint": _fingerprint(model),
-        "data_fingerprint": analyzer.data.fingerprint(),
+        "data_fingerprint": sweep.data.fingerprint(),
     }
+    # Absolute paths and the weights' content hash: a later `suggest` from any directory reloads
+    # exactly this model, or refuses.
+    provenance = provenance_mod.record(model_spec, weights, data_spec, model_fingerprint=header["model_fingerprint"],
+                        data_fingerprint=header["data_fingerprint"])
     finished: dict[tuple[str, str, str], TrialResult] = {}
     run_file, trials_file = out / "run.json", out / "trials.jsonl"
     if resume and not run_file.exists():
@@ -63,7 +70,9 @@ def analyze_to_directory(
                     f"the run in {out} was made with a different {key.replace('_', ' ')}; "
                     "drop --resume to start over, or use another --out directory"
                 )
-        finished = {t.key: t for t in _read_trials(trials_file)}
+        planned = {t.key for t in sweep.plan()}
+        # Only trials of this plan: a line from another run or plan is not ours to reuse.
+        finished = {t.key: t for t in _read_trials(trials_file) if t.key in planned}
         # Rewrite without a line the crash cut short, so appended trials start on a clean line.
         trials_file.write_text("".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values()))
     else:
@@ -78,18 +87,28 @@ def analyze_to_directory(
             if on_result:
                 on_result(trial)
 
-        result = analyzer.run(on_result=record, skip=set(finished))
+        result = sweep.run(on_result=record, skip=set(finished))
 
-    order = {(t.layer, t.target, _label(t)): i for i, t in enumerate(plan_trials(analyzer.layers, config))}
+    order = {t.key: i for i, t in enumerate(sweep.plan())}
     merged = sorted([*finished.values(), *result.trials], key=lambda t: order.get(t.key, len(order)))
     result = replace(
         result,
         trials=tuple(merged),
-        model={**result.model, "spec": model_spec, "fingerprint": header["model_fingerprint"]},
-        data={**result.data, "spec": data_spec},
+        model={**result.model, **provenance.to_dict(), "spec": provenance.model_spec,
+               "fingerprint": header["model_fingerprint"]},
+        data={**result.data, "spec": provenance.data_spec},
     )
     write_outputs(result, out)
     return result
+
+
+def _result_config(config: AnalysisConfig) -> dict[str, Any]:
+    """The config as it decides results: options that only change memory or speed are left out,
+    so a run resumed with another --cache-mb or device continues."""
+    payload = config.to_dict()
+    for key in RESULT_NEUTRAL:
+        payload.pop(key, None)
+    return payload
 
 
 def write_outputs(result: AnalysisResult, out: Path) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from analysis.data import Dataset
 from analysis.graph import capture, load_args, primary_output, rerun
 from analysis.metrics import ErrorAccumulator
-from analysis.sweep import AnalysisConfig, Analyzer, plan_trials
+from analysis.sweep import AnalysisConfig, Sweep
 
 
 class Block(nn.Module):
@@ -45,8 +45,9 @@ class ResidualCNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def naive_sweep(analyzer: Analyzer, trials) -> None:
+def naive_sweep(sweep: Sweep, trials) -> None:
     """What tools without a cached graph do: a full fake-quant forward for every layer × format."""
+    analyzer = sweep.sim
     prepared = analyzer.prepared
     holder = next(n for n in prepared.nodes if n.op == "placeholder")
     nodes = [n for n in prepared.nodes if n.op != "placeholder"]
@@ -55,7 +56,7 @@ def naive_sweep(analyzer: Analyzer, trials) -> None:
     ref_out = primary_output(reference[prepared.output_node])
     for trial in trials:
         sites = analyzer.table.sites[trial.layer]
-        weight = analyzer.weight(trial.layer, trial.weight_format)
+        weight = analyzer.quantized_weight(trial.layer, trial.weight_format)
         overrides = {s.node: (lambda node, a, k, s=s: s.run(analyzer.gm, a, k, weight, None)) for s in sites}
         env = rerun(prepared, {holder: inputs}, nodes, overrides)
         local, output = ErrorAccumulator(), ErrorAccumulator(logits=True)
@@ -75,21 +76,21 @@ def main() -> None:
     data = Dataset(torch.randn(args.samples, 3, 16, 16), torch.randint(0, 10, (args.samples,)), "classification", "random")
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
                             weight_calibration="minmax", cumulative=False, num_samples=args.samples)
-    analyzer = Analyzer(model, data, config)
-    trials = plan_trials(analyzer.layers, config)
+    sweep = Sweep(model, data, config)
+    trials = sweep.plan()
     for trial in trials:  # quantize every weight up front: both sides reuse them
-        analyzer.weight(trial.layer, trial.weight_format)
+        sweep.sim.quantized_weight(trial.layer, trial.weight_format)
     ours, naive = [], []
     for _ in range(args.repeats):  # interleaved so machine noise hits both sides alike
         start = time.perf_counter()
-        analyzer._chunk_cache = None
-        analyzer.run()
+        sweep.sim.release_cache()
+        sweep.run()
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        naive_sweep(analyzer, trials)
+        naive_sweep(sweep, trials)
         naive.append(time.perf_counter() - start)
     result = {
-        "layers": len(analyzer.layers), "trials": len(trials), "samples": args.samples,
+        "layers": len(sweep.layers), "trials": len(trials), "samples": args.samples,
         "quantlens_s": min(ours), "naive_s": min(naive), "ratio": min(ours) / min(naive),
     }
     print(json.dumps(result, indent=1))

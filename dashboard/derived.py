@@ -61,14 +61,11 @@ def metric_options(result: Any, table: pd.DataFrame) -> list[str]:
 # --- mixed precision -----------------------------------------------------------------------------
 
 
-def calibration_of(result: Any) -> dict:
-    """What a precision map records about how its ranges were calibrated (from the run's config)."""
-    cfg = result.config
-    return {
-        "weight": cfg.get("weight_calibration"), "activation": cfg.get("act_calibration"),
-        "percentile": cfg.get("percentile"), "granularity": cfg.get("granularity"),
-        "dynamic_activations": cfg.get("dynamic_activations"), "num_samples": cfg.get("num_samples"),
-    }
+def quant_of(result: Any) -> Any:
+    """The run's QuantConfig: what every map made from it carries, and what evaluation uses."""
+    from analysis.config import QuantConfig
+
+    return QuantConfig.from_dict(result.config["quant"], "the run's quant config")
 
 
 def fingerprint_of(result: Any) -> str | None:
@@ -87,8 +84,7 @@ def suggestion(run_key: str, kind: str, value: float, _problem: Any, _result: An
     """The allocator's map for a budget judged on the sweep's predictions (instant; no evaluations)."""
     from analysis.allocate import Budget, suggest
 
-    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result),
-                   calibration=calibration_of(_result))
+    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result))
 
 
 @st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
@@ -140,8 +136,10 @@ def _layer_noise(prob: Any, result: Any, index: int, precision: Any) -> float | 
         if choice.precision == precision:
             return choice.noise
     name = prob.layers[index].name
-    weight = None if precision.weight in (None, "fp32") else precision.weight
-    act = precision.activation
+    wf, af = precision.formats()
+    # Trials are labelled with the sweep's short names; maps hold qualified ones.
+    weight = wf.name_for("weight") if wf is not None else None
+    act = af.name_for("activation") if af is not None else None
     if weight is None and act is None:
         return 0.0
     target, label = (("both", f"{weight}/{act}") if weight and act else ("weights", weight) if weight
@@ -188,7 +186,7 @@ def map_table(result: Any, pmap: Any, prob: Any) -> pd.DataFrame:
 
 def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()) -> Any:
     """The edited table as a validated PrecisionMap (MapError with one line for a bad edit)."""
-    from analysis.precision_map import SCHEMA, MapError, map_from_dict
+    from analysis.precision_map import LayerPrecision, MapError, PrecisionMap
 
     layers: dict[str, dict] = {}
     for row in table.itertuples(index=False):
@@ -205,9 +203,8 @@ def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()
             raise MapError(f"the map names layer {name!r}, which the analysis does not have")
         if name in no_input and value.get("activation"):
             raise MapError(f"layer {name!r} takes integer indices (an embedding): its activation must be 'none'")
-    payload = {"schema": SCHEMA, "model": fingerprint_of(result), "calibration": calibration_of(result),
-               "layers": layers, "notes": list(notes)}
-    return map_from_dict(payload, "the edited map")
+    return PrecisionMap({name: LayerPrecision(v["weight"], v.get("activation")) for name, v in layers.items()},
+                        model=fingerprint_of(result), quant=quant_of(result), notes=tuple(notes))
 
 
 def load_map_upload(data: bytes, name: str, result: Any) -> Any:
@@ -254,7 +251,7 @@ def evaluator(run_key: str, inputs_json: str, config_json: str, eval_samples: in
     model = state.load_model(inputs)
     calibration = state.load_data(inputs)
     evaluation = state.load_eval_data(inputs).take(eval_samples)
-    config = state.config_from_dict(json.loads(config_json), weight_formats=(), act_formats=(), cumulative=False)
+    config = state.config_from_dict(json.loads(config_json)).quant
     return Evaluator(model, calibration, evaluation, config), threading.Lock()
 
 

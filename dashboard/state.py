@@ -269,7 +269,7 @@ class RunInfo:
     def formats_summary(self) -> str:
         weights = ",".join(self.config.get("weight_formats") or ()) or "—"
         acts = ",".join(self.config.get("act_formats") or ()) or "none"
-        samples = self.config.get("num_samples")
+        samples = (self.config.get("quant") or self.config).get("num_samples")
         return f"W {weights} · A {acts}" + (f" · {samples} samples" if samples else "")
 
     def title(self) -> str:
@@ -507,7 +507,7 @@ def _prune_jobs() -> None:
 def _config_json(config: Any) -> dict:
     from analysis.results import _jsonable
 
-    return _jsonable(asdict(config))
+    return _jsonable(config.to_dict())
 
 
 def running_job_for(inputs: Inputs, config: Any) -> Job | None:
@@ -548,13 +548,10 @@ def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) ->
 
 
 def config_from_dict(payload: dict, **overrides: Any) -> Any:
-    """An AnalysisConfig from a stored config dict (lists back to tuples; unknown keys ignored)."""
-    from analysis.sweep import AnalysisConfig
+    """The AnalysisConfig a run stored (strict; runs of quantlens 0.1 are upgraded)."""
+    from analysis.config import AnalysisConfig, upgrade_config_dict
 
-    names = {f.name for f in fields(AnalysisConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in payload.items() if k in names}
-    values.update(overrides)
-    return AnalysisConfig(**values)
+    return AnalysisConfig.from_dict(upgrade_config_dict(payload), "the run's config", **overrides)
 
 
 # --- session ------------------------------------------------------------------------------------
@@ -631,7 +628,7 @@ def maybe_autostart() -> None:
     name = default_sample() if samples.get(default_sample(), "missing") is None else (usable or [None])[0]
     if name is None:
         return
-    from analysis.sweep import AnalysisConfig
+    from analysis.config import AnalysisConfig
 
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples())
     attach_job(start_job(sample_inputs(name), config))

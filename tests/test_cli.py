@@ -36,7 +36,7 @@ def test_analyze_writes_the_three_outputs(mlp_run):
     # 3 layers × (2 weight + 1 activation + 2 both) trials
     assert len(frame) == 15 and set(frame["layer"]) == {"fc1", "fc2", "fc3"}
     payload = json.loads((mlp_run / "analysis.json").read_text())
-    assert payload["config"]["num_samples"] == 48 and "torch" in payload["versions"]
+    assert payload["config"]["quant"]["num_samples"] == 48 and "torch" in payload["versions"]
     assert payload["model"]["spec"] == "sample:mlp" and len(payload["model"]["fingerprint"]) == 16
     html = (mlp_run / "report.html").read_text()
     assert "fc1" in html and "<script" in html
@@ -46,7 +46,7 @@ def test_suggest_evaluate_export_round_trip(mlp_run, capsys, tmp_path):
     code, out, _ = run_cli(capsys, "suggest", str(mlp_run), "--budget", "avg-bits=6", "--front-points", "4")
     assert code == 0 and "avg weight bits" in out and "Pareto front" in out
     pmap = json.loads((mlp_run / "map.json").read_text())
-    assert pmap["schema"] == "quantlens.precision-map/1" and set(pmap["layers"]) == {"fc1", "fc2", "fc3"}
+    assert pmap["schema"] == "quantlens.precision-map/2" and set(pmap["layers"]) == {"fc1", "fc2", "fc3"}
     assert pmap["predicted"]["avg-bits"] <= 6 + 1e-9 and "sqnr_db" in pmap["measured"]
     code, out, _ = run_cli(capsys, "evaluate", "sample:mlp", "--data", "sample:mlp", "--map", str(mlp_run / "map.json"),
                            "--out", str(tmp_path / "eval.json"))
@@ -54,7 +54,7 @@ def test_suggest_evaluate_export_round_trip(mlp_run, capsys, tmp_path):
     rows = json.loads((tmp_path / "eval.json").read_text())
     assert [r["path"] for r in rows] == ["fp32", "simulated"]
     code, _, _ = run_cli(capsys, "export", str(mlp_run / "map.json"), "--to", "yaml", "--out", str(tmp_path / "map.yaml"))
-    assert code == 0 and "quantlens.precision-map/1" in (tmp_path / "map.yaml").read_text()
+    assert code == 0 and "quantlens.precision-map/2" in (tmp_path / "map.yaml").read_text()
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sample_models as sm
+from analysis.config import QuantConfig
 from analysis.data import Dataset
 from analysis.loading import load_data
 from analysis.finetune import finetune_qat, remedies
@@ -28,7 +29,7 @@ def mlp():
 def _harsh_map() -> PrecisionMap:
     # int2 per-tensor weights with min/max ranges: simulated accuracy falls from ~98% to ~89%
     return PrecisionMap({n: LayerPrecision("int2-pt") for n in MLP_LAYERS},
-                        calibration={"weight_calibration": "minmax"})
+                        quant=QuantConfig(weight_calibration="minmax"))
 
 
 def test_qat_recovers_accuracy_and_leaves_the_model_alone(mlp):
@@ -48,7 +49,7 @@ def test_qat_recovers_accuracy_and_leaves_the_model_alone(mlp):
 def test_qat_is_deterministic_for_a_seed(mlp):
     train, held_out = _data("calibration", 64), _data("evaluation", 100)
     pmap = PrecisionMap({n: LayerPrecision("int3", "int8") for n in MLP_LAYERS},
-                        calibration={"weight_calibration": "minmax"})
+                        quant=QuantConfig(weight_calibration="minmax"))
     runs = [finetune_qat(mlp, pmap, train, train, evaluation=held_out, epochs=1, lr=1e-3, batch_size=16, seed=3)
             for _ in range(2)]
     (a, ra), (b, rb) = runs

@@ -21,7 +21,7 @@ from hypothesis.extra.numpy import arrays
 
 from analysis.formats import dynamic_quantize, from_rows, parse_format, quantize_with_range, to_rows
 from analysis.metrics import SQNR_CAP_DB, compare, sqnr_db
-from analysis.sweep import quantize_weight
+from analysis.quantsim import quantize_weight
 
 PROPS = settings(max_examples=40, deadline=None, derandomize=True)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

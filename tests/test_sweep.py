@@ -1,6 +1,7 @@
 """The isolation sweep: numbers match a naive re-computation, survive chunking, and rank the right layers."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,8 @@ from torch import nn
 from analysis.data import Dataset
 from analysis.formats import parse_format
 from analysis.metrics import compare
-from analysis.sweep import AnalysisConfig, Analyzer, analyze, quantize_weight
+from analysis.quantsim import quantize_weight
+from analysis.sweep import AnalysisConfig, Sweep, analyze
 
 
 class Residual(nn.Module):
@@ -95,8 +97,8 @@ def test_local_error_uses_fp32_inputs():
 def test_chunking_under_a_tiny_cache_bound_gives_the_same_numbers():
     model, ds = Residual(), data(40)
     whole = analyze(model, ds, CONFIG)
-    chunked_analyzer = Analyzer(model, ds, AnalysisConfig(**{**CONFIG.__dict__, "cache_bytes": 1 << 16}))
-    assert len(chunked_analyzer.chunks()) > 1
+    chunked_analyzer = Sweep(model, ds, dataclasses.replace(CONFIG, cache_bytes=1 << 16))
+    assert len(chunked_analyzer.sim.chunks()) > 1
     chunked = chunked_analyzer.run()
     for a, b in zip(whole.trials, chunked.trials):
         assert a.key == b.key
@@ -186,8 +188,8 @@ def test_cumulative_error_grows_along_depth_and_matches_fully_quantized_output()
 
 def test_a_failing_layer_is_marked_and_the_sweep_goes_on(monkeypatch):
     model, ds = Residual(), data()
-    analyzer = Analyzer(model, ds, CONFIG)
-    site = analyzer.table.sites["b"][0]
+    analyzer = Sweep(model, ds, CONFIG)
+    site = analyzer.sim.table.sites["b"][0]
     original = site.run
 
     def broken(gm, args, kwargs, weight, act):

@@ -17,7 +17,7 @@ running = state.any_job_running()
 
 
 def _config(values: dict):
-    from analysis.sweep import AnalysisConfig
+    from analysis.config import AnalysisConfig
 
     weights = tuple(values["weights"])
     acts_chosen = list(values["acts"])

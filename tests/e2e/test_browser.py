@@ -259,7 +259,7 @@ def test_download_a_precision_map(page, server, screenshot_dir, tmp_path):
     path = tmp_path / download.suggested_filename
     download.save_as(str(path))
     payload = json.loads(path.read_text())
-    assert payload["schema"] == "quantlens.precision-map/1"
+    assert payload["schema"] == "quantlens.precision-map/2" and payload["quant"]["schema"] == "quantlens.quant-config/1"
     assert set(MLP_LAYERS) <= set(payload["layers"]), payload["layers"]
     assert all(entry.get("weight") for entry in payload["layers"].values())
     no_exception(page)

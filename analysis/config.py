@@ -1,0 +1,213 @@
+"""The typed configuration that travels end to end: sweep → analysis.json → precision map → every consumer.
+
+`QuantConfig` is everything that decides *which numbers a quantizer produces* (calibration method per
+side, percentile, weight granularity for bare names, dynamic activations, BatchNorm folding, number
+of calibration samples, seed). It is serialised identically in `analysis.json`, in every precision
+map and in the dashboard's runs, and read back with a strict `from_dict` — an unknown or missing key
+is an error, not a silent default, because a default that differs from what the run used changes
+the numbers without anyone noticing.
+
+`AnalysisConfig` adds what the *sweep* does with those quantizers (formats, targets, which views,
+memory bound, device). Its quantizer fields are flat keywords for convenience; `.quant` returns them
+as a `QuantConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from analysis import calibration
+from analysis.formats import GRANULARITIES, Format, parse_formats
+
+TARGETS = ("weights", "activations", "both")
+OUTPUT_METRICS = ("exact", "none")
+DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
+QUANT_SCHEMA = "quantlens.quant-config/1"
+
+
+class ConfigError(ValueError):
+    """A configuration value or serialised configuration that quantlens cannot use."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How quantizers are calibrated. Two runs with equal QuantConfigs on the same model and data
+    quantize every layer identically."""
+
+    # MSE-searched clipping beats min-max on weights by several dB at 4 bits; percentile clipping is
+    # the robust default for activations (outliers in a few calibration samples).
+    weight_calibration: str = "mse"
+    act_calibration: str = "percentile"
+    percentile: float = 99.99
+    granularity: str | None = None  # weight granularity for bare format names (None: per-channel)
+    dynamic_activations: bool = False  # ranges computed at run time, per token (per sample for convs)
+    fold_batchnorm: bool = True
+    num_samples: int | None = 256  # calibration samples (the first N of the data)
+    seed: int = 0  # for anything random (none of the default methods are)
+
+    def __post_init__(self) -> None:
+        for side, method in (("weight", self.weight_calibration), ("activation", self.act_calibration)):
+            if method not in calibration.CALIBRATION_METHODS:
+                raise ConfigError(f"unknown {side} calibration {method!r}; use one of "
+                                  f"{', '.join(calibration.CALIBRATION_METHODS)}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)):
+            raise ConfigError(f"percentile must be a number, not {self.percentile!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile {self.percentile} is out of range; use a value in (50, 100], e.g. 99.99")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if self.num_samples is not None and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int)
+                                             or self.num_samples < 1):
+            raise ConfigError(f"num_samples must be a positive integer or null, not {self.num_samples!r}")
+        for name in ("dynamic_activations", "fold_batchnorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, not {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": QUANT_SCHEMA, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, payload: Any, where: str = "quantization config") -> "QuantConfig":
+        """Strict: every field present, nothing unknown (a `schema` key is checked and dropped)."""
+        if not isinstance(payload, Mapping):
+            raise ConfigError(f"{where} must be an object with the fields {', '.join(_names(cls))}")
+        values = dict(payload)
+        schema = values.pop("schema", QUANT_SCHEMA)
+        if schema != QUANT_SCHEMA:
+            raise ConfigError(f"{where} has schema {schema!r}; this quantlens reads {QUANT_SCHEMA!r}")
+        _check_keys(values, _names(cls), where)
+        if isinstance(values["percentile"], int) and not isinstance(values["percentile"], bool):
+            values["percentile"] = float(values["percentile"])
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What to sweep and how to calibrate. Format names follow `analysis.formats.parse_format`."""
+
+    weight_formats: tuple[str, ...] = ("int8", "int4")
+    act_formats: tuple[str, ...] = ("int8",)  # empty: weight-only analysis
+    targets: tuple[str, ...] = TARGETS
+    granularity: str | None = None
+    weight_calibration: str = "mse"
+    act_calibration: str = "percentile"
+    percentile: float = 99.99
+    dynamic_activations: bool = False
+    fold_batchnorm: bool = True
+    num_samples: int | None = 256
+    seed: int = 0
+    output_metrics: bool = True  # False: local metrics only (about one forward pass in total)
+    cumulative: bool = True
+    histogram_bins: int = 128
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    layers: tuple[str, ...] | None = None  # restrict the sweep to these layers
+    device: str = "cpu"  # where trials run; results do not depend on it beyond float rounding
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or callers become tuples, and duplicates go: "int8,int8" is one format.
+        for name in ("weight_formats", "act_formats", "targets"):
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown or not self.targets:
+            raise ConfigError(f"unknown target(s) {sorted(unknown)}; use any of {', '.join(TARGETS)}")
+        self.quant  # validates the quantizer fields
+        if self.cache_bytes < 1 << 16:
+            raise ConfigError("the activation cache bound is too small; allow at least 64 KiB (--cache-mb 1)")
+        if self.histogram_bins < 2:
+            raise ConfigError("histogram_bins must be at least 2")
+        from analysis.device import resolve_device
+
+        resolve_device(self.device)
+        # Format names are canonicalised, so "INT8" and "int8" (or "int4" and "int4-pc") are one format.
+        object.__setattr__(self, "weight_formats", tuple(dict.fromkeys(
+            f.name_for("weight") for f in self.parsed_weight_formats())))
+        object.__setattr__(self, "act_formats", tuple(dict.fromkeys(
+            f.name_for("activation") for f in self.parsed_act_formats())))
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(**{f.name: getattr(self, f.name) for f in fields(QuantConfig)})
+
+    @classmethod
+    def from_quant(cls, quant: QuantConfig, **sweep: Any) -> "AnalysisConfig":
+        return cls(**{f.name: getattr(quant, f.name) for f in fields(QuantConfig)}, **sweep)
+
+    def with_quant(self, quant: QuantConfig) -> "AnalysisConfig":
+        return replace(self, **{f.name: getattr(quant, f.name) for f in fields(QuantConfig)})
+
+    def parsed_weight_formats(self) -> tuple[Format, ...]:
+        return parse_formats(",".join(self.weight_formats), "weight", self.granularity)
+
+    def parsed_act_formats(self) -> tuple[Format, ...]:
+        return parse_formats(",".join(self.act_formats), "activation")
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"quant": QuantConfig.to_dict(), <sweep fields>}: the quantizer part is the same object
+        that precision maps carry."""
+        quant_names = {f.name for f in fields(QuantConfig)}
+        sweep = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in quant_names}
+        return {"quant": self.quant.to_dict(), **sweep}
+
+    @classmethod
+    def from_dict(cls, payload: Any, where: str = "analysis config", **overrides: Any) -> "AnalysisConfig":
+        if not isinstance(payload, Mapping):
+            raise ConfigError(f"{where} must be an object")
+        values = dict(payload)
+        if "quant" not in values:
+            raise ConfigError(f"{where} has no \"quant\" block (written by an older quantlens? re-run `quantlens analyze`)")
+        quant = QuantConfig.from_dict(values.pop("quant"), f"{where}: quant")
+        quant_names = {f.name for f in fields(QuantConfig)}
+        sweep_names = [f.name for f in fields(cls) if f.name not in quant_names]
+        # `device` is where a run happened, not what it computed: an older file may lack it.
+        values.setdefault("device", "cpu")
+        _check_keys(values, sweep_names, where)
+        values.update(overrides)
+        try:
+            return cls.from_quant(quant, **values)
+        except (ConfigError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+# Sweep options that change memory use or speed, not numbers: a resumed run may change them.
+RESULT_NEUTRAL = ("cache_bytes", "device")
+
+
+def upgrade_config_dict(payload: Any) -> dict[str, Any]:
+    """An analysis.json `config` as this version writes it. Files from quantlens 0.1 stored the
+    sweep config flat (no "quant" block); their missing keys had the defaults of that version,
+    which are this version's defaults, so filling them in reproduces what the run did."""
+    if not isinstance(payload, Mapping):
+        raise ConfigError("the analysis config must be an object; re-run `quantlens analyze`")
+    if "quant" in payload:
+        return dict(payload)
+    quant_names = {f.name for f in fields(QuantConfig)}
+    defaults = AnalysisConfig()
+    quant = {name: payload.get(name, getattr(defaults, name)) for name in quant_names}
+    sweep = {f.name: _plain(payload.get(f.name, getattr(defaults, f.name))) for f in fields(AnalysisConfig)
+             if f.name not in quant_names}
+    return {"quant": {"schema": QUANT_SCHEMA, **quant}, **sweep}
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _check_keys(values: Mapping[str, Any], expected: list[str], where: str) -> None:
+    unknown = sorted(set(values) - set(expected))
+    missing = [name for name in expected if name not in values]
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {', '.join(unknown)}; expected {', '.join(expected)}")
+    if missing:
+        raise ConfigError(f"{where} is missing {', '.join(missing)}; expected all of {', '.join(expected)}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,399 @@
+"""The quantization simulator: one object that runs a model under any precision assignment.
+
+`QuantSim(model, data, quant_config)` is built once: it prepares a private copy of the model (one
+trace, one BatchNorm fold), discovers the layers, and calibrates weight and activation quantizers
+on `data` lazily, caching what it computed. Every surface — the sweep, evaluation, export,
+fine-tuning, remedies, the real-kernel path, the dashboard — quantizes through it, so a map means
+the same numbers everywhere. Its public accessors (`weight_params`, `activation_params`) are what
+exporters write.
+
+An *assignment* maps a layer name to (weight format, activation format); None leaves that side in
+float.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from analysis import calibration
+from analysis.config import DEFAULT_CACHE_BYTES, QuantConfig
+from analysis.data import Dataset
+from analysis.device import free_memory_bytes, resolve_device
+from analysis.formats import (
+    Format, check_finite, dynamic_quantize, from_rows, quantize_with_range, scale_and_zero_point, to_rows,
+)
+from analysis.graph import PreparedModel, capture, load_args, prepare_model, primary_output, rerun, tensor_bytes
+from analysis.layers import ActFn, Layer, LayerTable, ModuleSite, Site, discover_layers
+from analysis.sites import compose_override
+
+Assignment = dict[str, tuple[Format | None, Format | None]]
+# Quantized weights are rebuilt from cached per-row ranges on demand; only this many bytes of them
+# stay materialized, so a big model never holds a second full copy per format.
+WEIGHT_CACHE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class WeightParams:
+    """What a weight quantizer computed: per-row clipping range and the grid it implies.
+
+    Rows follow `analysis.formats.to_rows`: one per output channel (per-channel), per group in
+    channel-major order (per-group), or one (per-tensor). Unscaled formats (fp16/bf16) have no rows.
+    """
+
+    layer: str
+    format: Format
+    axis: int | None  # the channel axis of the weight (None: per-tensor)
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ActivationParams:
+    """One quantized input of one call site of a layer. `dynamic`: ranges come from the tensor at
+    run time (then lo/hi/scale are None); `per_token` says along what."""
+
+    layer: str
+    site: str  # the graph node's name
+    index: int  # which distinct input of the site (q/k/v of cross-attention are 0, 1, 2)
+    format: Format
+    dynamic: bool
+    per_token: bool
+    lo: float | None = None
+    hi: float | None = None
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+def quantize_weight(weight: torch.Tensor, fmt: Format, channel_axis: int, method: str,
+                    percentile: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake-quantized weight plus the per-row (lo, hi) clipping range that produced it."""
+    w = weight.detach().float()
+    if fmt.is_identity:
+        return weight.detach(), w.min().reshape(1), w.max().reshape(1)
+    check_finite(w, "weight")
+    rows = to_rows(w, fmt, channel_axis)
+    if fmt.scaled:
+        lo, hi = calibration.weight_range(
+            rows, method=method, symmetric=fmt.symmetric or fmt.kind == "float",
+            quantize_fn=lambda v, l, h: quantize_with_range(v, fmt, l, h), percentile=percentile, bits=fmt.bits,
+        )
+    else:
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    quantized = quantize_with_range(rows, fmt, lo[:, None], hi[:, None])
+    return from_rows(quantized, w, fmt, channel_axis).to(weight.dtype), lo, hi
+
+
+def activation_range(hist: calibration.Histogram, fmt: Format, method: str, percentile: float) -> tuple[float, float]:
+    if not fmt.scaled:
+        return hist.min, hist.max
+    return calibration.histogram_range(
+        hist, method=method, symmetric=fmt.symmetric or fmt.kind == "float",
+        quantize_fn=lambda v, l, h: quantize_with_range(v, fmt, l, h), percentile=percentile, bits=fmt.bits,
+    )
+
+
+def per_token(site: Site) -> bool:
+    """Dynamic ranges: per token for matmul inputs (torchao's convention), per sample for convolutions."""
+    return not (isinstance(site, ModuleSite) and not isinstance(site.module, torch.nn.Linear) and not site.is_embedding)
+
+
+class QuantSim:
+    """A prepared model with calibrated quantizers; runs under any assignment. Never writes the
+    caller's model: it works on a private traced copy that shares the caller's weight tensors
+    read-only (or copies them when they must move to another device)."""
+
+    def __init__(self, model: Any, data: Dataset, config: QuantConfig | None = None, *,
+                 device: str | torch.device | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.config = config or QuantConfig()
+        self.device = resolve_device(device, check_available=True)
+        self.cache_bytes = cache_bytes
+        self.data = data.take(self.config.num_samples)
+        example = self.data.inputs[:2]
+        self.prepared: PreparedModel = prepare_model(
+            model, fold_batchnorm=self.config.fold_batchnorm, example_inputs=(example,),
+            share_weights=not self._moves(model))
+        if self._moves(model):
+            self.prepared.graph_module.to(self.device)  # a private deep copy: moving it is safe
+        self.gm = self.prepared.graph_module
+        self.table: LayerTable = discover_layers(self.prepared)
+        for layer in self.table.layers:  # before calibration, which would blame the next layer's input
+            check_finite(self.table.weight(layer.name).detach(), f"the weight of layer {layer.name}")
+        self._by_name = {layer.name: layer for layer in self.table.layers}
+        self._act_hists: dict[tuple[str, int], calibration.Histogram] = {}
+        self._act_ranges: dict[tuple[str, int, Format], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_ranges: dict[tuple[str, Format], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_lru: OrderedDict[tuple[str, Format], torch.Tensor] = OrderedDict()
+        self._weight_lru_bytes = 0
+        self._chunk_cache: tuple[int, dict] | None = None
+        self.chunk_size = self._plan_chunks()
+
+    def _moves(self, model: Any) -> bool:
+        if isinstance(model, torch.nn.Module):
+            first = next(iter(model.parameters()), None)
+            return first is not None and first.device != self.device
+        return self.device.type != "cpu"
+
+    # layers ---------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.table.layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.table.layers]
+
+    def layer(self, name: str) -> Layer:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"unknown layer {name!r}; the model's layers are {', '.join(self.layer_names[:5])}, ...") from None
+
+    def sites(self, name: str) -> list[Site]:
+        return self.table.sites[name]
+
+    def trainable_copy(self) -> tuple[PreparedModel, LayerTable]:
+        """The prepared model deep-copied with its own weights (for training), and its layer table.
+        Node names are kept by the copy, so its sites pair with this simulator's by `site.node.name`."""
+        gm = copy.deepcopy(self.gm).to("cpu") if self.device.type != "cpu" else copy.deepcopy(self.gm)
+        prepared = PreparedModel(gm, self.prepared.source, folded_batchnorms=self.prepared.folded_batchnorms,
+                                 eager=self.prepared.eager)
+        return prepared, discover_layers(prepared)
+
+    def param_names(self) -> dict[str, str]:
+        """Layer -> PyTorch parameter name of its weight ("fc1.weight", "attn.in_proj_weight"),
+        taken from the prepared graph, so BatchNorm-folded convolutions keep their module's name."""
+        by_tensor: dict[int, str] = {}
+        for name, param in self.gm.named_parameters(remove_duplicate=False):
+            by_tensor.setdefault(id(param), name)
+        return {layer.name: by_tensor.get(id(self.table.weight(layer.name)), _guess_param_name(layer.name))
+                for layer in self.table.layers}
+
+    # chunks ---------------------------------------------------------------------------------
+
+    def _plan_chunks(self) -> int:
+        env = capture(self.prepared, (self._inputs(0, 1),))
+        self._measure_macs(env)
+        per_sample = max(1, tensor_bytes(env.values()))
+        bound = self.cache_bytes
+        free = free_memory_bytes(self.device)
+        if free is not None:  # on an accelerator the device's free memory bounds the cache too
+            bound = min(bound, free // 2)
+        # A third of the bound for the FP32 cache, a third for what a trial recomputes, a third for
+        # temporaries (metrics, calibration, the per-sample estimate missing kernel workspaces).
+        return max(1, min(len(self.data), bound // (3 * per_sample)))
+
+    def _inputs(self, start: int, stop: int) -> torch.Tensor:
+        return self.data.inputs[start:stop].to(self.device)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        n = len(self.data)
+        return [(start, min(n, start + self.chunk_size)) for start in range(0, n, self.chunk_size)]
+
+    def cache(self, chunk: tuple[int, int]) -> dict:
+        """FP32 values of every node for one chunk; the last one is kept (one chunk fits by design)."""
+        if self._chunk_cache is not None and self._chunk_cache[0] == chunk[0]:
+            return self._chunk_cache[1]
+        self._chunk_cache = None  # free the old chunk before computing the next
+        env = capture(self.prepared, (self._inputs(*chunk),))
+        self._chunk_cache = (chunk[0], env)
+        return env
+
+    def release_cache(self) -> None:
+        self._chunk_cache = None
+
+    def _measure_macs(self, env: dict) -> None:
+        layers = []
+        for layer in self.table.layers:
+            macs = 0
+            for site in self.table.sites[layer.name]:
+                args, kwargs = load_args(site.node, env)
+                macs += site.macs(args, kwargs, env[site.node])
+            layers.append(replace(layer, macs=int(macs)))
+        self.table.layers = layers
+        self._by_name = {layer.name: layer for layer in layers}
+
+    # weights --------------------------------------------------------------------------------
+
+    def quantized_weight(self, layer: str, fmt: Format | None) -> torch.Tensor | None:
+        """The layer's weight fake-quantized to fmt (None: leave it in float)."""
+        if fmt is None:
+            return None
+        key = (layer, fmt)
+        cached = self._weight_lru.get(key)
+        if cached is not None:
+            self._weight_lru.move_to_end(key)
+            return cached
+        info = self.layer(layer)
+        weight = self.table.weight(layer)
+        if key in self._weight_ranges:
+            lo, hi = self._weight_ranges[key]
+            w = weight.detach().float()
+            rows = to_rows(w, fmt, info.channel_axis)
+            quantized = from_rows(quantize_with_range(rows, fmt, lo[:, None], hi[:, None]), w, fmt,
+                                  info.channel_axis).to(weight.dtype)
+        else:
+            quantized, lo, hi = quantize_weight(weight, fmt, info.channel_axis, self.config.weight_calibration,
+                                                self.config.percentile)
+            self._weight_ranges[key] = (lo, hi)
+        self._weight_lru[key] = quantized
+        self._weight_lru_bytes += quantized.numel() * quantized.element_size()
+        while self._weight_lru_bytes > WEIGHT_CACHE_BYTES and len(self._weight_lru) > 1:
+            _, evicted = self._weight_lru.popitem(last=False)
+            self._weight_lru_bytes -= evicted.numel() * evicted.element_size()
+        return quantized
+
+    def weight_range(self, layer: str, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (lo, hi) clipping range of the layer's weight in fmt (rows as `formats.to_rows`)."""
+        if (layer, fmt) not in self._weight_ranges:
+            self.quantized_weight(layer, fmt)
+        return self._weight_ranges[(layer, fmt)]
+
+    def weight_params(self, layer: str, fmt: Format) -> WeightParams:
+        info = self.layer(layer)
+        axis = None if fmt.granularity == "per-tensor" else info.channel_axis
+        if not fmt.scaled:
+            return WeightParams(layer, fmt, axis, None, None, None, None)
+        lo, hi = self.weight_range(layer, fmt)
+        scale, zero_point = scale_and_zero_point(fmt, lo, hi)
+        return WeightParams(layer, fmt, axis, lo, hi, scale, zero_point)
+
+    # activations ------------------------------------------------------------------------------
+
+    def calibrate_activations(self, sites: list[Site]) -> None:
+        """Two passes over all samples: min/max, then a fixed-edge histogram (exact under chunking)."""
+        if self.config.dynamic_activations:
+            return
+        todo = [s for s in sites if (s.node.name, 0) not in self._act_hists]
+        if not todo:
+            return
+        hists: dict[tuple[str, int], calibration.Histogram] = {}
+        for phase in ("observe_minmax", "fill"):
+            for chunk in self.chunks():
+                env = self.cache(chunk)
+                for site in todo:
+                    args, kwargs = load_args(site.node, env)
+                    with torch.inference_mode():
+                        values = site.activation_inputs(self.gm, args, kwargs)
+                    for index, value in enumerate(values):
+                        if phase == "observe_minmax":
+                            check_finite(value, f"input activation of layer {site.layer_name}")
+                        hist = hists.setdefault((site.node.name, index), calibration.Histogram())
+                        getattr(hist, phase)(value.detach().float())
+        self._act_hists.update(hists)
+
+    def calibrate_assignment(self, assignment: Assignment) -> None:
+        self.calibrate_activations([s for name, (_, af) in assignment.items() if af is not None
+                                    for s in self.table.sites[name]])
+
+    def activation_indices(self, site: Site) -> list[int]:
+        """The distinct inputs of a site that are quantized (calibrated ones; [0] before calibration)."""
+        return sorted(i for (node, i) in self._act_hists if node == site.node.name) or [0]
+
+    def activation_histogram(self, site: Site, index: int = 0) -> calibration.Histogram | None:
+        return self._act_hists.get((site.node.name, index))
+
+    def activation_range(self, site: Site, index: int, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (site.node.name, index, fmt)
+        if key not in self._act_ranges:
+            if (site.node.name, index) not in self._act_hists:
+                self.calibrate_activations([site])
+            lo, hi = activation_range(self._act_hists[(site.node.name, index)], fmt,
+                                      self.config.act_calibration, self.config.percentile)
+            self._act_ranges[key] = (torch.tensor(lo, device=self.device), torch.tensor(hi, device=self.device))
+        return self._act_ranges[key]
+
+    def activation_params(self, layer: str, fmt: Format) -> list[ActivationParams]:
+        """One entry per call site and distinct input of the layer, in site order."""
+        out = []
+        sites = self.table.sites[layer]
+        if not self.config.dynamic_activations:
+            self.calibrate_activations(sites)
+        for site in sites:
+            for index in self.activation_indices(site):
+                if not fmt.scaled or self.config.dynamic_activations:
+                    out.append(ActivationParams(layer, site.node.name, index, fmt, self.config.dynamic_activations
+                                                and fmt.scaled, per_token(site)))
+                    continue
+                lo, hi = self.activation_range(site, index, fmt)
+                scale, zero_point = scale_and_zero_point(fmt, lo.reshape(1), hi.reshape(1))
+                out.append(ActivationParams(layer, site.node.name, index, fmt, False, per_token(site),
+                                            float(lo), float(hi), float(scale[0]), int(zero_point[0])))
+        return out
+
+    def activation_quantizer(self, site: Site, fmt: Format | None) -> ActFn | None:
+        """A function (input index, tensor) -> fake-quantized tensor for the site's inputs."""
+        if fmt is None:
+            return None
+        if self.config.dynamic_activations:
+            token = per_token(site)
+            return lambda index, x: dynamic_quantize(x, fmt, token)
+
+        def quantize(index: int, x: torch.Tensor) -> torch.Tensor:
+            lo, hi = self.activation_range(site, index, fmt)
+            return quantize_with_range(x, fmt, lo, hi)
+
+        return quantize
+
+    # running --------------------------------------------------------------------------------
+
+    def overrides(self, assignment: Assignment) -> dict:
+        """Node overrides that run each assigned layer with its (weight, activation) formats."""
+        result: dict = {}
+        for name, (wf, af) in assignment.items():
+            # Resolved when the node runs, so a fully quantized model never holds every weight at once.
+            weight = (lambda name=name, wf=wf: self.quantized_weight(name, wf)) if wf is not None else None
+            for site in self.table.sites[name]:
+                act = self.activation_quantizer(site, af)
+                result[site.node] = compose_override(site, self.gm, weight, act, result.get(site.node))
+        return result
+
+    def forward(self, inputs: torch.Tensor, assignment: Assignment | None = None) -> torch.Tensor:
+        """The model's primary output on any inputs with `assignment` quantized (float if empty),
+        using the quantizers calibrated on this simulator's data. Returned on the simulator's device."""
+        assignment = assignment or {}
+        self.calibrate_assignment(assignment)
+        overrides = self.overrides(assignment)
+        nodes = [n for n in self.prepared.nodes if n.op != "placeholder"]
+        holder = next(n for n in self.prepared.nodes if n.op == "placeholder")
+        outputs = []
+        for start in range(0, len(inputs), self.chunk_size):
+            batch = inputs[start:start + self.chunk_size].to(self.device)
+            env = rerun(self.prepared, {holder: batch}, nodes, overrides)
+            outputs.append(primary_output(env[self.prepared.output_node]))
+        return torch.cat(outputs)
+
+    def rerun(self, cache: dict, nodes: list, assignment_or_overrides: Assignment | dict) -> dict:
+        """Re-execute `nodes` reading everything else from `cache` (see `analysis.graph.rerun`)."""
+        overrides = assignment_or_overrides
+        if overrides and isinstance(next(iter(overrides)), str):
+            overrides = self.overrides(overrides)  # type: ignore[arg-type]
+        return rerun(self.prepared, cache, nodes, overrides)  # type: ignore[arg-type]
+
+    def output_of(self, env: dict) -> torch.Tensor:
+        return primary_output(env[self.prepared.output_node])
+
+    def weight_histogram_data(self, layer: str) -> np.ndarray:
+        return self.table.weight(layer).detach().float().cpu().numpy()
+
+
+def _guess_param_name(layer: str) -> str:
+    if layer.endswith(".in_proj"):
+        return layer[: -len(".in_proj")] + ".in_proj_weight"
+    return f"{layer}.weight"
+
+
+def guess_param_name(layer: str) -> str:
+    """The parameter name a layer name implies when no model is at hand."""
+    return _guess_param_name(layer)
+
+
+ProgressFn = Callable[[int, int, str], None]
