@@ -21,7 +21,8 @@ class CLIError(Exception):
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="sample:<name> | path/to/file.py:factory | model.pt2")
+    parser.add_argument("model", nargs="?", help="sample:<name> | path/to/file.py:factory | model.pt2 "
+                        "(with --map it may be left out: the map records its model)")
     parser.add_argument("--weights", help="state dict for a file.py:factory model (.safetensors or .pt)")
     parser.add_argument("--data", required=True,
                         help="sample:<name> | data.npz/.pt/.safetensors (keys inputs, labels) | file.py:function")
@@ -33,6 +34,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analysis.calibration import CALIBRATION_METHODS
+    from analysis.formats import format_syntax
+
     parser = argparse.ArgumentParser(prog="quantlens", description=(
         "Which layers lose precision, what it costs, and what precision each layer should get."))
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -40,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="per-layer isolation sweep: local, output and cumulative error")
     _add_model_args(analyze)
-    analyze.add_argument("--weight-formats", default="int8,int4", help="comma-separated, e.g. int8,int4,int4-g32,fp8_e4m3")
+    analyze.add_argument("--weight-formats", default="int8,int4",
+                         help=f"comma-separated; formats: {format_syntax()}")
     analyze.add_argument("--act-formats", default="int8", help="comma-separated, or 'none' for weight-only")
     analyze.add_argument("--targets", default="weights,activations,both", help="any of weights,activations,both")
     analyze.add_argument("--granularity", choices=("per-channel", "per-tensor", "per-group"),
                          help="weight granularity for format names without a suffix (default per-channel)")
-    analyze.add_argument("--calibration", choices=("minmax", "percentile", "mse", "entropy"),
+    analyze.add_argument("--calibration", choices=CALIBRATION_METHODS,
                          help="range calibration for weights and activations (default: mse for weights, percentile for activations)")
-    analyze.add_argument("--weight-calibration", choices=("minmax", "percentile", "mse", "entropy"))
-    analyze.add_argument("--act-calibration", choices=("minmax", "percentile", "mse", "entropy"))
+    analyze.add_argument("--weight-calibration", choices=CALIBRATION_METHODS)
+    analyze.add_argument("--act-calibration", choices=CALIBRATION_METHODS)
     analyze.add_argument("--percentile", type=float, default=99.99)
     analyze.add_argument("--dynamic", action="store_true", help="dynamic activation ranges (computed at run time)")
     analyze.add_argument("--no-fold-batchnorm", action="store_true", help="analyse BatchNorm unfolded")
@@ -114,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, split: str = "calibration"):
+    if args.model is None:
+        raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
     from analysis.loading import check_compatible, load_data, load_model
 
     model = load_model(args.model, args.weights)
@@ -174,6 +181,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
+    for cum in result.cumulative:
+        if cum.error is not None:
+            print(f"  cumulative view {cum.target} {cum.format} failed: {cum.error}")
     for skipped in result.skipped[:10]:
         print(f"  skipped {skipped.name} ({skipped.kind}): {skipped.reason}")
     if len(result.skipped) > 10:
@@ -376,6 +386,8 @@ def cmd_remedies(args: argparse.Namespace) -> int:
     from analysis.finetune import remedies
     from analysis.loading import check_compatible, load_data, load_model
 
+    if args.model is None:
+        raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
     model = load_model(args.model, args.weights)
     calibration = load_data(args.data, split="calibration", task=args.task).take(args.samples)
     check_compatible(model, calibration)

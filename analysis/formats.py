@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -108,36 +109,90 @@ def _role_defaults(role: str) -> tuple[bool, str]:
     raise FormatError(f"unknown role {role!r}; use 'weight' or 'activation'")
 
 
+# --- the format registry --------------------------------------------------------------------------
+#
+# A family of formats (integers, floats, block formats ...) is one registered `FormatFamily`: how its
+# names parse, how it fake-quantizes, and the (scale, zero point) exporters write. Adding a family is
+# one `register_family(...)` call; parsing, the sweep, maps, the CLI's help and the dashboard's
+# pickers all read the registry.
+
+
+@dataclass(frozen=True)
+class FormatFamily:
+    kind: str  # the Format.kind its formats carry
+    parse: Callable[[str, str, str | None, str], "Format | None"]  # (name, role, granularity, text) -> None if not ours
+    quantize: Callable[[torch.Tensor, "Format", torch.Tensor, torch.Tensor], torch.Tensor]
+    scale_and_zero_point: Callable[["Format", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    syntax: str  # one phrase for error messages and help
+    examples: dict[str, tuple[str, ...]]  # role -> names offered in pickers, most useful first
+
+
+FAMILIES: dict[str, FormatFamily] = {}
+
+
+def register_family(family: FormatFamily) -> FormatFamily:
+    FAMILIES[family.kind] = family
+    return family
+
+
+def family_of(fmt: "Format") -> FormatFamily:
+    return FAMILIES[fmt.kind]
+
+
+def format_syntax() -> str:
+    """Every registered family's syntax, for help texts and errors."""
+    return "; ".join(family.syntax for family in FAMILIES.values())
+
+
+def example_formats(role: str) -> tuple[str, ...]:
+    """Names to offer for a role (dashboard pickers, CLI help), from every registered family."""
+    _role_defaults(role)
+    return tuple(name for family in FAMILIES.values() for name in family.examples.get(role, ()))
+
+
 def parse_format(text: str, role: str = "weight", granularity: str | None = None) -> Format:
     """Parse a format name such as "int8", "int4-g32", "int8-asym-pt", "fp8_e4m3" or "fp32".
 
     `granularity` (from a command-line default) applies when the name carries no suffix.
     """
-    name = text.strip().lower()
-    default_sym, default_gran = _role_defaults(role)
+    name = str(text).strip().lower()
+    _role_defaults(role)
     if granularity is not None and granularity not in GRANULARITIES:
         raise FormatError(
             f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}"
         )
+    for family in FAMILIES.values():
+        fmt = family.parse(name, role, granularity, str(text))
+        if fmt is not None:
+            return fmt
+    raise FormatError(f"unknown format {text!r}; use {format_syntax()}")
+
+
+def _parse_float(name: str, role: str, granularity: str | None, text: str) -> Format | None:
+    default_sym, default_gran = _role_defaults(role)
     float_base, _, float_suffix = name.partition("-")
     if float_base in _SCALED_FLOATS and float_suffix in _GRANULARITY_SUFFIX:
         gran = _GRANULARITY_SUFFIX[float_suffix]
         if role == "activation" and gran != "per-tensor":
             raise FormatError(f"activation format {text!r} must be per-tensor")
         return Format("float", _FLOAT_BITS[float_base], float_base, True, gran)
-    if name in _FLOAT_BITS:
-        if name == "fp32":
-            return Format("fp32", 32, "fp32")
-        gran = granularity or default_gran
-        if name not in _SCALED_FLOATS or gran == "per-group":
-            gran = "per-tensor" if name not in _SCALED_FLOATS else default_gran
-        return Format("float", _FLOAT_BITS[name], name, True, gran)
+    if name not in _FLOAT_BITS or name == "fp32":
+        return None
+    gran = granularity or default_gran
+    if name not in _SCALED_FLOATS or gran == "per-group":
+        gran = "per-tensor" if name not in _SCALED_FLOATS else default_gran
+    return Format("float", _FLOAT_BITS[name], name, True, gran)
+
+
+def _parse_identity(name: str, role: str, granularity: str | None, text: str) -> Format | None:
+    return Format("fp32", 32, "fp32") if name == "fp32" else None
+
+
+def _parse_int(name: str, role: str, granularity: str | None, text: str) -> Format | None:
     match = _INT_RE.match(name)
     if not match:
-        raise FormatError(
-            f"unknown format {text!r}; use intN (N in 2..8 or 16, e.g. int4, int8-asym, int4-g32), "
-            "fp16, bf16, fp8_e4m3, fp8_e5m2 or fp32"
-        )
+        return None
+    default_sym, default_gran = _role_defaults(role)
     unsigned, bits_text, suffix_text = match.groups()
     bits = int(bits_text)
     if bits not in INT_BITS:
@@ -183,13 +238,17 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 def quantize_with_range(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Fake-quantize x onto fmt's grid spanning [lo, hi] (lo, hi broadcast against x)."""
-    if fmt.is_identity:
-        return x
-    if fmt.kind == "float":
-        return _quantize_float(x, fmt, lo, hi)
+    return family_of(fmt).quantize(x, fmt, lo, hi)
+
+
+def _quantize_identity(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _quantize_int(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):
         # the grid's arithmetic in float32: hi − lo of a wide fp16 range overflows fp16
-        return quantize_with_range(x.float(), fmt, lo.float(), hi.float()).to(x.dtype)
+        return _quantize_int(x.float(), fmt, lo.float(), hi.float()).to(x.dtype)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if fmt.symmetric:
@@ -234,11 +293,22 @@ def _quantize_float(x: torch.Tensor, fmt: Format, lo: torch.Tensor, hi: torch.Te
 
 def scale_and_zero_point(fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (scale, zero_point) that `quantize_with_range` uses, for exporters."""
+    compute = family_of(fmt).scale_and_zero_point
+    if compute is None:
+        raise FormatError(f"{fmt.base} has no scale or zero point to export")
+    return compute(fmt, lo, hi)
+
+
+def _float_scale(fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
-    if fmt.kind == "float":
-        scale = torch.maximum(-lo, hi) / torch.finfo(_FLOAT_DTYPES[fmt.base]).max
-        return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
+    scale = torch.maximum(-lo, hi) / torch.finfo(_FLOAT_DTYPES[fmt.base]).max
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
+
+
+def _int_scale(fmt: Format, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
     if fmt.symmetric:
         scale = torch.maximum(-lo, hi) / ((2**fmt.bits - 1) / 2)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -296,3 +366,16 @@ def dynamic_quantize(x: torch.Tensor, fmt: Format, per_token: bool) -> torch.Ten
 def fake_quantize_ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Straight-through estimator: the forward value is quantized, the gradient passes unchanged."""
     return x + (quantized - x).detach()
+
+
+# Registration order is parse order (and the order pickers list names in).
+register_family(FormatFamily(
+    "int", _parse_int, _quantize_int, _int_scale,
+    "intN (N in 2..8 or 16, e.g. int4, int8-asym, int4-g32)",
+    {"weight": ("int8", "int6", "int4", "int4-g32", "int4-g128", "int3", "int2"), "activation": ("int8", "int16")},
+))
+register_family(FormatFamily(
+    "float", _parse_float, _quantize_float, _float_scale, "fp16, bf16, fp8_e4m3, fp8_e5m2",
+    {"weight": ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16"), "activation": ("fp8_e4m3",)},
+))
+register_family(FormatFamily("fp32", _parse_identity, _quantize_identity, None, "fp32 (keep in float)", {}))

@@ -24,12 +24,10 @@ from torch import nn
 
 from analysis.graph import PreparedModel
 
-ActFn = Callable[[int, torch.Tensor], torch.Tensor]  # (activation input index, value) -> quantized value
-
-_MODULE_KINDS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
+from analysis.sites import (  # noqa: F401 — re-exported: the site kinds are part of the layer table's API
+    FUNCTION_TABLE, ActFn, AttentionInProjSite, AttentionOutProjSite, FunctionSite, ModuleSite, Site,
 )
+
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 if hasattr(nn, "RMSNorm"):
     _NORMS = _NORMS + (nn.RMSNorm,)
@@ -57,212 +55,79 @@ class SkippedLayer:
     reason: str
 
 
-class Site:
-    """How one graph node of a layer computes its value under a quantization trial."""
-
-    def __init__(self, layer_name: str, node: torch.fx.Node, weight: torch.Tensor) -> None:
-        self.layer_name = layer_name
-        self.node = node
-        self.weight = weight
-
-    def activation_inputs(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        """The FP32 tensors activation quantization would see at this site."""
-        raise NotImplementedError
-
-    def run(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
-            weight: torch.Tensor | None, act: ActFn | None) -> Any:
-        raise NotImplementedError
-
-    def local(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
-              weight: torch.Tensor | None, act: ActFn | None, value: Any) -> torch.Tensor:
-        """The layer's own output (what local error compares), given this site's node value."""
-        return value
-
-    def macs(self, args: tuple, kwargs: dict, value: Any) -> int:
-        raise NotImplementedError
+# --- the layer-kind registry ----------------------------------------------------------------------
+#
+# A module type becomes layers through a registered `LayerKind`; supporting a new kind of module is
+# one `register_layer_kind(...)` call (in any module imported before discovery), not an edit here.
 
 
-def _linear_macs(out: torch.Tensor, weight: torch.Tensor) -> int:
-    return out.numel() // max(out.shape[0], 1) * weight.shape[-1] if out.dim() else 0
+@dataclass(frozen=True)
+class Found:
+    """One weight a module contributes: the tensor (identity ties shared weights), the layer name,
+    its kind, how to build its site at a node, the bias, the output-channel axis, and whether its
+    input is integer indices (embeddings)."""
+
+    weight: torch.Tensor
+    name: str
+    kind: str
+    site: Callable[[str], Site]
+    bias: torch.Tensor | None = None
+    axis: int = 0
+    embedding: bool = False
 
 
-def _conv_macs(out: torch.Tensor, weight: torch.Tensor, transposed: bool, inp: torch.Tensor) -> int:
-    if transposed:  # every input element is multiplied into (C_out/groups × kernel) outputs
-        return inp.numel() // max(inp.shape[0], 1) * (weight.numel() // weight.shape[0])
-    return out.numel() // max(out.shape[0], 1) * (weight.numel() // weight.shape[0])
+@dataclass(frozen=True)
+class LayerKind:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    discover: Callable[[torch.fx.Node, nn.Module], list[Found]]
+    # Why a matching module is not analysed (None: it is); reported as a skipped layer.
+    unsupported: Callable[[nn.Module], str | None] = lambda module: None
 
 
-class ModuleSite(Site):
-    """A call of an nn.Linear / Conv / ConvTranspose / Embedding module."""
-
-    def __init__(self, layer_name: str, node: torch.fx.Node, module: nn.Module) -> None:
-        super().__init__(layer_name, node, module.weight)
-        self.module = module
-        self.is_embedding = isinstance(module, nn.Embedding)
-
-    def activation_inputs(self, gm, args, kwargs):
-        return [] if self.is_embedding else [args[0]]
-
-    def run(self, gm, args, kwargs, weight, act):
-        if act is not None and not self.is_embedding:
-            args = (act(0, args[0]),) + tuple(args[1:])
-        if weight is None:
-            return self.module(*args, **kwargs)
-        return torch.func.functional_call(self.module, {"weight": weight}, args, kwargs)
-
-    def macs(self, args, kwargs, value):
-        if self.is_embedding:
-            return 0
-        if isinstance(self.module, nn.Linear):
-            return _linear_macs(value, self.weight)
-        transposed = isinstance(self.module, nn.modules.conv._ConvTransposeNd)
-        return _conv_macs(value, self.weight, transposed, args[0])
+LAYER_KINDS: list[LayerKind] = []
 
 
-# (op) -> (activation arg index or None, weight arg index, transposed convolution?)
-def _function_table() -> dict[Any, tuple[int | None, int, bool]]:
-    aten = torch.ops.aten
-    table: dict[Any, tuple[int | None, int, bool]] = {
-        F.linear: (0, 1, False), F.conv1d: (0, 1, False), F.conv2d: (0, 1, False), F.conv3d: (0, 1, False),
-        F.conv_transpose1d: (0, 1, True), F.conv_transpose2d: (0, 1, True), F.conv_transpose3d: (0, 1, True),
-        F.embedding: (None, 1, False),
-        aten.linear.default: (0, 1, False),
-        aten.conv1d.default: (0, 1, False), aten.conv2d.default: (0, 1, False), aten.conv3d.default: (0, 1, False),
-        aten.embedding.default: (None, 0, False),
-    }
-    for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
-        op = getattr(aten, name, None)
-        if op is not None and hasattr(op, "input"):
-            table[op.input] = (0, 1, True)
-    return table
+def register_layer_kind(kind: LayerKind) -> LayerKind:
+    """Add (or replace, by name) a layer kind; later registrations are tried first."""
+    LAYER_KINDS[:] = [k for k in LAYER_KINDS if k.name != kind.name]
+    LAYER_KINDS.insert(0, kind)
+    return kind
 
 
-_FUNCTION_TABLE = _function_table()
-_WEIGHT_KWARG = {F.embedding: "weight", F.linear: "weight"}
+def layer_kind_for(module: nn.Module) -> LayerKind | None:
+    return next((kind for kind in LAYER_KINDS if kind.matches(module)), None)
 
 
-class FunctionSite(Site):
-    """A functional call (F.linear, aten.conv2d, ...) whose weight argument is a model parameter."""
-
-    def __init__(self, layer_name: str, node: torch.fx.Node, weight: torch.Tensor) -> None:
-        super().__init__(layer_name, node, weight)
-        self.act_index, self.weight_index, self.transposed = _FUNCTION_TABLE[node.target]
-
-    def activation_inputs(self, gm, args, kwargs):
-        return [] if self.act_index is None else [args[self.act_index]]
-
-    def run(self, gm, args, kwargs, weight, act):
-        args = list(args)
-        if act is not None and self.act_index is not None:
-            args[self.act_index] = act(0, args[self.act_index])
-        if weight is not None:
-            args[self.weight_index] = weight
-        return self.node.target(*args, **kwargs)
-
-    def macs(self, args, kwargs, value):
-        if self.act_index is None:
-            return 0
-        name = getattr(self.node.target, "__name__", str(self.node.target))
-        if "linear" in name:
-            return _linear_macs(value, self.weight)
-        return _conv_macs(value, self.weight, self.transposed, args[self.act_index])
+_STANDARD_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
+)
 
 
-class AttentionInProjSite(Site):
-    """The packed query/key/value projection of nn.MultiheadAttention (its raw `in_proj_weight`).
-
-    The projection is not a module, so hooks never see it; we run the attention module with the
-    weight overridden and compute the projections themselves for the local view.
-    """
-
-    def __init__(self, layer_name: str, node: torch.fx.Node, module: nn.MultiheadAttention) -> None:
-        super().__init__(layer_name, node, module.in_proj_weight)
-        self.module = module
-
-    def _qkv(self, args, kwargs) -> tuple[inspect.BoundArguments, list[torch.Tensor]]:
-        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
-        return bound, [bound.arguments["query"], bound.arguments["key"], bound.arguments["value"]]
-
-    def activation_inputs(self, gm, args, kwargs):
-        _, qkv = self._qkv(args, kwargs)
-        distinct: list[torch.Tensor] = []
-        for tensor in qkv:  # self-attention passes the same tensor three times: calibrate it once
-            if not any(tensor is seen for seen in distinct):
-                distinct.append(tensor)
-        return distinct
-
-    def quantized_qkv(self, args, kwargs, act):
-        bound, qkv = self._qkv(args, kwargs)
-        if act is None:
-            return bound, qkv
-        distinct = self.activation_inputs(None, args, kwargs)
-        quantized = [act(i, t) for i, t in enumerate(distinct)]
-        mapped = [quantized[next(i for i, d in enumerate(distinct) if d is t)] for t in qkv]
-        bound.arguments["query"], bound.arguments["key"], bound.arguments["value"] = mapped
-        return bound, mapped
-
-    def run(self, gm, args, kwargs, weight, act):
-        bound, _ = self.quantized_qkv(args, kwargs, act)
-        if weight is None:
-            return self.module(*bound.args, **bound.kwargs)
-        return torch.func.functional_call(self.module, {"in_proj_weight": weight}, bound.args, bound.kwargs)
-
-    def local(self, gm, args, kwargs, weight, act, value):
-        _, (q, k, v) = self.quantized_qkv(args, kwargs, act)
-        w = self.weight if weight is None else weight
-        bias = self.module.in_proj_bias
-        w_chunks = w.chunk(3)
-        b_chunks = bias.chunk(3) if bias is not None else (None, None, None)
-        parts = [F.linear(x, wc, bc).reshape(-1) for x, wc, bc in zip((q, k, v), w_chunks, b_chunks)]
-        return torch.cat(parts)
-
-    def macs(self, args, kwargs, value):
-        _, qkv = self._qkv(args, kwargs)
-        embed = self.module.embed_dim
-        return sum(t.numel() // t.shape[0 if self.module.batch_first else 1] * embed for t in qkv)
+def _standard(node: torch.fx.Node, module: nn.Module) -> list[Found]:
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    return [Found(module.weight, node.target, type(module).__name__,
+                  lambda n, node=node, m=module: ModuleSite(n, node, m), getattr(module, "bias", None),
+                  1 if transposed else 0, isinstance(module, nn.Embedding))]
 
 
-class AttentionOutProjSite(Site):
-    """The output projection of nn.MultiheadAttention.
+def _attention(node: torch.fx.Node, module: nn.Module) -> list[Found]:
+    if not module._qkv_same_embed_dim:
+        return []  # reported as skipped (see `unsupported`)
+    return [
+        Found(module.in_proj_weight, f"{node.target}.in_proj", "MultiheadAttention.in_proj",
+              lambda n, node=node, m=module: AttentionInProjSite(n, node, m), module.in_proj_bias),
+        Found(module.out_proj.weight, f"{node.target}.out_proj", "MultiheadAttention.out_proj",
+              lambda n, node=node, m=module: AttentionOutProjSite(n, node, m), module.out_proj.bias),
+    ]
 
-    PyTorch calls it through `F.multi_head_attention_forward` with `out_proj.weight`, so the module
-    `out_proj` never runs and its input (the attention context) is never visible. Running attention
-    with an identity output projection yields exactly that context; the projection is then ours to
-    quantize. Exact because the projection is the last, linear step of attention.
-    """
 
-    def __init__(self, layer_name: str, node: torch.fx.Node, module: nn.MultiheadAttention) -> None:
-        super().__init__(layer_name, node, module.out_proj.weight)
-        self.module = module
-
-    def _context(self, args, kwargs) -> torch.Tensor:
-        eye = torch.eye(self.module.embed_dim, dtype=self.weight.dtype, device=self.weight.device)
-        zeros = torch.zeros(self.module.embed_dim, dtype=self.weight.dtype, device=self.weight.device)
-        overrides = {"out_proj.weight": eye}
-        if self.module.out_proj.bias is not None:
-            overrides["out_proj.bias"] = zeros
-        return torch.func.functional_call(self.module, overrides, args, kwargs)[0]
-
-    def activation_inputs(self, gm, args, kwargs):
-        return [self._context(args, kwargs)]
-
-    def run(self, gm, args, kwargs, weight, act):
-        if weight is None and act is None:
-            return self.module(*args, **kwargs)
-        reference = self.module(*args, **kwargs)
-        context = self._context(args, kwargs)
-        if act is not None:
-            context = act(0, context)
-        out = F.linear(context, self.weight if weight is None else weight, self.module.out_proj.bias)
-        return (out,) + tuple(reference[1:])
-
-    def local(self, gm, args, kwargs, weight, act, value):
-        return value[0]
-
-    def macs(self, args, kwargs, value):
-        out = value[0]
-        batch = out.shape[0 if self.module.batch_first else 1]
-        return out.numel() // max(batch, 1) * self.module.embed_dim
+register_layer_kind(LayerKind("linear/conv/embedding", lambda m: isinstance(m, _STANDARD_MODULES), _standard))
+register_layer_kind(LayerKind(
+    "multihead-attention", lambda m: isinstance(m, nn.MultiheadAttention), _attention,
+    unsupported=lambda m: None if m._qkv_same_embed_dim else
+    "attention with separate q/k/v projection weights is not supported yet; it stays FP32"))
 
 
 @dataclass
@@ -329,23 +194,12 @@ def discover_layers(prepared: PreparedModel) -> LayerTable:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             used_modules.add(node.target)
-            if isinstance(module, nn.MultiheadAttention):
-                if not module._qkv_same_embed_dim:
-                    continue  # reported as skipped below
-                add(module.in_proj_weight, f"{node.target}.in_proj", "MultiheadAttention.in_proj",
-                    lambda n, node=node, m=module: AttentionInProjSite(n, node, m),
-                    bias=module.in_proj_bias, axis=0)
-                add(module.out_proj.weight, f"{node.target}.out_proj", "MultiheadAttention.out_proj",
-                    lambda n, node=node, m=module: AttentionOutProjSite(n, node, m),
-                    bias=module.out_proj.bias, axis=0)
-            elif isinstance(module, _MODULE_KINDS):
-                transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-                add(module.weight, node.target, type(module).__name__,
-                    lambda n, node=node, m=module: ModuleSite(n, node, m),
-                    bias=getattr(module, "bias", None), axis=1 if transposed else 0,
-                    embedding=isinstance(module, nn.Embedding))
-        elif node.op == "call_function" and node.target in _FUNCTION_TABLE:
-            _, weight_index, transposed = _FUNCTION_TABLE[node.target]
+            kind = layer_kind_for(module)
+            for found in kind.discover(node, module) if kind is not None else ():
+                add(found.weight, found.name, found.kind, found.site, bias=found.bias, axis=found.axis,
+                    embedding=found.embedding)
+        elif node.op == "call_function" and node.target in FUNCTION_TABLE:
+            _, weight_index, transposed = FUNCTION_TABLE[node.target]
             weight_arg = node.args[weight_index] if len(node.args) > weight_index else node.kwargs.get("weight")
             if not (isinstance(weight_arg, torch.fx.Node) and weight_arg.op == "get_attr"):
                 continue  # the weight is computed, not a parameter: nothing to assign a format to
@@ -419,9 +273,11 @@ def _skipped(prepared: PreparedModel, layers: list[Layer], used_modules: set[str
                 continue
             own_params = [gm_params.get(f"{name}.{p}", t) for p, t in module.named_parameters(recurse=False)]
             kind = type(module).__name__
-            if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
-                skipped.append(SkippedLayer(name, kind, "attention with separate q/k/v projection weights is not supported yet; it stays FP32"))
-            elif isinstance(module, _MODULE_KINDS + (nn.MultiheadAttention,)):
+            layer_kind = layer_kind_for(module)
+            reason = layer_kind.unsupported(module) if layer_kind is not None else None
+            if reason is not None:
+                skipped.append(SkippedLayer(name, kind, reason))
+            elif layer_kind is not None:
                 if name not in used_modules and not any(id(p) in analysed_weights for p in own_params):
                     skipped.append(SkippedLayer(name, kind, "never called in forward (no graph node uses it)"))
             elif own_params and not any(id(p) in analysed_weights for p in own_params):

@@ -324,8 +324,11 @@ def _scatter(result: AnalysisResult, embed: _Embedder) -> str:
 def _cumulative(result: AnalysisResult, embed: _Embedder) -> str:
     if not result.cumulative:
         return '<p class="muted">The cumulative analysis was not run.</p>'
+    failed = [c for c in result.cumulative if c.error is not None]
+    notes = "".join(f'<p class="muted">Configuration {html.escape(c.target)} {html.escape(c.format)} failed: '
+                    f"{html.escape(c.error)}</p>" for c in failed)
     return ("<p>Every layer quantized at once with one uniform configuration; each point is the SQNR at that "
-            "layer's output, the star the model output.</p>" + embed(charts.cumulative_chart(result)))
+            "layer's output, the star the model output.</p>" + notes + embed(charts.cumulative_chart(result)))
 
 
 def _layer_details(result: AnalysisResult, metric: str, top_layers: int, embed: _Embedder) -> str:

@@ -36,12 +36,15 @@ from typing import Any
 
 import streamlit as st
 
+from analysis.calibration import CALIBRATION_METHODS as _CALIBRATION_METHODS
+from analysis.formats import example_formats
+
 RUN_META = "meta.json"
 META_SCHEMA = "quantlens.dashboard-run/1"
-WEIGHT_FORMAT_CHOICES = ("int8", "int6", "int4", "int4-g32", "int4-g128", "int3", "int2",
-                         "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-ACT_FORMAT_CHOICES = ("int8", "int16", "fp8_e4m3", "none")
-CALIBRATION_METHODS = ("mse", "minmax", "percentile", "entropy")
+# Pickers read the engine's registries, so a newly registered format family shows up here.
+WEIGHT_FORMAT_CHOICES = example_formats("weight")
+ACT_FORMAT_CHOICES = example_formats("activation") + ("none",)
+CALIBRATION_METHODS = tuple(sorted(_CALIBRATION_METHODS, key=lambda m: m != "mse"))  # mse first: the default
 GRANULARITIES = ("per-channel", "per-tensor", "per-group")
 TASK_CHOICES = ("auto", "classification", "language-model", "other")
 MODEL_UPLOAD_TYPES = ("pt2", "safetensors", "pt", "pth")

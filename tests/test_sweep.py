@@ -1,6 +1,7 @@
 """The isolation sweep: numbers match a naive re-computation, survive chunking, and rank the right layers."""
 
 import copy
+import json
 import dataclasses
 import math
 
@@ -256,3 +257,26 @@ def test_shared_weights_are_never_written_even_with_batchnorm_folding():
     evaluator = Evaluator(model, ds)
     evaluator.evaluate(uniform_map([l.name for l in result.layers], "int4", "int8"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failing_cumulative_configuration_is_recorded_not_dropped(monkeypatch):
+    model, ds = Residual(), data()
+    sweep = Sweep(model, ds, CONFIG)
+    real_overrides = sweep.sim.overrides
+
+    def overrides(assignment):
+        # Only the cumulative view quantizes every layer at once.
+        if len(assignment) == 3 and all(wf is not None and wf.bits == 4 and af is None for wf, af in assignment.values()):
+            raise RuntimeError("simulated failure of the int4 cumulative run")
+        return real_overrides(assignment)
+
+    monkeypatch.setattr(sweep.sim, "overrides", overrides)
+    result = sweep.run()
+    failed = [c for c in result.cumulative if c.error is not None]
+    assert [(c.target, c.format) for c in failed] == [("weights", "int4")]
+    assert "simulated failure" in failed[0].error and failed[0].output is None
+    ok = [c for c in result.cumulative if c.error is None]
+    assert ok and all(c.output is not None for c in ok)
+    again = type(result).from_json_dict(json.loads(json.dumps(result.to_json_dict())))
+    assert [c.error for c in again.cumulative] == [c.error for c in result.cumulative]
+    assert ("weights", "int4") not in set(zip(result.cumulative_frame()["target"], result.cumulative_frame()["format"]))
