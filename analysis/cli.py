@@ -362,7 +362,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from safetensors.torch import save_model
 
     from analysis.finetune import finetune_qat
-    from analysis.loading import check_compatible, load_data, load_model
+    from analysis.loading import check_compatible, load_data
     from analysis.precision_map import load_map
 
     pmap = load_map(args.map)
@@ -401,7 +401,7 @@ def cmd_remedies(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from analysis.export import export_map
-    from analysis.loading import load_data, load_model
+    from analysis.loading import load_data
     from analysis.precision_map import load_map
 
     from analysis.provenance import Provenance

@@ -25,8 +25,8 @@ from analysis.calibration import CALIBRATION_METHODS
 from analysis.data import Dataset
 from analysis.evaluate import Evaluator
 from analysis.formats import Format, fake_quantize_ste, parse_format
-from analysis.graph import prepare_model, primary_output
-from analysis.layers import FunctionSite, ModuleSite, discover_layers
+from analysis.graph import primary_output
+from analysis.layers import FunctionSite, ModuleSite
 from analysis.metrics import compare
 from analysis.precision_map import PrecisionMap
 from analysis.config import QuantConfig

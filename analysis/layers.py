@@ -13,13 +13,11 @@ what an integer kernel consumes.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from analysis.graph import PreparedModel

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.config import TARGETS, upgrade_config_dict
+from analysis.config import TARGETS, upgrade_config_dict  # noqa: F401 — TARGETS is re-exported
 from analysis.layers import Layer, SkippedLayer
 from analysis.metrics import ErrorStats
 
