@@ -12,7 +12,7 @@ import torch
 from ..data import TASKS, Dataset, infer_task
 from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
 from .tensor_files import _safetensors_load, _torch_load
-from .user_code import _on_sys_path, _resolve_callable, _split_callable_spec
+from .user_code import _split_callable_spec, _user_callable
 
 _DATA_KEYS = ("inputs", "labels")
 _SAVE_DATA = (
@@ -170,11 +170,10 @@ def _as_tensor(value: Any, what: str, shown: str) -> torch.Tensor:
 
 
 def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    function, path = _resolve_callable(spec, file_text, attr, "function", _DATA_FORMS)
     inputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    try:
-        with _on_sys_path(path.parent):
+    with _user_callable(spec, file_text, attr, "function", _DATA_FORMS) as function:
+        try:
             result = function()
             if result is None:
                 raise LoadError(f"{attr}() in {file_text} returned None; it must return or yield batches")
@@ -196,12 +195,12 @@ def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Ten
                 inputs.append(x)
                 if y is not None:
                     labels.append(y)
-    except LoadError:
-        raise
-    except Exception as exc:
-        raise LoadError(
-            f"{attr}() in {file_text} raised {_first_line(exc)} while producing batches; fix the function"
-        ) from None
+        except LoadError:
+            raise
+        except Exception as exc:
+            raise LoadError(
+                f"{attr}() in {file_text} raised {_first_line(exc)} while producing batches; fix the function"
+            ) from None
     if not inputs:
         raise LoadError(f"{spec} has no samples: {attr}() produced no batches")
     return _concat(inputs, "inputs", spec), (_concat(labels, "labels", spec) if labels else None)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import LoadError, _existing_file, _first_line, _some
-from .user_code import _on_sys_path, _resolve_callable, _split_callable_spec
+from .user_code import _split_callable_spec, _user_callable
 from .weights import _WEIGHT_EXTENSIONS, _check_weights_path, _load_weights
 
 _MODEL_FORMS = (
@@ -124,14 +124,13 @@ def _load_sample_model(name: str) -> nn.Module:
 
 
 def _call_factory(spec: str, file_text: str, attr: str) -> nn.Module:
-    factory, path = _resolve_callable(spec, file_text, attr, "factory", _MODEL_FORMS)
-    try:
-        with _on_sys_path(path.parent):
+    with _user_callable(spec, file_text, attr, "factory", _MODEL_FORMS) as factory:
+        try:
             model = factory()
-    except SystemExit:
-        raise LoadError(f"{attr}() in {file_text} called sys.exit(); it must return the model") from None
-    except Exception as exc:
-        raise LoadError(f"{attr}() in {file_text} raised {_first_line(exc)}; fix the factory") from None
+        except SystemExit:
+            raise LoadError(f"{attr}() in {file_text} called sys.exit(); it must return the model") from None
+        except Exception as exc:
+            raise LoadError(f"{attr}() in {file_text} raised {_first_line(exc)}; fix the factory") from None
     if not isinstance(model, nn.Module):
         raise LoadError(
             f"{attr}() in {file_text} returned a {type(model).__name__}, not a torch.nn.Module; "
