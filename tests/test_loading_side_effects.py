@@ -93,15 +93,17 @@ def test_loading_a_factory_and_a_data_function_leaves_no_trace(folder):
 
 @pytest.mark.parametrize("spec", [
     "model.py:broken", "model.py:exits", "model.py:absent",
-    "data.py:broken",
+    "data.py:broken", "data.py:exits",
     *(f"{name}:make" for name in FAILING_FILES),
 ])
 def test_failing_user_code_leaves_no_trace(folder, spec):
     before = process_state()
     load = load_data if spec.startswith("data.py") else load_model
-    with pytest.raises(LoadError):
+    with pytest.raises(LoadError) as excinfo:
         load(f"{folder / spec}")
     assert process_state() == before
+    if spec.endswith(":exits"):
+        assert "called sys.exit()" in str(excinfo.value)
 
 
 def test_each_folder_gets_its_own_neighbours(tmp_path):

@@ -197,6 +197,8 @@ def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Ten
                     labels.append(y)
         except LoadError:
             raise
+        except SystemExit:  # not an Exception: it would end the CLI or the dashboard's server
+            raise LoadError(f"{attr}() in {file_text} called sys.exit(); it must return or yield batches") from None
         except Exception as exc:
             raise LoadError(
                 f"{attr}() in {file_text} raised {_first_line(exc)} while producing batches; fix the function"
