@@ -81,8 +81,9 @@ def _user_code_scope(directory: Path) -> Iterator[None]:
         finally:
             path_list[:] = saved_path
             sys.path = path_list  # in case the user's code rebound sys.path itself
+            if entry not in saved_path:
+                sys.path_importer_cache.pop(entry, None)  # the finder cached for our entry goes with it
             if not already_on_path:
-                sys.path_importer_cache.pop(entry, None)
                 for name in [n for n in list(sys.modules) if n not in saved_modules]:
                     top = name.partition(".")[0]
                     if top not in saved_modules and folder in _folders_of(sys.modules.get(top)):
