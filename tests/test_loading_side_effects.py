@@ -7,7 +7,6 @@ import pathlib
 import sys
 
 import pytest
-import torch
 
 from analysis.loading import LoadError, load_data, load_model
 
