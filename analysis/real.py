@@ -31,12 +31,16 @@ in float with the reason given.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import statistics
+import sys
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -58,18 +62,25 @@ __all__ = [
 ]
 
 _LINEAR_KINDS = ("Linear", "NonDynamicallyQuantizableLinear")
+_torchao_import_lock = threading.Lock()
 
 
 def _torchao():
     """Import torchao lazily (it takes seconds) and quietly (it logs about CUDA-only .so files)."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import torchao
-        import torchao.quantization as tq
-    finally:
-        logger.setLevel(level)
+    # The logger is process-wide: it is quieted only around the first import, and one thread at a
+    # time, or two first imports could each restore the other's ERROR level and keep it for good.
+    with _torchao_import_lock:
+        logger = logging.getLogger("torchao")
+        level = logger.level
+        first = "torchao.quantization" not in sys.modules
+        if first:
+            logger.setLevel(logging.ERROR)
+        try:
+            import torchao
+            import torchao.quantization as tq
+        finally:
+            if first:
+                logger.setLevel(level)
     return torchao, tq
 
 
@@ -376,6 +387,22 @@ def _time_pair(models: list[nn.Module], inputs: torch.Tensor, batch_size: int, w
     return [statistics.median(t) for t in times]
 
 
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op thread count set to `threads` inside the block (None: left as it is), and
+    the caller's count put back on every way out: the setting is process-wide, so a timing run
+    must not leave the caller's own work on a different number of threads."""
+    saved = torch.get_num_threads()
+    if threads is None or threads == saved:
+        yield saved  # nothing changed, so nothing to put back (set_num_threads also resets MKL/OpenMP)
+        return
+    try:
+        torch.set_num_threads(threads)
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _sim_config(pmap: PrecisionMap, matched: bool) -> QuantConfig:
     if matched:  # what torchao does: min/max weight ranges, dynamic per-token activations
         return replace(pmap.quant, weight_calibration="minmax", dynamic_activations=True, fold_batchnorm=True)
@@ -397,6 +424,8 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     sim_map_vs_real_sqnr_db (against the simulation with the map's own calibration), FP32 latency and
     bytes for ratios, and the layers left in float with their reasons.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer (or None for torch's setting), got {threads!r}")
     evaluation = evaluation or calibration
     evaluator = Evaluator(model, calibration, evaluation, _sim_config(pmap, matched=True))
     layers = evaluator.layers
@@ -420,14 +449,8 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
         map_sim = Evaluator(model, calibration, evaluation, map_config).sim.forward(inputs, pmap.assignment(evaluator.layer_names))
         extra["sim_map_vs_real_sqnr_db"] = compare(map_sim, real_out).sqnr_db
 
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        used_threads = torch.get_num_threads()
+    with _intra_op_threads(threads) as used_threads:
         fp32_seconds, real_seconds = _time_pair([fp32_copy, quantized], inputs, batch_size, warmup, repeats)
-    finally:
-        torch.set_num_threads(saved_threads)
     real_bytes, code_bits = _layer_bytes(quantized, layers)
     fp32_bytes, _ = _layer_bytes(fp32_copy, layers)
     cost = {"avg_weight_bits": code_bits, "weight_bytes": real_bytes,
@@ -478,9 +501,14 @@ def probe_cpu_support(in_features: int = 64, out_features: int = 32) -> dict[str
     for fmt in Int4PackingFormat:
         candidates[f"Int4WeightOnlyConfig({fmt.value})"] = (
             lambda fmt=fmt: tq.Int4WeightOnlyConfig(group_size=32, int4_packing_format=fmt, set_inductor_config=False))
-    torch.manual_seed(0)
-    base = nn.Linear(in_features, out_features)
-    x = torch.randn(4, in_features)
+    # Seeded from a generator of its own: a probe must not move the caller's global RNG stream.
+    generator = torch.Generator().manual_seed(0)
+    base = nn.utils.skip_init(nn.Linear, in_features, out_features)  # nn.Linear's init draws globally
+    bound = 1 / math.sqrt(in_features)
+    with torch.no_grad():
+        base.weight.uniform_(-bound, bound, generator=generator)
+        base.bias.uniform_(-bound, bound, generator=generator)
+    x = torch.randn(4, in_features, generator=generator)
     result = {}
     for name, make in candidates.items():
         linear = copy.deepcopy(base)

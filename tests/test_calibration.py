@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import analysis.calibration as cal
+import analysis.calibration.weights as weight_calibration
 from analysis.calibration import CALIBRATION_METHODS, Histogram, histogram_range, weight_range
+from analysis.calibration.kl import _kl_threshold_fraction
 
 PROPS = settings(max_examples=50, deadline=None)
 
@@ -244,7 +245,7 @@ def test_vectorized_kl_matches_reference_loop(n_levels, stride, seed):
     hist = np.bincount(np.minimum(hist, b - 1), minlength=b).astype(np.float64)
     hist[rng.random(b) < 0.1] = 0
     hist[b - 1] = 3
-    got = cal._kl_threshold_fraction(torch.from_numpy(hist).unsqueeze(0), n_levels, stride)[0].item()
+    got = _kl_threshold_fraction(torch.from_numpy(hist).unsqueeze(0), n_levels, stride)[0].item()
     assert got == _naive_kl_threshold(hist, n_levels, stride) / b
 
 
@@ -268,8 +269,8 @@ def test_entropy_at_high_bit_width_is_minmax():
 
 
 def test_chunked_rows_equal_row_by_row(monkeypatch):
-    monkeypatch.setattr(cal, "_MSE_CHUNK_ELEMENTS", 3 * 64)
-    monkeypatch.setattr(cal, "_QUANTILE_CHUNK_ELEMENTS", 2 * 64)
+    monkeypatch.setattr(weight_calibration, "_MSE_CHUNK_ELEMENTS", 3 * 64)
+    monkeypatch.setattr(weight_calibration, "_QUANTILE_CHUNK_ELEMENTS", 2 * 64)
     g = torch.Generator().manual_seed(9)
     rows = torch.randn(10, 64, generator=g) * torch.linspace(0.1, 10, 10).unsqueeze(1)
     rows[3, 5] = 40.0

@@ -135,3 +135,34 @@ def test_formats_without_a_cpu_kernel_are_reported(mlp):
     assert "CUDA" in left["fc1"] and "1..8 bits" in left["fc2"] and "per-tensor" in left["fc3"]
     assert not any(_is_torchao(getattr(quantized, n).weight) for n in MLP_LAYERS)
     assert math.isfinite(float(quantized(torch.zeros(1, 64)).sum()))
+
+
+# --- no global side effects ------------------------------------------------------------------------
+
+
+def test_probe_leaves_the_global_rng_alone():
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    support = real.probe_cpu_support()
+    assert support["Int8WeightOnlyConfig"] == "ok"
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_timing_threads_are_put_back(mlp, mlp_data, monkeypatch):
+    calibration, evaluation = mlp_data
+    before = torch.get_num_threads()
+    pinned = 1 if before != 1 else 2
+    result = real.evaluate_real(mlp, calibration.take(16), evaluation.take(16), uniform_map(MLP_LAYERS, "int8", None),
+                                warmup=0, repeats=1, threads=pinned)
+    assert result.extra["threads"] == pinned and torch.get_num_threads() == before
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("timing failed")
+
+    monkeypatch.setattr(real, "_time_pair", fail)
+    with pytest.raises(RuntimeError, match="timing failed"):
+        real.evaluate_real(mlp, calibration.take(16), evaluation.take(16), uniform_map(MLP_LAYERS, "int8", None),
+                           warmup=0, repeats=1, threads=pinned)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        real.evaluate_real(mlp, calibration, evaluation, uniform_map(MLP_LAYERS, "int8", None), threads=0)

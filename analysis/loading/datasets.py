@@ -1,0 +1,304 @@
+"""Load a data set from a sample split, a .npz/.pt/.safetensors file or a "file.py:function"."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import TASKS, Dataset, infer_task
+from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
+from .tensor_files import _safetensors_load, _torch_load
+from .user_code import _split_callable_spec, _user_callable
+
+_DATA_KEYS = ("inputs", "labels")
+_SAVE_DATA = (
+    'save plain tensors with torch.save({"inputs": x, "labels": y}, path), '
+    "numpy.savez(path, inputs=x, labels=y) or safetensors.torch.save_file({...}, path)"
+)
+_DATA_FORMS = (
+    "pass sample:<name>, a .npz/.pt/.safetensors file with key 'inputs' (and 'labels') or path/to/file.py:function"
+)
+
+
+def load_data(spec: str, split: str = "calibration", task: str | None = None) -> Dataset:
+    """Load the data set `spec` names ("sample:<name>", a .npz/.pt/.safetensors file or "file.py:function").
+
+    `split` ("calibration" or "evaluation") only applies to samples; a user's file is one set and the
+    caller takes the first N samples. `task` defaults to the sample's task or `infer_task(labels)`.
+    """
+    spec = str(spec).strip()
+    if task is not None and task not in TASKS:
+        raise LoadError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if not spec:
+        raise LoadError(f"no data given; {_DATA_FORMS}")
+
+    if spec.startswith("sample:"):
+        name = spec.removeprefix("sample:")
+        inputs, labels, sample_task = _load_sample_split(name, split)
+        return _finish(inputs, labels, task or sample_task, f"{name}/{split}", spec)
+
+    function = _split_callable_spec(spec)
+    if function is not None:
+        inputs, labels = _data_from_function(spec, *function)
+        return _finish(inputs, labels, task, f"{Path(function[0]).name}:{function[1]}", spec)
+
+    path = _existing_file(spec, "data file", _DATA_FORMS)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        tensors = _read_npz(path, spec)
+    elif suffix in (".pt", ".pth"):
+        obj = _torch_load(path, spec, "data dict", _SAVE_DATA)
+        if not isinstance(obj, Mapping):
+            raise LoadError(f"{spec} holds a {type(obj).__name__}, not a dict with key 'inputs'; {_SAVE_DATA}")
+        tensors = dict(obj)
+    elif suffix == ".safetensors":
+        tensors = _safetensors_load(path, spec)
+    elif suffix == ".py":
+        raise LoadError(f"{spec} is Python source: name the function that returns the batches too, as {spec}:function")
+    else:
+        raise LoadError(f"unsupported data file {spec} (extension {suffix or 'none'!r}); {_DATA_FORMS}")
+    inputs, labels = _split_keys(tensors, spec)
+    inputs = _as_tensor(inputs, "inputs", spec)
+    labels = None if labels is None else _as_tensor(labels, "labels", spec)
+    return _finish(inputs, labels, task, path.name, spec)
+
+
+def _load_sample_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    import sample_models
+
+    if name not in sample_models.SAMPLE_NAMES:
+        raise LoadError(f"unknown sample {name!r}; valid names: {', '.join(sample_models.SAMPLE_NAMES)}")
+    splits = getattr(sample_models, "SPLITS", ("calibration", "evaluation"))
+    if split not in splits:
+        raise LoadError(f"unknown split {split!r}; valid splits: {', '.join(splits)}")
+    try:
+        tensors = sample_models.load_split(name, split)
+        sample_task = sample_models.load_meta(name)["task"]
+    except Exception as exc:
+        raise LoadError(
+            f"the {split} data of sample {name!r} could not be loaded ({_first_line(exc, 160)}); "
+            f"rebuild the samples with python -m sample_models.train"
+        ) from None
+    return tensors["inputs"], tensors.get("labels"), sample_task
+
+
+def _read_npz(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise LoadError(f"cannot read {shown}: {_first_line(exc)}") from None
+    # np.load reads anything that is neither a zip nor a .npy header as a pickle, so a text file (or
+    # random bytes) would be refused as "pickled data"; only a real pickle (protocol >= 2) is called one.
+    if head and not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY", b"\x80")):
+        kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "bytes"
+        raise LoadError(
+            f"{shown} is not a .npz archive (it starts with {kind}, not a zip header: a file of another kind, "
+            f"or corrupt); {_SAVE_DATA}"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # a pickle renamed to .npz: refused, since pickles can run code
+        raise LoadError(
+            f"{shown} holds pickled data ({_first_line(exc, 120)}), which is refused because pickles can run code; "
+            f"{_SAVE_DATA}"
+        ) from None
+    except Exception as exc:
+        raise LoadError(
+            f"{shown} is not a readable .npz archive ({_first_line(exc, 160)}); it may be truncated or corrupt"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise LoadError(f"{shown} holds a single array, not a .npz archive with key 'inputs'; {_SAVE_DATA}")
+    tensors: dict[str, Any] = {}
+    with archive:
+        for key in archive.files:
+            try:
+                tensors[key] = archive[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise LoadError(
+                        f"{shown} stores {key!r} as a pickled object array, which is refused because pickles "
+                        f"can run code; store numeric arrays, "
+                        f"e.g. np.savez(path, {key}=np.asarray(x, dtype=np.float32))"
+                    ) from None
+                raise LoadError(f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)})") from None
+            except Exception as exc:
+                raise LoadError(
+                    f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)}); "
+                    f"the file may be truncated or corrupt"
+                ) from None
+    return tensors
+
+
+def _split_keys(tensors: Mapping[str, Any], shown: str) -> tuple[Any, Any]:
+    # Strict on purpose: a misspelt "label" would otherwise silently drop the labels (and the task metric).
+    found = sorted(map(str, tensors))
+    listing = ", ".join(repr(k) for k in found) if found else "none"
+    if "inputs" not in tensors:
+        raise LoadError(
+            f"{shown} has no key 'inputs' (keys found: {listing}); "
+            f"store the inputs under 'inputs' and labels under 'labels'"
+        )
+    extra = [k for k in found if k not in _DATA_KEYS]
+    if extra:
+        raise LoadError(
+            f"{shown} has unexpected keys {', '.join(repr(k) for k in extra)} (keys found: {listing}); "
+            f"only 'inputs' and optionally 'labels' are read"
+        )
+    return tensors["inputs"], tensors.get("labels")
+
+
+def _as_tensor(value: Any, what: str, shown: str) -> torch.Tensor:
+    """Numpy arrays and tensors to a CPU tensor; float64 becomes float32 (the models run in fp32)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise LoadError(f"{shown}: {what} have numpy dtype {value.dtype}, not numbers; store a numeric array")
+        if value.dtype.kind == "u" and value.dtype.itemsize > 1:
+            value = value.astype(np.int64)  # torch has little support for uint16/32/64
+        tensor = torch.from_numpy(np.array(value, copy=True, order="C"))
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+    else:
+        raise LoadError(f"{shown}: {what} is a {type(value).__name__}, not a tensor or array")
+    if tensor.dtype == torch.float64:
+        tensor = tensor.to(torch.float32)
+    return tensor
+
+
+def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    inputs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    with _user_callable(spec, file_text, attr, "function", _DATA_FORMS) as function:
+        try:
+            result = function()
+            if result is None:
+                raise LoadError(f"{attr}() in {file_text} returned None; it must return or yield batches")
+            # A single tensor or dict is one batch; iterating a tensor would split it into samples.
+            batches = [result] if isinstance(result, (torch.Tensor, np.ndarray, Mapping)) else result
+            try:
+                iterator = iter(batches)
+            except TypeError:
+                raise LoadError(
+                    f"{attr}() in {file_text} returned a {type(result).__name__}, not an iterable of batches"
+                ) from None
+            for index, batch in enumerate(iterator):
+                x, y = _parse_batch(batch, index, spec)
+                if index and (y is None) != (not labels):
+                    this, first = ("has no", "has") if y is None else ("has", "has none")
+                    raise LoadError(
+                        f"{spec}: batch {index} {this} labels but batch 0 {first}; give every batch labels or none"
+                    )
+                inputs.append(x)
+                if y is not None:
+                    labels.append(y)
+        except LoadError:
+            raise
+        except SystemExit:  # not an Exception: it would end the CLI or the dashboard's server
+            raise LoadError(f"{attr}() in {file_text} called sys.exit(); it must return or yield batches") from None
+        except Exception as exc:
+            raise LoadError(
+                f"{attr}() in {file_text} raised {_first_line(exc)} while producing batches; fix the function"
+            ) from None
+    if not inputs:
+        raise LoadError(f"{spec} has no samples: {attr}() produced no batches")
+    return _concat(inputs, "inputs", spec), (_concat(labels, "labels", spec) if labels else None)
+
+
+def _parse_batch(batch: Any, index: int, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, Mapping):
+        x, y = _split_keys(batch, f"{spec} batch {index}")
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) not in (1, 2):
+            raise LoadError(
+                f"{spec}: batch {index} has {len(batch)} items; a batch is inputs, (inputs, labels) or a dict"
+            )
+        x, y = batch[0], (batch[1] if len(batch) == 2 else None)
+    else:
+        x, y = batch, None
+    where = f"{spec} batch {index}"
+    x = _as_tensor(x, "inputs", where)
+    if isinstance(y, (int, float, list)):
+        y = torch.as_tensor(y)
+    y = None if y is None else _as_tensor(y, "labels", where)
+    for name, tensor in (("inputs", x), ("labels", y)):
+        if tensor is not None and tensor.dim() == 0:
+            raise LoadError(
+                f"{where}: {name} are a scalar; batches need a leading batch dimension "
+                f"(yield batches, not single samples)"
+            )
+    return x, y
+
+
+def _concat(parts: list[torch.Tensor], what: str, spec: str) -> torch.Tensor:
+    first = tuple(parts[0].shape[1:])
+    for index, part in enumerate(parts):
+        if tuple(part.shape[1:]) != first:
+            raise LoadError(
+                f"{spec}: batch {index} {what} have shape {_shape(part.shape)} "
+                f"but batch 0 had {_shape(parts[0].shape)}; "
+                f"all batches must agree after the batch dimension"
+            )
+    return torch.cat(parts, dim=0)
+
+
+def _finish(inputs: torch.Tensor, labels: torch.Tensor | None, task: str | None, name: str, shown: str) -> Dataset:
+    """Validate inputs and labels, settle the task, and build the Dataset."""
+    if inputs.dtype == torch.bool or inputs.is_complex() or not (inputs.is_floating_point() or _is_integer(inputs)):
+        raise LoadError(
+            f"{shown}: inputs have dtype {_dtype(inputs.dtype)}; use floating-point values or integer token ids"
+        )
+    if inputs.dim() == 0:
+        raise LoadError(f"{shown}: inputs are a scalar; store samples along dimension 0")
+    if len(inputs) == 0:
+        raise LoadError(f"{shown} has no samples: inputs have shape {_shape(inputs.shape)}")
+    _check_finite(inputs, "inputs", shown)
+
+    if labels is not None:
+        if labels.dim() == 0:
+            raise LoadError(f"{shown}: labels are a scalar; store one label per sample along dimension 0")
+        if len(labels) != len(inputs):
+            raise LoadError(f"{shown} has {len(inputs)} inputs but {len(labels)} labels; they must pair up one to one")
+        if labels.is_floating_point():
+            _check_finite(labels, "labels", shown)
+        elif labels.dtype == torch.bool or labels.is_complex() or not _is_integer(labels):
+            raise LoadError(
+                f"{shown}: labels have dtype {_dtype(labels.dtype)}; use integer class ids (or floats for regression)"
+            )
+        else:
+            labels = labels.to(torch.int64)  # cross-entropy and accuracy want int64 class ids
+
+    task = task or infer_task(labels)
+    if labels is not None and task in ("classification", "language-model"):
+        need = 1 if task == "classification" else 2
+        if labels.is_floating_point():
+            raise LoadError(
+                f"{shown}: labels are {_dtype(labels.dtype)} but task {task!r} needs integer ids; "
+                f"store them as integers or use task 'other'"
+            )
+        if labels.dim() != need:
+            layout = "[N] class ids" if need == 1 else "[N, T] next-token ids"
+            raise LoadError(f"{shown}: labels have shape {_shape(labels.shape)} but task {task!r} needs {layout}")
+    try:
+        return Dataset(inputs, labels, task, name)
+    except ValueError as exc:
+        raise LoadError(f"{shown}: {exc}") from None
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() and not tensor.is_complex() and tensor.dtype != torch.bool
+
+
+def _check_finite(tensor: torch.Tensor, what: str, shown: str) -> None:
+    if not tensor.is_floating_point():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        nan = int(torch.isnan(tensor).sum())
+        raise LoadError(
+            f"{shown}: {what} hold {bad} non-finite values ({nan} NaN, {bad - nan} Inf) out of {tensor.numel()}; "
+            f"clean them or drop those samples"
+        )
