@@ -426,11 +426,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from analysis.memory import return_freed_memory_to_the_os
-
-    # The CLI process is ours: tune the allocator here (never in the library, which runs inside
-    # other people's processes, the Streamlit server among them).
-    return_freed_memory_to_the_os()
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -451,5 +446,14 @@ def _one_line(exc: BaseException) -> str:
     return text.strip("'\"") if isinstance(exc, KeyError) else text
 
 
+def entry() -> int:
+    """The console script: a process quantlens owns, so the allocator is tuned here (never in the
+    library or in `main`, which tests and other programs call inside their own processes)."""
+    from analysis.memory import return_freed_memory_to_the_os
+
+    return_freed_memory_to_the_os()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

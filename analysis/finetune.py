@@ -169,7 +169,9 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
     curve: list[float] = []
     steps = 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Only the CPU generator: fork_rng(devices=[]) saves and restores just that one, while
+        # torch.manual_seed would also reseed (and leave reseeded) every accelerator's.
+        torch.random.default_generator.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         gm.train()
         for module in gm.modules():  # unfolded norms keep their running statistics
