@@ -1,7 +1,10 @@
 """Exports reproduce the simulation: AIMET grids, ORT overrides, and a QDQ ONNX model that runs."""
 
+import contextlib
 import importlib.util
 import json
+import logging
+import os
 
 import pytest
 import torch
@@ -289,6 +292,51 @@ def test_qdq_rejects_before_exporting(mlp, tmp_path):
             ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], pmap, tmp_path / "x.onnx", opset=17)
         assert "\n" not in str(info.value)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@contextlib.contextmanager
+def _root_logger_as(handlers, level):
+    """The root logger with exactly these handlers and level for a while; the list object is kept
+    (pytest's own logging handlers are removed from it later)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    try:
+        yield root
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def test_qdq_export_leaves_the_root_logger_alone(mlp, mlp_onnx, tmp_path, monkeypatch, capsys):
+    import onnxruntime.quantization as ortq
+
+    ort_dir = os.path.join(os.path.dirname(ortq.__file__), "")
+    real_quantize = ortq.quantize_static
+
+    def quantize_and_log(*args, **kwargs):  # someone else logs while ORT runs: that must still pass
+        logging.getLogger().warning("not from ORT")
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quantize_static", quantize_and_log)
+    records = []
+    keep = logging.Handler()
+    keep.emit = records.append
+    filters = list(logging.getLogger().filters)
+    with _root_logger_as([keep], logging.INFO) as root:
+        ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], mlp["maps"]["uniform"], tmp_path / "a.onnx", fp32_onnx=mlp_onnx)
+        assert root.level == logging.INFO and root.handlers == [keep] and root.filters == filters
+    assert "not from ORT" in [r.getMessage() for r in records]
+    assert not [r for r in records if r.pathname.startswith(ort_dir)]  # its "consider pre-processing" notes
+    # A bare root (a CLI process): ORT's logging.warning() must not basicConfig() a handler onto it,
+    # and what others log meanwhile reaches stderr as it would with no handler.
+    capsys.readouterr()
+    with _root_logger_as([], logging.WARNING) as root:
+        ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], mlp["maps"]["uniform"], tmp_path / "b.onnx", fp32_onnx=mlp_onnx)
+        assert root.handlers == [] and root.level == logging.WARNING and root.filters == filters
+    err = capsys.readouterr().err
+    assert "not from ORT" in err and "pre-processing" not in err
 
 
 # --- export_map ----------------------------------------------------------------------------------

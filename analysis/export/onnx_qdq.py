@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -93,7 +94,7 @@ def export_qdq_onnx(model: Any, sim: QuantSim, pmap: PrecisionMap, path: str | P
             onnx.save(fp32, str(path))  # nothing quantized: the FP32 model is the answer
             return path
         reader = _Reader(input_name, sim.data.inputs, 64)
-        with _quiet_root_logger():  # ORT logs a "consider pre-processing" hint on every call
+        with _without_ort_notes():
             quantize_static(str(prepared), str(path), reader, **kwargs)
         quantized = onnx.load(str(path))
         _restore_float_inputs(quantized, fp32, overrides)
@@ -101,15 +102,52 @@ def export_qdq_onnx(model: Any, sim: QuantSim, pmap: PrecisionMap, path: str | P
     return path
 
 
+class _DropOrtNotes(logging.Filter):
+    """Drops the records below ERROR that onnxruntime.quantization's own files log."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.prefix = os.path.join(directory, "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(self.prefix)
+
+
+class _AsIfNoHandler(logging.Handler):
+    """Does what logging does for a record no handler takes (hand it to `logging.lastResort`), so a
+    root logger without handlers behaves as before while it holds this one."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
 @contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def _without_ort_notes() -> Iterator[None]:
+    """Hide the notes ORT's quantizer logs on every call ("consider pre-processing", ...) without
+    changing the root logger's level or handlers, which belong to the application.
+
+    onnxruntime.quantization logs through the root logger itself (`logging.warning(...)`), so there
+    is no ORT logger to quieten: for the duration of the call, a filter on the root logger drops
+    records below ERROR whose source file is in onnxruntime/quantization; everything else logged
+    meanwhile (other threads included) passes. `logging.warning()` also runs `basicConfig()` (a
+    stderr handler on the root, for good) when the root has no handler: a stand-in handler that
+    behaves like "no handler" prevents that, and is removed afterwards.
+    """
+    import onnxruntime.quantization
+
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
+    notes = _DropOrtNotes(os.path.dirname(onnxruntime.quantization.__file__))
+    stand_in = _AsIfNoHandler() if not root.handlers else None
+    root.addFilter(notes)
+    if stand_in is not None:
+        root.addHandler(stand_in)
     try:
         yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(notes)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
 
 
 def _restore_float_inputs(model: "onnx.ModelProto", fp32: "onnx.ModelProto", overrides: dict[str, Any]) -> None:
