@@ -5,6 +5,9 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 import sample_models as sm
 from analysis.config import QuantConfig
 from analysis import export as ex
+from analysis.export import registry
 from analysis.data import Dataset
 from analysis.formats import parse_format
 from analysis.metrics import sqnr_db
@@ -386,3 +390,96 @@ def test_torchao_target_names_a_config_per_linear_layer(tmp_path):
     assert payload["format"] == "torchao.FqnToConfig"
     assert payload["layers"]["fc1"]["config"] == "Int8WeightOnlyConfig"
     assert "fc3" not in payload["layers"]
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def _cli_export_action(parser, option):
+    from argparse import _SubParsersAction
+
+    sub = next(a for a in parser._actions if isinstance(a, _SubParsersAction))
+    return next(a for a in sub.choices["export"]._actions if option in a.option_strings)
+
+
+def test_every_registered_target_is_a_cli_choice():
+    from analysis.cli import build_parser
+
+    action = _cli_export_action(build_parser(), "--to")
+    assert tuple(action.choices) == registry.names() == ("json", "yaml", "aimet", "ort", "torchao", "onnx")
+    assert all(f"{t.name}: {t.description}" in action.help for t in registry.targets())
+    for target in registry.targets():
+        assert target.suffix and target.filename.endswith(target.suffix) and "\n" not in target.description
+
+
+def test_unknown_target_is_refused_in_one_line_naming_the_valid_ones(capsys):
+    from analysis.cli import main
+
+    with pytest.raises(ex.ExportError) as info:
+        registry.get("tflite")
+    assert str(info.value) == f"unknown export target 'tflite'; use one of {', '.join(registry.names())}"
+    with pytest.raises(SystemExit):
+        main(["export", "map.json", "--to", "tflite", "--out", "x"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def csv_target():
+    """A target registered by the test (as a new target module would), removed afterwards."""
+    calls = []
+
+    def write(pmap, out_path, *, model=None, calibration=None, **options):
+        calls.append({"model": model, "calibration": calibration, **options})
+        out_path.write_text("layer,weight\n" + "".join(f"{n},{p.weight}\n" for n, p in pmap.layers.items()))
+        return out_path
+
+    target = registry.register(ex.Target("csv", "CSV table", "one row per layer", "map.csv", write, model="optional"))
+    yield target, calls
+    registry.unregister("csv")
+
+
+def test_a_registered_target_is_exported_through_export_map_and_the_cli(csv_target, tmp_path, capsys):
+    from analysis.cli import build_parser, main
+
+    target, calls = csv_target
+    pmap = PrecisionMap({"fc1": LayerPrecision("int8")})
+    path = ex.export_map(pmap, "CSV", tmp_path / "deep" / "map.csv", dialect="excel")
+    assert path.read_text() == "layer,weight\nfc1,int8-sym-pc\n"
+    assert calls == [{"model": None, "calibration": None, "dialect": "excel"}]
+    assert "csv" in _cli_export_action(build_parser(), "--to").choices
+    (tmp_path / "map.json").write_text(pmap.dumps("json"))
+    assert main(["export", str(tmp_path / "map.json"), "--to", "csv", "--out", str(tmp_path / "cli.csv")]) == 0
+    assert (tmp_path / "cli.csv").read_text() == path.read_text() and "wrote csv" in capsys.readouterr().out
+    with pytest.raises(ex.ExportError, match="already registered"):
+        registry.register(ex.Target("csv", "other", "other", "x.csv", lambda *a, **k: None))
+
+
+def test_the_dashboard_offers_the_targets_that_carry_calibrated_numbers(csv_target):
+    from dashboard.derived import toolchain_targets
+
+    target, _ = csv_target
+    assert [t[0] for t in toolchain_targets()[0]] == ["aimet", "ort", "onnx"]  # json/yaml/torchao: no calibration
+    registry.register(ex.Target(**{**vars(target), "calibration": "optional"}), replace=True)
+    assert toolchain_targets() == ([("aimet", "AIMET encodings", "aimet_encodings.json"),
+                                    ("ort", "ONNX Runtime overrides + FP32 ONNX", "ort_overrides.json"),
+                                    ("onnx", "QDQ ONNX model", "model.qdq.onnx"), ("csv", "CSV table", "map.csv")], None)
+
+
+def test_a_target_needing_the_model_is_refused_without_it(csv_target, tmp_path):
+    target, calls = csv_target
+    registry.register(ex.Target(**{**vars(target), "model": "required", "calibration": "required"}), replace=True)
+    with pytest.raises(ex.ExportError) as info:
+        ex.export_map(PrecisionMap({}), "csv", tmp_path / "map.csv", model=torch.nn.Linear(2, 2))
+    assert str(info.value).startswith("export target 'csv' needs numbers from the model: pass calibration data")
+    assert calls == [] and not (tmp_path / "map.csv").exists()
+    with pytest.raises(ex.ExportError, match="model='maybe'; use one of none, optional, required"):
+        ex.Target("bad", "bad", "bad", "x.json", lambda *a, **k: None, model="maybe")
+
+
+def test_listing_the_targets_imports_no_toolchain():
+    """The CLI builds its parser (and so lists the targets) on every start: no torch, onnx & co."""
+    code = ("import sys; from analysis.cli import build_parser; build_parser(); "
+            "print(' '.join(m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'torchao') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == ""
