@@ -30,7 +30,7 @@ def build_sim(pmap: PrecisionMap, model: Any, calibration: Any) -> QuantSim:
     """
     if model is None or calibration is None:
         raise ExportError("this export target needs numbers from the model: pass the model and calibration data "
-                          "(CLI: the model argument and --data)")
+                          "(CLI: --model and --data)")
     from analysis.quantsim import QuantSim
 
     if isinstance(model, str):
