@@ -118,11 +118,12 @@ def write_json(data: Any, out_path: Path) -> Path:
 
 def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: Any = None,
                calibration: Any = None, **options: Any) -> Path:
-    """Write `pmap` for `target` (see `targets()`) to `out_path`; returns the path written.
+    """Write `pmap` for `target` (one of `names()`) to `out_path`; returns the path written.
 
-    json/yaml need nothing else; aimet and onnx (and ort with pinned scales) build a QuantSim from
-    `model` + `calibration` with the map's calibration settings. `options`: `version` ("1.0.0" or
-    "2.0.0") for aimet, `opset` and `dynamo` for onnx/ort.
+    The target's writer gets `model`, `calibration` and `options`; a target that requires the model
+    or the data is refused without them. json/yaml need nothing else; aimet and onnx (and ort with
+    pinned scales) build a QuantSim from `model` + `calibration` with the map's quantization config.
+    `options`: `version` ("1.0.0" or "2.0.0") for aimet, `opset` and `dynamo` for onnx/ort.
     """
     entry = get(target)
     needs = {"the model": (entry.model, model), "calibration data": (entry.calibration, calibration)}
