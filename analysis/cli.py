@@ -102,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     remedy.add_argument("--eval-data")
     remedy.set_defaults(func=cmd_remedies)
 
+    from analysis.export import registry as exports  # light: target modules import their toolchains on use
+
     export = sub.add_parser("export", help="write a precision map in another tool's format")
     export.add_argument("map", help="precision map (.json/.yaml)")
-    export.add_argument("--to", required=True, choices=("json", "yaml", "aimet", "ort", "torchao", "onnx"))
-    export.add_argument("--model", help="the model (needed for aimet, onnx and scales in ort)")
+    export.add_argument("--to", required=True, choices=exports.names(), help=exports.help_text())
+    export.add_argument("--model", help=f"the model ({exports.need_text('model')})")
     export.add_argument("--weights", help="weights for a file.py:factory model")
-    export.add_argument("--data", help="calibration data (needed for aimet, onnx)")
+    export.add_argument("--data", help=f"calibration data ({exports.need_text('calibration')})")
     export.add_argument("--out", required=True, help="output file")
     export.set_defaults(func=cmd_export)
 
@@ -400,7 +402,7 @@ def cmd_remedies(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from analysis.export import export_map
+    from analysis.export import export_map, registry
     from analysis.loading import load_data
     from analysis.precision_map import load_map
 
@@ -408,9 +410,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     pmap = load_map(args.map)
     recorded = Provenance.from_dict(pmap.provenance)
-    needs_model = args.to not in ("json", "yaml")
-    model = _map_model(args, pmap, f"the map {args.map}") if needs_model and (args.model or recorded.model_spec) else None
-    data_spec = args.data or (recorded.data_spec if needs_model else None)
+    target = registry.get(args.to)
+    # The model and data the map records are loaded only for targets that read them.
+    model = (_map_model(args, pmap, f"the map {args.map}")
+             if target.uses_model and (args.model or recorded.model_spec) else None)
+    data_spec = args.data or (recorded.data_spec if target.uses_calibration else None)
     calibration = load_data(data_spec, split="calibration") if data_spec else None
     path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
     print(f"wrote {args.to} -> {path}")

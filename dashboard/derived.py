@@ -300,25 +300,18 @@ def report_html(run_key: str, title: str, _result: Any) -> bytes:
         return Path(path).read_bytes()
 
 
-TOOLCHAIN_TARGETS = (
-    # (analysis.export target, button label, file name)
-    ("aimet", "AIMET encodings", "aimet_encodings.json"),
-    ("ort", "ONNX Runtime overrides + FP32 ONNX", "ort_overrides.json"),
-    ("onnx", "QDQ ONNX model", "model.qdq.onnx"),
-)
-
-
 def toolchain_targets() -> tuple[list[tuple[str, str, str]], str | None]:
-    """The toolchain exports `analysis.export` offers, or why there are none."""
+    """The toolchain exports the export registry offers as (target, button label, file name), or why
+    there are none. Those are the targets that read calibration data: they carry calibrated numbers
+    (the map itself has its own download buttons)."""
     try:
-        from analysis import export as module
+        from analysis.export import registry
     except ImportError:
         return [], "analysis.export is not available in this version"
     except Exception as exc:  # noqa: BLE001 — a half-written module must not break the page
         return [], f"analysis.export could not be imported ({state.one_line(exc)})"
-    offered = getattr(module, "EXPORTERS", {}) or {t: None for t in getattr(module, "EXPORT_TARGETS", ())}
-    targets = [t for t in TOOLCHAIN_TARGETS if t[0] in offered]
-    if not targets or not hasattr(module, "export_map"):
+    targets = [(t.name, t.label, t.filename) for t in registry.targets() if t.uses_calibration]
+    if not targets:
         return [], "analysis.export offers no AIMET / ONNX Runtime export"
     return targets, None
 

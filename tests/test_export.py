@@ -1,7 +1,13 @@
 """Exports reproduce the simulation: AIMET grids, ORT overrides, and a QDQ ONNX model that runs."""
 
+import contextlib
 import importlib.util
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +15,7 @@ import torch
 import sample_models as sm
 from analysis.config import QuantConfig
 from analysis import export as ex
+from analysis.export import registry
 from analysis.data import Dataset
 from analysis.formats import parse_format
 from analysis.metrics import sqnr_db
@@ -291,6 +298,51 @@ def test_qdq_rejects_before_exporting(mlp, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@contextlib.contextmanager
+def _root_logger_as(handlers, level):
+    """The root logger with exactly these handlers and level for a while; the list object is kept
+    (pytest's own logging handlers are removed from it later)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    try:
+        yield root
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def test_qdq_export_leaves_the_root_logger_alone(mlp, mlp_onnx, tmp_path, monkeypatch, capsys):
+    import onnxruntime.quantization as ortq
+
+    ort_dir = os.path.join(os.path.dirname(ortq.__file__), "")
+    real_quantize = ortq.quantize_static
+
+    def quantize_and_log(*args, **kwargs):  # someone else logs while ORT runs: that must still pass
+        logging.getLogger().warning("not from ORT")
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quantize_static", quantize_and_log)
+    records = []
+    keep = logging.Handler()
+    keep.emit = records.append
+    filters = list(logging.getLogger().filters)
+    with _root_logger_as([keep], logging.INFO) as root:
+        ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], mlp["maps"]["uniform"], tmp_path / "a.onnx", fp32_onnx=mlp_onnx)
+        assert root.level == logging.INFO and root.handlers == [keep] and root.filters == filters
+    assert "not from ORT" in [r.getMessage() for r in records]
+    assert not [r for r in records if r.pathname.startswith(ort_dir)]  # its "consider pre-processing" notes
+    # A bare root (a CLI process): ORT's logging.warning() must not basicConfig() a handler onto it,
+    # and what others log meanwhile reaches stderr as it would with no handler.
+    capsys.readouterr()
+    with _root_logger_as([], logging.WARNING) as root:
+        ex.export_qdq_onnx(mlp["model"], mlp["analyzer"], mlp["maps"]["uniform"], tmp_path / "b.onnx", fp32_onnx=mlp_onnx)
+        assert root.handlers == [] and root.level == logging.WARNING and root.filters == filters
+    err = capsys.readouterr().err
+    assert "not from ORT" in err and "pre-processing" not in err
+
+
 # --- export_map ----------------------------------------------------------------------------------
 
 
@@ -327,7 +379,6 @@ def test_export_map_unknown_target(mlp, tmp_path):
     with pytest.raises(ValueError, match="unknown export target 'tflite'") as info:
         ex.export_map(mlp["maps"]["mixed"], "tflite", tmp_path / "x")
     assert "\n" not in str(info.value) and "json" in str(info.value)
-    assert set(ex.EXPORT_TARGETS) == set(ex.EXPORTERS)
 
 
 def test_torchao_target_names_a_config_per_linear_layer(tmp_path):
@@ -339,3 +390,96 @@ def test_torchao_target_names_a_config_per_linear_layer(tmp_path):
     assert payload["format"] == "torchao.FqnToConfig"
     assert payload["layers"]["fc1"]["config"] == "Int8WeightOnlyConfig"
     assert "fc3" not in payload["layers"]
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def _cli_export_action(parser, option):
+    from argparse import _SubParsersAction
+
+    sub = next(a for a in parser._actions if isinstance(a, _SubParsersAction))
+    return next(a for a in sub.choices["export"]._actions if option in a.option_strings)
+
+
+def test_every_registered_target_is_a_cli_choice():
+    from analysis.cli import build_parser
+
+    action = _cli_export_action(build_parser(), "--to")
+    assert tuple(action.choices) == registry.names() == ("json", "yaml", "aimet", "ort", "torchao", "onnx")
+    assert all(f"{t.name}: {t.description}" in action.help for t in registry.targets())
+    for target in registry.targets():
+        assert target.suffix and target.filename.endswith(target.suffix) and "\n" not in target.description
+
+
+def test_unknown_target_is_refused_in_one_line_naming_the_valid_ones(capsys):
+    from analysis.cli import main
+
+    with pytest.raises(ex.ExportError) as info:
+        registry.get("tflite")
+    assert str(info.value) == f"unknown export target 'tflite'; use one of {', '.join(registry.names())}"
+    with pytest.raises(SystemExit):
+        main(["export", "map.json", "--to", "tflite", "--out", "x"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def csv_target():
+    """A target registered by the test (as a new target module would), removed afterwards."""
+    calls = []
+
+    def write(pmap, out_path, *, model=None, calibration=None, **options):
+        calls.append({"model": model, "calibration": calibration, **options})
+        out_path.write_text("layer,weight\n" + "".join(f"{n},{p.weight}\n" for n, p in pmap.layers.items()))
+        return out_path
+
+    target = registry.register(ex.Target("csv", "CSV table", "one row per layer", "map.csv", write, model="optional"))
+    yield target, calls
+    registry.unregister("csv")
+
+
+def test_a_registered_target_is_exported_through_export_map_and_the_cli(csv_target, tmp_path, capsys):
+    from analysis.cli import build_parser, main
+
+    target, calls = csv_target
+    pmap = PrecisionMap({"fc1": LayerPrecision("int8")})
+    path = ex.export_map(pmap, "CSV", tmp_path / "deep" / "map.csv", dialect="excel")
+    assert path.read_text() == "layer,weight\nfc1,int8-sym-pc\n"
+    assert calls == [{"model": None, "calibration": None, "dialect": "excel"}]
+    assert "csv" in _cli_export_action(build_parser(), "--to").choices
+    (tmp_path / "map.json").write_text(pmap.dumps("json"))
+    assert main(["export", str(tmp_path / "map.json"), "--to", "csv", "--out", str(tmp_path / "cli.csv")]) == 0
+    assert (tmp_path / "cli.csv").read_text() == path.read_text() and "wrote csv" in capsys.readouterr().out
+    with pytest.raises(ex.ExportError, match="already registered"):
+        registry.register(ex.Target("csv", "other", "other", "x.csv", lambda *a, **k: None))
+
+
+def test_the_dashboard_offers_the_targets_that_carry_calibrated_numbers(csv_target):
+    from dashboard.derived import toolchain_targets
+
+    target, _ = csv_target
+    assert [t[0] for t in toolchain_targets()[0]] == ["aimet", "ort", "onnx"]  # json/yaml/torchao: no calibration
+    registry.register(ex.Target(**{**vars(target), "calibration": "optional"}), replace=True)
+    assert toolchain_targets() == ([("aimet", "AIMET encodings", "aimet_encodings.json"),
+                                    ("ort", "ONNX Runtime overrides + FP32 ONNX", "ort_overrides.json"),
+                                    ("onnx", "QDQ ONNX model", "model.qdq.onnx"), ("csv", "CSV table", "map.csv")], None)
+
+
+def test_a_target_needing_the_model_is_refused_without_it(csv_target, tmp_path):
+    target, calls = csv_target
+    registry.register(ex.Target(**{**vars(target), "model": "required", "calibration": "required"}), replace=True)
+    with pytest.raises(ex.ExportError) as info:
+        ex.export_map(PrecisionMap({}), "csv", tmp_path / "map.csv", model=torch.nn.Linear(2, 2))
+    assert str(info.value).startswith("export target 'csv' needs numbers from the model: pass calibration data")
+    assert calls == [] and not (tmp_path / "map.csv").exists()
+    with pytest.raises(ex.ExportError, match="model='maybe'; use one of none, optional, required"):
+        ex.Target("bad", "bad", "bad", "x.json", lambda *a, **k: None, model="maybe")
+
+
+def test_listing_the_targets_imports_no_toolchain():
+    """The CLI builds its parser (and so lists the targets) on every start: no torch, onnx & co."""
+    code = ("import sys; from analysis.cli import build_parser; build_parser(); "
+            "print(' '.join(m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'torchao') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == ""

@@ -1,0 +1,25 @@
+"""The precision map itself, as JSON or YAML (what `quantlens evaluate --map` and the API read back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from analysis.export.registry import Target, register
+
+if TYPE_CHECKING:
+    from analysis.precision_map import PrecisionMap
+
+
+def _export_json(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
+    out_path.write_text(pmap.dumps("json"))
+    return out_path
+
+
+def _export_yaml(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
+    out_path.write_text(pmap.dumps("yaml"))
+    return out_path
+
+
+register(Target("json", "Precision map (JSON)", "the precision map as JSON", "map.json", _export_json))
+register(Target("yaml", "Precision map (YAML)", "the precision map as YAML", "map.yaml", _export_yaml))
