@@ -18,6 +18,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import sample_models
+from analysis import runstore
 from dashboard import state
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -103,9 +104,9 @@ def test_first_open_analyses_the_sample_and_a_second_open_reuses_it(tmp_path):
     at = _open(tmp_path)
     runs = _run_dirs(tmp_path)
     assert len(runs) == 1
-    for name in ("run.json", "trials.jsonl", "analysis.json", "layers.csv", state.RUN_META):
+    for name in ("run.json", "trials.jsonl", "analysis.json", "layers.csv", runstore.RUN_META):
         assert (runs[0] / name).exists(), name
-    meta = json.loads((runs[0] / state.RUN_META).read_text())
+    meta = json.loads((runs[0] / runstore.RUN_META).read_text())
     assert meta["status"] == "done" and meta["model"] == "sample:mlp"
     assert at.session_state.run_id == runs[0].name
     assert not _errors(at)
@@ -407,9 +408,7 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path):
     from analysis.sweep import AnalysisConfig
 
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
-    run_id, path = state.new_run_dir(inputs.label)
-    state.write_meta(path, id=run_id, created=1.0, status="running", model=inputs.label, data=inputs.data_label,
-                     inputs=inputs.__dict__, config=state._config_json(config))
+    run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
     job.stop = _StopAfter(job, 5)
     job.run()
