@@ -237,6 +237,37 @@ def test_mixed_precision_other_budget_kinds_and_bad_map_file(tmp_path, template_
     assert any("nope" in e for e in _errors(at))
 
 
+def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_measured(tmp_path, template_runs):
+    import yaml
+
+    from analysis.allocate import build_problem
+    from analysis.precision_map import map_from_dict
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_value_avg-bits").set_value(4.5).run()
+    editor = at.data_editor[0]
+    at.session_state[editor.key] = {"edited_rows": {0: {"weight": "int8", "activation": "none"}},
+                                    "added_rows": [], "deleted_rows": []}
+    at.run()
+    _ok(at)
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    assert not _errors(at)
+    shown_bits = float(_metric(at, "Average weight bits"))
+
+    _page(at, "export")
+    exported = yaml.safe_load(at.code[0].value)  # the preview of the downloadable map
+    assert exported["layers"][editor.value["layer"][0]] == {"weight": "int8-sym-pc"}  # names are stored qualified
+    assert exported["budget"] == {"kind": "avg-bits", "value": 4.5}
+    # the same prediction the CLI and the API compute for this map, shown on the page
+    result = state.load_run_result(state.get_run(at.session_state.run_id))
+    engine = build_problem(result).predict(map_from_dict(exported))
+    assert exported["predicted"] == {k: pytest.approx(v) for k, v in engine.items() if k != "unmeasured"}
+    assert exported["predicted"]["avg-bits"] == pytest.approx(shown_bits, abs=0.01)
+    # Evaluate measured exactly this map: recorded like `quantlens suggest` does
+    assert {"noise", "sqnr_db", "metric", "drop"} <= set(exported["measured"])
+
+
 def test_export_page_offers_downloads(tmp_path, template_runs):
     at = _page(_open(tmp_path, template_runs), "export")
     keys = {b.key for b in at.get("download_button")}
