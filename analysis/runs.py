@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,7 @@ RUN_SCHEMA = "quantlens.run/1"
 
 
 class ResumeError(ValueError):
-    """The directory holds a run that cannot be continued with these inputs."""
+    """The directory holds a run that cannot be continued (or replaced) with these inputs now."""
 
 
 def _fingerprint(model: Any) -> str:
@@ -63,6 +62,10 @@ def analyze_to_directory(
         weights = weights or inputs.weights
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    current = runstore.read_run(out)
+    if current is not None and current.foreign:  # two writers would interleave their trials
+        raise ResumeError(f"{out} is being analysed by process {current.pid} on {current.host}; "
+                          "wait for it to finish, or use another --out directory")
     sweep = Sweep(model, data, config, progress=progress, should_stop=should_stop)
     header = {
         "schema": RUN_SCHEMA,
@@ -90,7 +93,7 @@ def analyze_to_directory(
         # Only trials of this plan: a line from another run or plan is not ours to reuse.
         finished = {t.key: t for t in _read_trials(trials_file) if t.key in planned}
         # Rewrite without a line the crash cut short, so appended trials start on a clean line.
-        _atomic(trials_file, lambda tmp: tmp.write_text(
+        runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
             "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values())))
     else:
         runstore.write_json_atomic(run_file, header)
@@ -167,18 +170,8 @@ def _mark_started(out: Path, config: AnalysisConfig, resume: bool, inputs: Input
 
 
 def write_outputs(result: AnalysisResult, out: Path) -> None:
-    _atomic(out / "analysis.json", result.save)
-    _atomic(out / "layers.csv", lambda tmp: result.to_frame().to_csv(tmp, index=False))
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` then rename over `path`: readers and crashes see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    runstore.write_atomic(out / "analysis.json", result.save)
+    runstore.write_atomic(out / "layers.csv", lambda tmp: result.to_frame().to_csv(tmp, index=False))
 
 
 def _read_trials(path: Path) -> list[TrialResult]:

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 RUN_META = "meta.json"
 META_SCHEMA = "quantlens.run-meta/1"
@@ -143,14 +143,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:32] or "run"
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so a reader (or a crash) never sees half a file: a temp file renamed over it."""
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then rename tmp over `path`: a reader, or a crash mid-write, sees the old file
+    or the new one, never half of one (the rename is atomic within a folder)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
     try:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -176,3 +176,22 @@ def test_analyze_to_directory_records_a_cancelled_run(tmp_path):
     info = runstore.read_run(tmp_path / "run")
     assert info.status == "cancelled" and info.error and info.get_inputs() == INPUTS
     assert info.config["weight_formats"] == ["int8"]
+
+
+def test_a_folder_another_live_process_writes_is_not_touched(tmp_path):
+    from analysis.loading import load_data, load_model
+    from analysis.runs import ResumeError, analyze_to_directory
+    from analysis.sweep import AnalysisConfig
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runstore.write_meta(tmp_path, status="running", pid=sleeper.pid, host=socket.gethostname())
+        (tmp_path / "trials.jsonl").write_text("precious\n")
+        for resume in (False, True):
+            with pytest.raises(ResumeError, match=f"process {sleeper.pid}"):
+                analyze_to_directory(load_model("sample:mlp"), load_data("sample:mlp"),
+                                     AnalysisConfig(num_samples=16), tmp_path, resume=resume)
+        assert (tmp_path / "trials.jsonl").read_text() == "precious\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
