@@ -72,6 +72,14 @@ def fingerprint_of(result: Any) -> str | None:
     return result.model.get("fingerprint")
 
 
+def provenance_of(result: Any) -> dict | None:
+    """Where the run's model and data came from, as `quantlens suggest` records it in a map (runs
+    written by analyze_to_directory keep it in analysis.json's model block)."""
+    from analysis.provenance import Provenance
+
+    return Provenance.from_dict(result.model).to_dict() or None
+
+
 @st.cache_resource(max_entries=8, show_spinner=False)
 def problem(run_key: str, _result: Any) -> Any:
     from analysis.allocate import build_problem
@@ -84,7 +92,8 @@ def suggestion(run_key: str, kind: str, value: float, _problem: Any, _result: An
     """The allocator's map for a budget judged on the sweep's predictions (instant; no evaluations)."""
     from analysis.allocate import Budget, suggest
 
-    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result))
+    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result),
+                   provenance=provenance_of(_result))
 
 
 @st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
@@ -164,7 +173,8 @@ def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()
         if name in no_input and value.get("activation"):
             raise MapError(f"layer {name!r} takes integer indices (an embedding): its activation must be 'none'")
     return PrecisionMap({name: LayerPrecision(v["weight"], v.get("activation")) for name, v in layers.items()},
-                        model=fingerprint_of(result), quant=quant_of(result), notes=tuple(notes))
+                        model=fingerprint_of(result), quant=quant_of(result), notes=tuple(notes),
+                        provenance=provenance_of(result))
 
 
 def load_map_upload(data: bytes, name: str, result: Any) -> Any:

@@ -266,6 +266,8 @@ def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_mea
     assert exported["predicted"]["avg-bits"] == pytest.approx(shown_bits, abs=0.01)
     # Evaluate measured exactly this map: recorded like `quantlens suggest` does
     assert {"noise", "sqnr_db", "metric", "drop"} <= set(exported["measured"])
+    assert exported["provenance"]["model_spec"] == "sample:mlp"
+    assert exported["provenance"]["model_fingerprint"] == exported["model"] == result.model["fingerprint"]
 
 
 def test_export_page_offers_downloads(tmp_path, template_runs):

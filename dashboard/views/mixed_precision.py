@@ -62,7 +62,8 @@ if kind == "max-drop":
             evaluator, lock = derived.run_evaluator(info, result, eval_samples)
             with st.spinner("Evaluating candidate maps…"), lock:
                 found[search_key] = suggest(prob, Budget(kind, value), measure=evaluator.measure,
-                                            fingerprint=derived.fingerprint_of(result))
+                                            fingerprint=derived.fingerprint_of(result),
+                                            provenance=derived.provenance_of(result))
         except Exception as exc:  # noqa: BLE001
             st.error(state.one_line(exc))
     sug = found.get(search_key)
