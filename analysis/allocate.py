@@ -117,10 +117,13 @@ class Problem:
     def assignment(self, picks: list[int]) -> dict[str, tuple[Format | None, Format | None]]:
         return {layer.name: (ch[p].weight, ch[p].act) for layer, ch, p in zip(self.layers, self.choices, picks)}
 
+    def _offered(self, index: int, precision: LayerPrecision) -> Choice | None:
+        return next((c for c in self.choices[index] if c.precision == precision), None)
+
     def layer_noise(self, index: int, precision: LayerPrecision) -> float | None:
         """Output noise with only layer `index` at `precision`: the allocator's (monotone) figure when
         it is one of its choices, else the sweep's trial; None when the sweep never measured it."""
-        choice = next((c for c in self.choices[index] if c.precision == precision), None)
+        choice = self._offered(index, precision)
         if choice is not None:
             return choice.noise
         if precision.weight == "fp32" and precision.activation is None:
@@ -136,7 +139,7 @@ class Problem:
         for index, layer in enumerate(self.layers):
             precision = pmap.precision(layer.name)
             # Costs as the allocator counts them, so a suggested map predicts exactly its totals.
-            choice = next((c for c in self.choices[index] if c.precision == precision), None) or _choice(
+            choice = self._offered(index, precision) or _choice(
                 layer, precision, *precision.formats(), 0.0, self.total_elements)
             for kind in COST_KINDS:
                 totals[kind] += choice.costs[kind]
