@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -92,6 +92,9 @@ class Problem:
     signal: float  # mean output signal power (Σref²/count)
     total_elements: int
     quant: QuantConfig = field(default_factory=QuantConfig)  # how the sweep calibrated; maps carry it
+    # Output noise of every measured trial, (layer, qualified precision) -> noise: a hand-edited map
+    # may pick what the allocator does not offer (weight-only int4 where it chose among weight/act pairs).
+    trial_noise: dict[tuple[str, LayerPrecision], float] = field(default_factory=dict)
 
     def predicted_sqnr(self, noise: float) -> float:
         return sqnr_from_sums(self.signal, noise)
@@ -114,6 +117,66 @@ class Problem:
     def assignment(self, picks: list[int]) -> dict[str, tuple[Format | None, Format | None]]:
         return {layer.name: (ch[p].weight, ch[p].act) for layer, ch, p in zip(self.layers, self.choices, picks)}
 
+    def _offered(self, index: int, precision: LayerPrecision) -> Choice | None:
+        return next((c for c in self.choices[index] if c.precision == precision), None)
+
+    def layer_noise(self, index: int, precision: LayerPrecision) -> float | None:
+        """Output noise with only layer `index` at `precision`: the allocator's (monotone) figure when
+        it is one of its choices, else the sweep's trial; None when the sweep never measured it."""
+        choice = self._offered(index, precision)
+        if choice is not None:
+            return choice.noise
+        if precision.weight == "fp32" and precision.activation is None:
+            return 0.0
+        return self.trial_noise.get((self.layers[index].name, precision))
+
+    def predict(self, pmap: PrecisionMap) -> dict[str, Any]:
+        """The predicted figures of any map, the allocator's or a hand-edited one: its costs and the
+        output SQNR if the single-layer noises add up. The SQNR is None when the sweep never measured
+        some layer at its precision; those layers are listed under "unmeasured"."""
+        totals = {kind: 0.0 for kind in COST_KINDS}
+        noise, unmeasured = 0.0, []
+        for index, layer in enumerate(self.layers):
+            precision = pmap.precision(layer.name)
+            # Costs as the allocator counts them, so a suggested map predicts exactly its totals.
+            choice = self._offered(index, precision) or _choice(
+                layer, precision, *precision.formats(), 0.0, self.total_elements)
+            for kind in COST_KINDS:
+                totals[kind] += choice.costs[kind]
+            layer_noise = self.layer_noise(index, precision)
+            if layer_noise is None:
+                unmeasured.append(layer.name)
+            else:
+                noise += layer_noise
+        sqnr = None if unmeasured else self.predicted_sqnr(noise)
+        return {"output_sqnr_db": sqnr, **totals, "unmeasured": unmeasured}
+
+    def layer_table(self, pmap: PrecisionMap) -> list[dict[str, Any]]:
+        """One row per layer: its precision in `pmap` and the predicted output SQNR with only that
+        layer quantized ("output_sqnr_db", None when the sweep never measured it)."""
+        rows = []
+        for index, layer in enumerate(self.layers):
+            precision = pmap.precision(layer.name)
+            noise = self.layer_noise(index, precision)
+            rows.append({"layer": layer.name, "kind": layer.kind, "params": layer.params,
+                         "weight": precision.weight, "activation": precision.activation,
+                         "output_sqnr_db": None if noise is None else self.predicted_sqnr(noise)})
+        return rows
+
+
+def finish_map(problem: Problem, pmap: PrecisionMap, budget: Budget | None = None,
+               measured: dict[str, float] | None = None) -> PrecisionMap:
+    """`pmap` with what a map file records on every surface (CLI, dashboard, API): the budget it was
+    made for (the map's own when not given), the prediction for exactly this map, and `measured`
+    (a MeasureFn result, "sqnr_db" added) — None drops a measurement that was of another map."""
+    predicted = problem.predict(pmap)
+    if not predicted["unmeasured"]:
+        del predicted["unmeasured"]
+    if measured is not None and "noise" in measured and "sqnr_db" not in measured:
+        measured = {**measured, "sqnr_db": problem.predicted_sqnr(measured["noise"])}
+    return replace(pmap, budget={"kind": budget.kind, "value": budget.value} if budget else pmap.budget,
+                   predicted=predicted, measured=measured)
+
 
 def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
     """Choices per layer from the sweep: weight×activation pairs when activations were analysed
@@ -122,13 +185,16 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
     granularity = quant.granularity
     has_both = any(t.target == "both" for t in result.trials)
     target = "both" if has_both else "weights"
-    layers, choices, signals = [], [], []
+    layers, choices, signals, trial_noise = [], [], [], {}
     total_elements = sum(costs.weight_elements(layer) for layer in result.layers) or 1
     for layer in result.layers:
         layer_choices = []
         trials = [t for t in result.trials if t.layer == layer.name and t.ok and t.output is not None]
         # Layers without quantizable inputs (embeddings) have no "both" trials: use their weight trials.
         picked = [t for t in trials if t.target == target] or [t for t in trials if t.target == "weights"]
+        for trial in trials:
+            precision = LayerPrecision(trial.weight_format or "fp32", trial.act_format).qualified(granularity)
+            trial_noise[(layer.name, precision)] = trial.output.mse
         for trial in picked:
             weight = parse_format(trial.weight_format, "weight", granularity) if trial.weight_format else None
             act = parse_format(trial.act_format, "activation") if trial.act_format else None
@@ -143,7 +209,7 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
     if not layers:
         raise BudgetError("the analysis has no layers to allocate precision to")
     signal = float(np.median(signals)) if signals else 1.0
-    return Problem(layers, choices, signal, total_elements, quant)
+    return Problem(layers, choices, signal, total_elements, quant, trial_noise)
 
 
 def _choice(layer: Layer, precision: LayerPrecision, weight: Format | None, act: Format | None,
@@ -268,20 +334,12 @@ def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, 
         notes += more_notes
     totals = problem.totals(picks)
     predicted = problem.predicted_sqnr(totals["noise"])
-    measured_out = None
-    if measured is not None:
-        measured_out = dict(measured)
-        measured_out["sqnr_db"] = problem.predicted_sqnr(measured["noise"])
-        if measured["noise"] > 1.05 * totals["noise"] and totals["noise"] > 0:
-            notes.append(f"joint error is {measured['noise'] / totals['noise']:.2f}× the sum of single-layer errors "
-                         "(noise does not add exactly at low bit widths); figures marked measured are the real ones")
-    pmap = problem.to_map(
-        picks, model=fingerprint, provenance=provenance,
-        budget={"kind": budget.kind, "value": budget.value},
-        predicted={"output_sqnr_db": predicted, **{k: totals[k] for k in COST_KINDS}},
-        measured=measured_out, notes=tuple(notes),
-    )
-    return Suggestion(pmap, picks, totals, predicted, measured_out, notes, evaluations)
+    if measured is not None and measured["noise"] > 1.05 * totals["noise"] and totals["noise"] > 0:
+        notes.append(f"joint error is {measured['noise'] / totals['noise']:.2f}× the sum of single-layer errors "
+                     "(noise does not add exactly at low bit widths); figures marked measured are the real ones")
+    pmap = finish_map(problem, problem.to_map(picks, model=fingerprint, provenance=provenance, notes=tuple(notes)),
+                      budget, measured)
+    return Suggestion(pmap, picks, totals, predicted, pmap.measured, notes, evaluations)
 
 
 def k_best(problem: Problem, kind: str, limit: float, k: int) -> list[list[int]]:

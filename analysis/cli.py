@@ -151,6 +151,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import write_report
     from analysis.runs import analyze_to_directory
     from analysis.config import AnalysisConfig
+    from analysis.runstore import Inputs
 
     args.samples = 256 if args.samples is None else args.samples
     if args.samples < 1:
@@ -174,8 +175,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     progress, close = _progress_bar(args.quiet)
     out = Path(args.out)
     try:
-        result = analyze_to_directory(model, data, config, out, resume=args.resume, progress=progress,
-                                      model_spec=args.model, data_spec=args.data, weights=args.weights)
+        # The inputs go into the run's meta.json: the dashboard can then resume or evaluate this run.
+        inputs = Inputs(args.model, args.data, weights=args.weights, task=args.task, label=args.model)
+        result = analyze_to_directory(model, data, config, out, resume=args.resume, progress=progress, inputs=inputs)
     finally:
         close()
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")

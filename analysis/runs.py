@@ -5,31 +5,39 @@ Layout of an output directory:
     trials.jsonl   one finished trial per line, appended and flushed as it completes
     analysis.json  everything, written at the end;  layers.csv  one row per trial
 
+    meta.json      status (running, done, failed, cancelled, interrupted), owner process, labels,
+                   inputs: the record `analysis.runstore` reads, so a CLI run and a dashboard run are
+                   the same kind of folder
+
 `--resume` reads trials.jsonl, skips the finished trials and runs the rest; the final files are the
 same bytes a clean run writes, because trials are stored losslessly (JSON floats round-trip) and
-reassembled in plan order.
+reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
+crash mid-write leaves the previous version, never half a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from analysis.data import Dataset
-from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
-from analysis.config import RESULT_NEUTRAL, AnalysisConfig
 from analysis import provenance as provenance_mod
+from analysis import runstore
+from analysis.config import RESULT_NEUTRAL, AnalysisConfig
+from analysis.data import Dataset
 from analysis.quantsim import ProgressFn
-from analysis.sweep import Sweep
+from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
+from analysis.runstore import Inputs
+from analysis.sweep import AnalysisCancelled, Sweep
 
 RUN_SCHEMA = "quantlens.run/1"
 
 
 class ResumeError(ValueError):
-    """The directory holds a run that cannot be continued with these inputs."""
+    """The directory holds a run that cannot be continued (or replaced) with these inputs now."""
 
 
 def _fingerprint(model: Any) -> str:
@@ -43,10 +51,21 @@ def analyze_to_directory(
     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[TrialResult], None] | None = None,
     model_spec: str | None = None, data_spec: str | None = None, weights: str | None = None,
+    inputs: Inputs | None = None,
 ) -> AnalysisResult:
-    """Run the sweep, streaming each finished trial to `out/trials.jsonl`, then write the final files."""
+    """Run the sweep, streaming each finished trial to `out/trials.jsonl`, then write the final files.
+
+    `inputs` (specs of the model and data, recorded in meta.json) lets the run be resumed or
+    evaluated from another surface; model_spec/data_spec/weights default to its specs."""
+    if inputs is not None:
+        model_spec, data_spec = model_spec or inputs.model_spec, data_spec or inputs.data_spec
+        weights = weights or inputs.weights
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    current = runstore.read_run(out)
+    if current is not None and current.foreign:  # two writers would interleave their trials
+        raise ResumeError(f"{out} is being analysed by process {current.pid} on {current.host}; "
+                          "wait for it to finish, or use another --out directory")
     sweep = Sweep(model, data, config, progress=progress, should_stop=should_stop)
     header = {
         "schema": RUN_SCHEMA,
@@ -74,31 +93,46 @@ def analyze_to_directory(
         # Only trials of this plan: a line from another run or plan is not ours to reuse.
         finished = {t.key: t for t in _read_trials(trials_file) if t.key in planned}
         # Rewrite without a line the crash cut short, so appended trials start on a clean line.
-        trials_file.write_text("".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values()))
+        runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
+            "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values())))
     else:
-        run_file.write_text(json.dumps(header, indent=1))
+        runstore.write_json_atomic(run_file, header)
         trials_file.write_text("")
+    _mark_started(out, config, resume, inputs, provenance)
+    started = time.time()
+    try:
+        with trials_file.open("a") as sink:
+            def record(trial: TrialResult) -> None:
+                sink.write(json.dumps(_jsonable(asdict(trial)), allow_nan=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())  # a kill -9 right after must not lose this trial
+                if on_result:
+                    on_result(trial)
 
-    with trials_file.open("a") as sink:
-        def record(trial: TrialResult) -> None:
-            sink.write(json.dumps(_jsonable(asdict(trial)), allow_nan=False) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())  # a kill -9 right after must not lose this trial
-            if on_result:
-                on_result(trial)
+            result = sweep.run(on_result=record, skip=set(finished))
 
-        result = sweep.run(on_result=record, skip=set(finished))
-
-    order = {t.key: i for i, t in enumerate(sweep.plan())}
-    merged = sorted([*finished.values(), *result.trials], key=lambda t: order.get(t.key, len(order)))
-    result = replace(
-        result,
-        trials=tuple(merged),
-        model={**result.model, **provenance.to_dict(), "spec": provenance.model_spec,
-               "fingerprint": header["model_fingerprint"]},
-        data={**result.data, "spec": provenance.data_spec},
-    )
-    write_outputs(result, out)
+        order = {t.key: i for i, t in enumerate(sweep.plan())}
+        merged = sorted([*finished.values(), *result.trials], key=lambda t: order.get(t.key, len(order)))
+        result = replace(
+            result,
+            trials=tuple(merged),
+            model={**result.model, **provenance.to_dict(), "spec": provenance.model_spec,
+                   "fingerprint": header["model_fingerprint"]},
+            data={**result.data, "spec": provenance.data_spec},
+        )
+        write_outputs(result, out)
+    except AnalysisCancelled:
+        runstore.write_meta(out, status="cancelled", error="cancelled by the user")
+        raise
+    except KeyboardInterrupt:
+        runstore.write_meta(out, status="interrupted", error="interrupted (Ctrl-C)")
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        runstore.write_meta(out, status="failed", error=f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+        raise
+    runstore.write_meta(out, status="done", error=None, seconds=round(time.time() - started, 2),
+                        layers=len(result.layers), trials=len(result.trials))
     return result
 
 
@@ -111,9 +145,33 @@ def _result_config(config: AnalysisConfig) -> dict[str, Any]:
     return payload
 
 
+def _mark_started(out: Path, config: AnalysisConfig, resume: bool, inputs: Inputs | None,
+                  provenance: provenance_mod.Provenance) -> None:
+    """meta.json for a run that starts now: running, owned by this process, with its labels."""
+    meta = runstore.read_meta(out)
+    # The dashboard creates the record (labels, creation time) before its quick local pass; a
+    # leftover from an earlier run in a reused --out folder is replaced instead.
+    prepared = resume or (meta.get("status") == "running" and meta.get("pid") == os.getpid())
+    # The whole config (cache size and device too): what a resume from the dashboard starts with.
+    updates: dict[str, Any] = {"id": out.name, "config": _jsonable(config.to_dict()), "seconds": None,
+                               "layers": None, "trials": None}
+    if not prepared or not meta.get("created"):
+        updates["created"] = time.time()
+    if inputs is not None:
+        # Recorded with absolute paths (as provenance has them): resumable from any directory.
+        recorded = replace(inputs, model_spec=provenance.model_spec or inputs.model_spec,
+                           data_spec=provenance.data_spec or inputs.data_spec, weights=provenance.weights,
+                           eval_spec=provenance_mod.absolute_spec(inputs.eval_spec))
+        updates.update(inputs=asdict(recorded), model=inputs.label or inputs.model_spec,
+                       data=inputs.data_label or inputs.data_spec)
+    elif not prepared or not meta.get("model"):
+        updates.update(model=provenance.model_spec or out.name, data=provenance.data_spec or "", inputs=None)
+    runstore.mark_running(out, **updates)
+
+
 def write_outputs(result: AnalysisResult, out: Path) -> None:
-    result.save(out / "analysis.json")
-    result.to_frame().to_csv(out / "layers.csv", index=False)
+    runstore.write_atomic(out / "analysis.json", result.save)
+    runstore.write_atomic(out / "layers.csv", lambda tmp: result.to_frame().to_csv(tmp, index=False))
 
 
 def _read_trials(path: Path) -> list[TrialResult]:

@@ -72,6 +72,14 @@ def fingerprint_of(result: Any) -> str | None:
     return result.model.get("fingerprint")
 
 
+def provenance_of(result: Any) -> dict | None:
+    """Where the run's model and data came from, as `quantlens suggest` records it in a map (runs
+    written by analyze_to_directory keep it in analysis.json's model block)."""
+    from analysis.provenance import Provenance
+
+    return Provenance.from_dict(result.model).to_dict() or None
+
+
 @st.cache_resource(max_entries=8, show_spinner=False)
 def problem(run_key: str, _result: Any) -> Any:
     from analysis.allocate import build_problem
@@ -84,7 +92,8 @@ def suggestion(run_key: str, kind: str, value: float, _problem: Any, _result: An
     """The allocator's map for a budget judged on the sweep's predictions (instant; no evaluations)."""
     from analysis.allocate import Budget, suggest
 
-    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result))
+    return suggest(_problem, Budget(kind, float(value)), fingerprint=fingerprint_of(_result),
+                   provenance=provenance_of(_result))
 
 
 @st.cache_data(max_entries=16, ttl=3600, show_spinner=False)
@@ -129,59 +138,19 @@ def format_choices(result: Any) -> tuple[list[str], list[str]]:
     return ["fp32", *weights], [FORMAT_NONE, *acts]
 
 
-def _layer_noise(prob: Any, result: Any, index: int, precision: Any) -> float | None:
-    """Output noise with only this layer at `precision`: the allocator's (monotone) figure when it
-    has the choice, else the sweep's trial; None when the sweep never measured it."""
-    for choice in prob.choices[index]:
-        if choice.precision == precision:
-            return choice.noise
-    name = prob.layers[index].name
-    wf, af = precision.formats()
-    # Trials are labelled with the sweep's short names; maps hold qualified ones.
-    weight = wf.name_for("weight") if wf is not None else None
-    act = af.name_for("activation") if af is not None else None
-    if weight is None and act is None:
-        return 0.0
-    target, label = (("both", f"{weight}/{act}") if weight and act else ("weights", weight) if weight
-                     else ("activations", act))
-    for trial in result.trials:
-        if trial.key == (name, target, label) and trial.ok and trial.output is not None:
-            return trial.output.mse
-    return None
-
-
-def map_summary(prob: Any, result: Any, pmap: Any) -> dict[str, Any]:
-    """Costs of a (possibly hand-edited) map and its predicted output SQNR (additive noise model)."""
-    from analysis import costs
-
-    names = [layer.name for layer in result.layers]
-    cost = costs.model_cost(list(result.layers), pmap.assignment(names))
-    noise, unmeasured = 0.0, []
-    for index, layer in enumerate(prob.layers):
-        value = _layer_noise(prob, result, index, pmap.precision(layer.name))
-        if value is None:
-            unmeasured.append(layer.name)
-        else:
-            noise += value
-    return {
-        "avg-bits": cost.avg_weight_bits, "size-kb": cost.weight_bytes / 1024, "bops": cost.bops,
-        "sqnr": None if unmeasured else prob.predicted_sqnr(noise), "unmeasured": unmeasured,
-    }
-
-
-def map_table(result: Any, pmap: Any, prob: Any) -> pd.DataFrame:
-    """One editable row per layer: its weight and activation format in `pmap`."""
-    rows = []
-    for index, layer in enumerate(result.layers):
-        precision = pmap.precision(layer.name)
-        noise = _layer_noise(prob, result, index, precision)
-        sqnr = prob.predicted_sqnr(noise) if noise is not None else None
-        rows.append({
-            "layer": layer.name, "kind": layer.kind, "params": layer.params,
-            "weight": precision.weight or "fp32", "activation": precision.activation or FORMAT_NONE,
-            "SQNR alone (dB)": sqnr,
-        })
+def map_table(prob: Any, pmap: Any) -> pd.DataFrame:
+    """One editable row per layer: its weight and activation format in `pmap`, and the engine's
+    prediction with only that layer quantized."""
+    rows = [{"layer": row["layer"], "kind": row["kind"], "params": row["params"], "weight": row["weight"] or "fp32",
+             "activation": row["activation"] or FORMAT_NONE, "SQNR alone (dB)": row["output_sqnr_db"]}
+            for row in prob.layer_table(pmap)]
     return pd.DataFrame(rows)
+
+
+def same_precisions(a: Any, b: Any, names: list[str]) -> bool:
+    """Whether two maps give every named layer the same formats (a map listing every layer and one
+    relying on its default can be the same map)."""
+    return all(a.precision(name) == b.precision(name) for name in names)
 
 
 def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()) -> Any:
@@ -204,7 +173,8 @@ def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()
         if name in no_input and value.get("activation"):
             raise MapError(f"layer {name!r} takes integer indices (an embedding): its activation must be 'none'")
     return PrecisionMap({name: LayerPrecision(v["weight"], v.get("activation")) for name, v in layers.items()},
-                        model=fingerprint_of(result), quant=quant_of(result), notes=tuple(notes))
+                        model=fingerprint_of(result), quant=quant_of(result), notes=tuple(notes),
+                        provenance=provenance_of(result))
 
 
 def load_map_upload(data: bytes, name: str, result: Any) -> Any:

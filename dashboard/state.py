@@ -1,4 +1,4 @@
-"""Dashboard state: settings, cached loaders, the on-disk run store, background jobs, session state.
+"""Dashboard state: settings, cached loaders, background jobs, session state; the run store is the engine's.
 
 Heavy work never reruns on a widget change:
 - models and data sets are loaded once per (spec, file digest) with `st.cache_resource` (shared by all
@@ -6,9 +6,9 @@ Heavy work never reruns on a widget change:
 - an analysis runs in a background thread (`Job`) that writes progress and finished trials into a
   plain object; pages poll it from an `st.fragment(run_every=...)`; `QUANTLENS_SYNC_JOBS=1` runs it
   inline instead (tests, where no browser polls);
-- every finished analysis is a folder in the run store (`QUANTLENS_RUNS_DIR`, default
-  `~/.quantlens/runs`), written by `analysis.runs.analyze_to_directory`, so results survive a browser
-  refresh or a server restart and reopen instantly.
+- every analysis is a folder in the run store (`analysis.runstore`, in `QUANTLENS_RUNS_DIR`, default
+  `~/.quantlens/runs`), written by `analysis.runs.analyze_to_directory` like a CLI run, so results
+  survive a browser refresh or a server restart and reopen instantly.
 
 Environment:
     QUANTLENS_RUNS_DIR          where runs are kept (default ~/.quantlens/runs)
@@ -22,7 +22,6 @@ Environment:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,17 +29,17 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
+from analysis import runstore
 from analysis.calibration import CALIBRATION_METHODS as _CALIBRATION_METHODS
 from analysis.formats import example_formats
+from analysis.runstore import Inputs, RunInfo
 
-RUN_META = "meta.json"
-META_SCHEMA = "quantlens.dashboard-run/1"
 # Pickers read the engine's registries, so a newly registered format family shows up here.
 WEIGHT_FORMAT_CHOICES = example_formats("weight")
 ACT_FORMAT_CHOICES = example_formats("activation") + ("none",)
@@ -94,31 +93,6 @@ def one_line(exc: BaseException) -> str:
 # --- inputs: what a run analyses ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """The model and data of a run, as specs `analysis.loading` understands."""
-
-    model_spec: str  # "sample:cnn", "path/model.pt2" or "path/file.py:factory"
-    data_spec: str  # "sample:cnn" or a data file
-    weights: str | None = None  # state dict for a factory
-    eval_spec: str | None = None  # evaluation data file; None: the sample's evaluation split / the calibration data
-    task: str | None = None
-    label: str = ""  # shown in the run list
-    data_label: str = ""
-
-    @property
-    def is_sample(self) -> bool:
-        return self.model_spec.startswith("sample:")
-
-    def eval_source(self) -> tuple[str, str]:
-        """(spec, split) of the evaluation data."""
-        if self.eval_spec:
-            return self.eval_spec, "calibration"
-        if self.data_spec.startswith("sample:"):
-            return self.data_spec, "evaluation"
-        return self.data_spec, "calibration"
-
-
 def sample_inputs(name: str) -> Inputs:
     spec = f"sample:{name}"
     return Inputs(spec, spec, label=spec, data_label=f"{spec} (calibration split)")
@@ -139,14 +113,6 @@ def available_samples() -> dict[str, str | None]:
     return out
 
 
-def _stat_digest(path: Path) -> str:
-    try:
-        stat = path.stat()
-    except OSError:
-        return "missing"
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
-
-
 def spec_digest(spec: str | None) -> str:
     """A cheap cache key for the files behind a spec (size and mtime): a changed file is reloaded."""
     if not spec:
@@ -158,11 +124,11 @@ def spec_digest(spec: str | None) -> str:
             folder = sample_models.sample_dir(spec.removeprefix("sample:"))
         except Exception:  # noqa: BLE001 — unknown names fail in the loader, with its message
             return "unknown-sample"
-        return "|".join(f"{p.name}:{_stat_digest(p)}" for p in sorted(folder.glob("*")) if p.is_file())
+        return "|".join(f"{p.name}:{runstore.file_stamp(p)}" for p in sorted(folder.glob("*")) if p.is_file())
     head, sep, _ = spec.rpartition(":")
     if sep and head.lower().endswith(".py"):
-        return _stat_digest(Path(head).expanduser())
-    return _stat_digest(Path(spec).expanduser())
+        return runstore.file_stamp(Path(head).expanduser())
+    return runstore.file_stamp(Path(spec).expanduser())
 
 
 def save_upload(uploaded: Any) -> Path:
@@ -234,166 +200,25 @@ def _cached_result(path: str, stamp: str) -> Any:
     return load_analysis(path)
 
 
-# --- the run store ----------------------------------------------------------------------------------
+# --- the run store (analysis.runstore, in QUANTLENS_RUNS_DIR) ---------------------------------------
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    id: str
-    path: Path
-    status: str  # running, done, failed, cancelled, interrupted
-    model: str
-    data: str
-    created: float
-    seconds: float | None = None
-    error: str | None = None
-    inputs: dict[str, Any] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    layers: int | None = None
-    trials: int | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status == "done"
-
-    @property
-    def stamp(self) -> str:
-        """Changes whenever analysis.json is rewritten: the cache key of everything derived."""
-        return _stat_digest(self.path / "analysis.json")
-
-    @property
-    def key(self) -> str:
-        return f"{self.id}@{self.stamp}"
-
-    @property
-    def when(self) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
-
-    def formats_summary(self) -> str:
-        weights = ",".join(self.config.get("weight_formats") or ()) or "—"
-        acts = ",".join(self.config.get("act_formats") or ()) or "none"
-        samples = (self.config.get("quant") or self.config).get("num_samples")
-        return f"W {weights} · A {acts}" + (f" · {samples} samples" if samples else "")
-
-    def title(self) -> str:
-        status = "" if self.done else f" · {self.status}"
-        return f"{self.model} · {self.when}{status}"
-
-    def get_inputs(self) -> Inputs | None:
-        if not self.inputs:
-            return None
-        names = {f.name for f in fields(Inputs)}
-        return Inputs(**{k: v for k, v in self.inputs.items() if k in names})
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:32] or "run"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def new_run_dir(label: str) -> tuple[str, Path]:
-    root = runs_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(label)}-{uuid.uuid4().hex[:4]}"
-    path = root / run_id
-    path.mkdir()
-    return run_id, path
-
-
-def write_meta(path: Path, **updates: Any) -> dict:
-    meta_path = path / RUN_META
-    meta = {}
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-    meta.update(updates)
-    meta["schema"] = META_SCHEMA
-    _write_json(meta_path, meta)
-    return meta
-
-
-def _read_run(path: Path) -> RunInfo | None:
-    meta_path = path / RUN_META
-    meta: dict[str, Any] = {}
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-    has_analysis = (path / "analysis.json").exists()
-    if not meta and not has_analysis and not (path / "run.json").exists():
-        return None  # not a run folder
-    status = meta.get("status") or ("done" if has_analysis else "interrupted")
-    if status == "running":
-        job = JOBS.get(path.name)
-        if job is None or not job.running:  # the server stopped mid-run (or another process runs it)
-            status = "interrupted"
-    if status == "done" and not has_analysis:
-        status = "interrupted"
-    config = meta.get("config") or {}
-    if not config and (path / "run.json").exists():  # a folder written by `quantlens analyze --out`
-        try:
-            config = json.loads((path / "run.json").read_text()).get("config", {})
-        except (OSError, json.JSONDecodeError):
-            config = {}
-    try:
-        created = float(meta.get("created") or path.stat().st_mtime)
-    except OSError:
-        return None
-    return RunInfo(
-        id=path.name, path=path, status=status, model=str(meta.get("model") or path.name),
-        data=str(meta.get("data") or ""), created=created, seconds=meta.get("seconds"),
-        error=meta.get("error"), inputs=meta.get("inputs"), config=config,
-        layers=meta.get("layers"), trials=meta.get("trials"),
-    )
+def _own_jobs() -> set[str]:
+    """Runs this server is analysing now: one recorded as ours but not here lost its thread."""
+    with _JOBS_LOCK:
+        return {job.id for job in JOBS.values() if job.running}
 
 
 def list_runs() -> list[RunInfo]:
-    """Every run folder under the store, newest first (a few small JSON reads: cheap)."""
-    root = runs_dir()
-    if not root.is_dir():
-        return []
-    runs = []
-    for child in root.iterdir():
-        if child.is_dir() and not child.name.startswith("."):
-            info = _read_run(child)
-            if info is not None:
-                runs.append(info)
-    return sorted(runs, key=lambda r: (r.created, r.id), reverse=True)
-
-
-def run_labels(runs: list[RunInfo], detailed: bool = False) -> dict[str, str]:
-    """Unique display labels (widgets tell options apart by their label)."""
-    labels = {r.id: r.title() + (f" · {r.formats_summary()}" if detailed else "") for r in runs}
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return {i: (label if counts[label] == 1 else f"{label} · {i.rsplit('-', 1)[-1]}") for i, label in labels.items()}
+    return runstore.list_runs(runs_dir(), _own_jobs())
 
 
 def get_run(run_id: str | None) -> RunInfo | None:
-    if not run_id:
-        return None
-    path = runs_dir() / run_id
-    return _read_run(path) if path.is_dir() else None
+    return runstore.get_run(runs_dir(), run_id, _own_jobs())
 
 
 def delete_run(run_id: str) -> None:
-    root = runs_dir().resolve()
-    path = (root / run_id).resolve()
-    if path.parent != root or not path.is_dir():
-        raise ValueError(f"no run {run_id!r} in {root}")
-    job = JOBS.get(run_id)
-    if job is not None and job.running:
-        raise ValueError("this run is still being analysed; cancel it first")
-    shutil.rmtree(path)
+    runstore.delete_run(runs_dir(), run_id, _own_jobs())
 
 
 def load_run_result(info: RunInfo) -> Any:
@@ -472,22 +297,20 @@ class Job:
                 self.local_result = analyze(self._model, self._data, local, progress=self._progress,
                                             should_stop=self.stop.is_set)
             self.phase, self.done, self.total = "full", 0, 0
-            result = analyze_to_directory(
+            # Streams each trial to trials.jsonl and records the run's status in meta.json.
+            self.result = analyze_to_directory(
                 self._model, self._data, self.config, self.path, resume=self.resume, progress=self._progress,
-                should_stop=self.stop.is_set, on_result=self.trials.append,
-                model_spec=self.inputs.model_spec, data_spec=self.inputs.data_spec,
+                should_stop=self.stop.is_set, on_result=self.trials.append, inputs=self.inputs,
             )
-            self.result = result
-            write_meta(self.path, status="done", seconds=round(time.time() - self.started, 2),
-                       layers=len(result.layers), trials=len(result.trials), error=None)
+            runstore.write_meta(self.path, seconds=round(time.time() - self.started, 2))  # with the local pass
             self.phase = "done"
-        except AnalysisCancelled:
-            write_meta(self.path, status="cancelled", error="cancelled by the user")
+        except AnalysisCancelled:  # also during the local pass, before the engine wrote anything
+            runstore.write_meta(self.path, status="cancelled", error="cancelled by the user")
             self.phase = "cancelled"
         except Exception as exc:  # noqa: BLE001 — the job reports, the app stays up
             self.error = one_line(exc)
             if self.trials or self.resume:
-                write_meta(self.path, status="failed", error=self.error)
+                runstore.write_meta(self.path, status="failed", error=self.error)
             else:  # failed before any result (e.g. no quantizable layers): leave nothing half-made
                 shutil.rmtree(self.path, ignore_errors=True)
             self.phase = "failed"
@@ -532,14 +355,17 @@ def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) ->
         return existing
     model, data = load_checked(inputs)
     if resume_run is not None:
-        run_id, path = resume_run.id, resume_run.path
-        write_meta(path, status="running", error=None)
-    else:
-        run_id, path = new_run_dir(inputs.label or inputs.model_spec)
-        write_meta(path, id=run_id, created=time.time(), status="running", model=inputs.label or inputs.model_spec,
-                   data=inputs.data_label or inputs.data_spec, inputs=asdict(inputs), config=_config_json(config))
-    job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None)
+        latest = get_run(resume_run.id)
+        if latest is None or latest.status == "running":
+            raise ValueError(f"run {resume_run.id} is gone or still being analysed; pick it again in the run list")
+    # Under the lock: a run marked running by this server is interrupted unless it is in JOBS.
     with _JOBS_LOCK:
+        if resume_run is not None:
+            run_id, path = resume_run.id, resume_run.path
+            runstore.mark_running(path)
+        else:
+            run_id, path = runstore.create_run(runs_dir(), inputs, _config_json(config))
+        job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None)
         _prune_jobs()
         JOBS[run_id] = job
     if sync_jobs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from analysis import runstore
 from dashboard import state
 
 POLL_SECONDS = 0.5
@@ -98,7 +99,7 @@ def sidebar() -> None:
             st.caption(f"No runs yet. Finished analyses are kept in `{state.runs_dir()}`.")
             return
         by_id = {r.id: r for r in runs}
-        labels = state.run_labels(runs)
+        labels = runstore.run_labels(runs)
         current = st.session_state.get("run_id")
         if current not in by_id:
             current = next((r.id for r in runs if r.done), runs[0].id)
@@ -115,6 +116,8 @@ def sidebar() -> None:
                    f"{info.when} · {info.status}" + (f" · took {info.seconds:.1f} s" if info.seconds else "")]
         if info.layers:
             details.append(f"{info.layers} layers · {info.trials} trials")
+        if info.foreign:  # e.g. a `quantlens analyze` writing into the store: not this server's to resume
+            details.append(f"being analysed by process {info.pid} on {info.host}")
         if info.error and not info.done:
             details.append(f"⚠ {info.error}")
         st.caption("  \n".join(details))

@@ -18,6 +18,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import sample_models
+from analysis import runstore
 from dashboard import state
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
@@ -103,9 +104,9 @@ def test_first_open_analyses_the_sample_and_a_second_open_reuses_it(tmp_path):
     at = _open(tmp_path)
     runs = _run_dirs(tmp_path)
     assert len(runs) == 1
-    for name in ("run.json", "trials.jsonl", "analysis.json", "layers.csv", state.RUN_META):
+    for name in ("run.json", "trials.jsonl", "analysis.json", "layers.csv", runstore.RUN_META):
         assert (runs[0] / name).exists(), name
-    meta = json.loads((runs[0] / state.RUN_META).read_text())
+    meta = json.loads((runs[0] / runstore.RUN_META).read_text())
     assert meta["status"] == "done" and meta["model"] == "sample:mlp"
     assert at.session_state.run_id == runs[0].name
     assert not _errors(at)
@@ -234,6 +235,39 @@ def test_mixed_precision_other_budget_kinds_and_bad_map_file(tmp_path, template_
     at.file_uploader(key="mp_map_upload").clear().upload("map2.json", json.dumps(bad_layer).encode()).run()
     _ok(at)
     assert any("nope" in e for e in _errors(at))
+
+
+def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_measured(tmp_path, template_runs):
+    import yaml
+
+    from analysis.allocate import build_problem
+    from analysis.precision_map import map_from_dict
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_value_avg-bits").set_value(4.5).run()
+    editor = at.data_editor[0]
+    at.session_state[editor.key] = {"edited_rows": {0: {"weight": "int8", "activation": "none"}},
+                                    "added_rows": [], "deleted_rows": []}
+    at.run()
+    _ok(at)
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    assert not _errors(at)
+    shown_bits = float(_metric(at, "Average weight bits"))
+
+    _page(at, "export")
+    exported = yaml.safe_load(at.code[0].value)  # the preview of the downloadable map
+    assert exported["layers"][editor.value["layer"][0]] == {"weight": "int8-sym-pc"}  # names are stored qualified
+    assert exported["budget"] == {"kind": "avg-bits", "value": 4.5}
+    # the same prediction the CLI and the API compute for this map, shown on the page
+    result = state.load_run_result(state.get_run(at.session_state.run_id))
+    engine = build_problem(result).predict(map_from_dict(exported))
+    assert exported["predicted"] == {k: pytest.approx(v) for k, v in engine.items() if k != "unmeasured"}
+    assert exported["predicted"]["avg-bits"] == pytest.approx(shown_bits, abs=0.01)
+    # Evaluate measured exactly this map: recorded like `quantlens suggest` does
+    assert {"noise", "sqnr_db", "metric", "drop"} <= set(exported["measured"])
+    assert exported["provenance"]["model_spec"] == "sample:mlp"
+    assert exported["provenance"]["model_fingerprint"] == exported["model"] == result.model["fingerprint"]
 
 
 def test_export_page_offers_downloads(tmp_path, template_runs):
@@ -407,9 +441,7 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path):
     from analysis.sweep import AnalysisConfig
 
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
-    run_id, path = state.new_run_dir(inputs.label)
-    state.write_meta(path, id=run_id, created=1.0, status="running", model=inputs.label, data=inputs.data_label,
-                     inputs=inputs.__dict__, config=state._config_json(config))
+    run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
     job.stop = _StopAfter(job, 5)
     job.run()

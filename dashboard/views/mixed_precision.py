@@ -8,7 +8,7 @@ import math
 import streamlit as st
 
 from analysis import charts
-from analysis.allocate import BUDGET_KINDS, COST_KINDS, Budget, suggest
+from analysis.allocate import BUDGET_KINDS, COST_KINDS, Budget, finish_map, suggest
 from dashboard import derived, figures, state
 
 info, result = state.require_result()
@@ -62,7 +62,8 @@ if kind == "max-drop":
             evaluator, lock = derived.run_evaluator(info, result, eval_samples)
             with st.spinner("Evaluating candidate maps…"), lock:
                 found[search_key] = suggest(prob, Budget(kind, value), measure=evaluator.measure,
-                                            fingerprint=derived.fingerprint_of(result))
+                                            fingerprint=derived.fingerprint_of(result),
+                                            provenance=derived.provenance_of(result))
         except Exception as exc:  # noqa: BLE001
             st.error(state.one_line(exc))
     sug = found.get(search_key)
@@ -108,7 +109,7 @@ for note in sug.notes if info.id not in loaded else ():
     (st.error if "cannot be met" in note or "not met" in note else st.warning)(f"Allocator: {note}")
 
 weight_options, act_options = derived.format_choices(result)
-base_table = derived.map_table(result, base_map, prob)
+base_table = derived.map_table(prob, base_map)
 weight_options += [w for w in base_table["weight"].unique() if w not in weight_options]
 act_options += [a for a in base_table["activation"].unique() if a not in act_options]
 
@@ -134,7 +135,6 @@ with left:
     )
     try:
         pmap = derived.map_from_table(edited, result, notes=tuple(base_map.notes))
-        ss.current_maps[info.id] = pmap
     except Exception as exc:  # noqa: BLE001 — a bad edit: say why, keep the last valid map
         st.error(f"Map edit not applied: {state.one_line(exc)}")
         pmap = ss.current_maps.get(info.id) or base_map
@@ -143,8 +143,26 @@ with left:
         st.caption(f"{len(changed)} layer(s) changed by hand: {', '.join(changed[:6])}"
                    + (" …" if len(changed) > 6 else ""))
 
-summary = derived.map_summary(prob, result, pmap)
-base_summary = derived.map_summary(prob, result, base_map)
+# The map as it is exported: the same budget / predicted / measured fields as `quantlens suggest`
+# writes. A measurement is kept only while it is of exactly this map.
+layer_names = [layer.name for layer in result.layers]
+stored = ss.evaluations.get(info.id)
+
+
+def _measured_for(candidate):
+    if base_map.measured and derived.same_precisions(candidate, base_map, layer_names):
+        return base_map.measured
+    if stored and stored.get("measured") and derived.same_precisions(candidate, stored["map"], layer_names):
+        return stored["measured"]
+    return None
+
+
+map_budget = None if info.id in loaded else Budget(kind, value)  # a loaded map keeps its own budget
+pmap = finish_map(prob, pmap, map_budget, _measured_for(pmap))
+ss.current_maps[info.id] = pmap
+summary = pmap.predicted
+base_summary = prob.predict(base_map)
+unmeasured = summary.get("unmeasured") or []
 
 
 def _delta(key: str, spec: str) -> str | None:
@@ -156,15 +174,16 @@ def _delta(key: str, spec: str) -> str | None:
 
 with metrics_box:
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Predicted output SQNR", f"{summary['sqnr']:.1f} dB" if summary["sqnr"] is not None else "n/a",
-              delta=_delta("sqnr", "+.1f"), help="From the sweep, assuming layer errors add up.")
+    sqnr = summary["output_sqnr_db"]
+    m1.metric("Predicted output SQNR", f"{sqnr:.1f} dB" if sqnr is not None else "n/a",
+              delta=_delta("output_sqnr_db", "+.1f"), help="From the sweep, assuming layer errors add up.")
     m2.metric("Average weight bits", f"{summary['avg-bits']:.2f}", delta=_delta("avg-bits", "+.2f"),
               delta_color="inverse")
     m3.metric("Weight size", f"{summary['size-kb']:.1f} KiB", delta=_delta("size-kb", "+.1f"), delta_color="inverse")
     m4.metric("BOPs / sample", f"{summary['bops']:.3g}")
-    if summary["unmeasured"]:
+    if unmeasured:
         st.caption("No prediction: the sweep never measured "
-                   + ", ".join(summary["unmeasured"][:4]) + " at the chosen format(s). Evaluate to measure.")
+                   + ", ".join(unmeasured[:4]) + " at the chosen format(s). Evaluate to measure.")
 
 with right:
     x_kind = kind if kind in COST_KINDS else "avg-bits"
@@ -177,7 +196,7 @@ with right:
                 shadow[value_key] = float(point["x"])
                 return
 
-    current = {"cost": summary[x_kind], "sqnr": summary["sqnr"], "label": "this map"}
+    current = {"cost": summary[x_kind], "sqnr": summary["output_sqnr_db"], "label": "this map"}
     st.plotly_chart(figures.pareto_figure(front_points, uniform, x_kind, current), key="mp_pareto",
                     on_select=_use_point, selection_mode="points")
     st.caption("Front: the allocator's best map at each budget; diamonds: one format everywhere; star: the map "
@@ -199,10 +218,14 @@ if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
         rows = derived.baseline_rows(info.key, eval_samples, derived.baseline_pairs(result), evaluator, lock)
         with st.spinner("Evaluating this map…"), lock:
             row = evaluator.evaluate(pmap, "this map").as_row()
-        ss.evaluations[info.id] = {"rows": [*rows, row], "map": pmap.to_dict(), "samples": eval_samples}
+            # What `quantlens suggest` records as measured: output noise on the calibration data,
+            # and the task metric's drop with labelled data.
+            measured = evaluator.measure(pmap.assignment(evaluator.layer_names))
+        stored = ss.evaluations[info.id] = {"rows": [*rows, row], "map": pmap, "measured": measured,
+                                            "samples": eval_samples}
+        pmap = ss.current_maps[info.id] = finish_map(prob, pmap, map_budget, measured)
     except Exception as exc:  # noqa: BLE001 — missing files, unknown layers, model errors: one line
         st.error(f"Evaluation failed: {state.one_line(exc)}")
-stored = ss.evaluations.get(info.id)
 if stored:
     st.dataframe(derived.evaluation_table(stored["rows"]), hide_index=True, key="mp_eval_table", placeholder="–",
                  column_config={
@@ -216,5 +239,5 @@ if stored:
                      "BOPs / sample": st.column_config.NumberColumn(format="compact"),
                      "ms / sample (simulated)": st.column_config.NumberColumn(format="%.3f"),
                  })
-    if stored["map"] != pmap.to_dict():
+    if not derived.same_precisions(stored["map"], pmap, layer_names):
         st.caption("The map has changed since this evaluation: press Evaluate again to measure it.")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis import charts
+from analysis import charts, runstore
 from dashboard import derived, figures, state
 
 info, result = state.require_result()
@@ -206,7 +206,7 @@ with tabs[4]:
             st.info("Only one finished run: analyse another model or configuration to compare with this one.")
         else:
             by_id = {r.id: r for r in others}
-            other_labels = state.run_labels(others, detailed=True)
+            other_labels = runstore.run_labels(others, detailed=True)
             other_id = st.selectbox("Compare with (B)", list(by_id), key="sens_compare_run",
                                     format_func=lambda i: other_labels.get(i, i))
             other = by_id[other_id]
