@@ -113,7 +113,7 @@ def test_the_dashboard_builds_the_same_map_object(project):
     _, out = project
     result = load_analysis(out)
     pmap = load_map(out / "map.json")
-    table = derived.map_table(result, pmap, derived.problem(str(out), result))
+    table = derived.map_table(derived.problem(str(out), result), pmap)
     edited = derived.map_from_table(table, result)
     assert edited.quant == pmap.quant and edited.layers == pmap.layers and edited.model == pmap.model
 
