@@ -153,3 +153,26 @@ def test_suggest_refuses_when_the_analysed_weights_changed(project, tmp_path, ca
     assert main(["suggest", str(copy), "--budget", "avg-bits=6", "--front-points", "0"]) == 2
     err = capsys.readouterr().err
     assert "changed since" in err and "--weights" in err
+
+
+def test_the_qdq_onnx_export_runs_the_maps_quantizers(project, tmp_path):
+    import onnxruntime as ort
+
+    from analysis.metrics import sqnr_db
+    from analysis.quantsim import QuantSim
+
+    root, out = project
+    pmap = load_map(out / "map.json")
+    # Model and data from the map's provenance: nothing but the map is named.
+    assert main(["export", str(out / "map.json"), "--to", "onnx", "--out", str(tmp_path / "net.onnx")]) == 0
+    data = _data(root)
+    sim = QuantSim(_model(root), data, pmap.quant)
+    simulated = sim.forward(data.inputs, pmap.assignment(sim.layer_names))
+    options = ort.SessionOptions()  # unfused: see tests/test_export.py::_run_onnx for why
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), options, providers=["CPUExecutionProvider"])
+    onnx_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: data.inputs.numpy()})[0])
+    assert sqnr_db(simulated, onnx_out) > 40.0
+    # The same map calibrated with the defaults instead would not match as closely.
+    default = QuantSim(_model(root), data, QuantConfig()).forward(data.inputs, pmap.assignment(sim.layer_names))
+    assert sqnr_db(default, onnx_out) < sqnr_db(simulated, onnx_out) - 3.0
