@@ -82,7 +82,7 @@ def test_merge_reads_saved_shards_and_keeps_a_partial_union_as_a_layer_list(runs
 
 
 def test_overlapping_shards_are_refused(runs):
-    model, ds, full, first, second = runs
+    model, ds, full, first, _ = runs
     overlapping = analyze(model, ds, dataclasses.replace(CONFIG, layers=("a", "b")))
     with pytest.raises(ValueError, match="layer 'a' is in result 1 and result 2; shards must analyse disjoint"):
         AnalysisResult.merge(first, overlapping)
