@@ -2,21 +2,36 @@
 
 Everything is accumulated as sums over all calibration samples and only turned into ratios at the
 end: SQNR = 10·log10(Σref² / Σ(ref − q)²) over the whole set, the ONNX Runtime / torchao definition,
-not a mean of per-batch ratios (which over-weights quiet batches). Because the sums are additive, a
-sweep that splits samples into chunks to bound memory gives the same numbers as one that does not
-(up to float32 rounding of each chunk's partial sum, ~1e-6 relative).
+not a mean of per-batch ratios (which over-weights quiet batches). KL is computed per row
+(distribution) in float64 and averaged over all rows. Because the sums are additive, a sweep that
+splits samples into chunks to bound memory gives the same numbers as one that does not (up to
+float32 rounding of each chunk's partial sum, ~1e-6 relative).
+
+The running sums are float64 tensors on the data's device (the CPU for MPS, which has no float64)
+and are read back to Python numbers only by `result()` and `state()`: an update queues kernels and
+never waits for them, so a GPU sweep does not synchronise with the host per batch. For the same
+reason the NaN/Inf check is recorded on the device and raised by `result()`.
+
+Accumulators are shardable: `state()` is a dict of plain numbers (JSON-ready, exact through
+`json`), `from_state` rebuilds the accumulator, and `merge` adds another one in. Accumulating batches
+A then B in one accumulator equals accumulating them in two and merging: exactly for counts and the
+maximum error, and to float64 summation order for the sums (relative 1e-12 for any realistic number
+of shards; exact for two).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 # When the error is exactly zero SQNR is infinite; report a finite cap (ONNX Runtime reports ~100 dB)
 # so tables sort and JSON stays valid.
 SQNR_CAP_DB = 100.0
+NONFINITE = "the compared tensors contain NaN or Inf; the model produced non-finite values"
 
 
 def sqnr_db(reference: torch.Tensor, quantized: torch.Tensor) -> float:
@@ -57,6 +72,15 @@ class ErrorStats:
         }
 
 
+def float64_home(device: torch.device) -> torch.device:
+    """Where float64 sums for data on `device` live: the same device, except MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+_SUMS = ("signal", "noise", "dot", "quant_power")
+_STATE_KEYS = ("logits", "count", "distributions", *_SUMS, "max_abs", "kl_sum", "agree", "nonfinite")
+
+
 class ErrorAccumulator:
     """Running sums for `ErrorStats`; `update` once per batch (or chunk), `result` at the end.
 
@@ -66,38 +90,44 @@ class ErrorAccumulator:
 
     def __init__(self, logits: bool = False) -> None:
         self.logits = logits
-        self.signal = 0.0
-        self.noise = 0.0
-        self.dot = 0.0
-        self.quant_power = 0.0
-        self.max_abs = 0.0
-        self.count = 0
-        self.kl_sum = 0.0
-        self.agree = 0
+        self.count = 0  # element and row counts are known on the host without reading the device
         self.distributions = 0
+        # Device tensors, created by the first update on its data's device (see `float64_home`).
+        self._sums: torch.Tensor | None = None  # float64 [Σref², Σ(ref − q)², Σref·q, Σq²]
+        self._max_abs: torch.Tensor | None = None  # float64 scalar
+        self._kl_sum: torch.Tensor | None = None  # float64 scalar
+        self._agree: torch.Tensor | None = None  # int64 scalar
+        self._nonfinite: torch.Tensor | None = None  # bool scalar: some update saw NaN or Inf
 
     def update(self, reference: torch.Tensor, quantized: torch.Tensor) -> None:
         if reference.shape != quantized.shape:
             raise ValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(quantized.shape)}")
+        if reference.numel() == 0:
+            return
+        home = float64_home(reference.device)
+        self._place(home)
         # Element-wise work stays in float32 (converting whole activations to float64 costs as much
         # as the convolutions that produced them); torch reduces with cascaded partial sums, and
-        # each batch's partial sum is accumulated here in Python floats (float64).
+        # each batch's partial sum is accumulated here in float64. Every step below is a tensor
+        # operation: nothing waits for the device.
         ref = reference.detach().reshape(-1).float()
         q = quantized.detach().reshape(-1).float()
-        # Normalise by a power of two (exact) so squares neither overflow at 1e30 nor underflow at 1e-30;
-        # the sums are scaled back in Python floats.
-        peak = float(torch.maximum(ref.abs().max(), q.abs().max())) if ref.numel() else 0.0
-        if not math.isfinite(peak):
-            raise ValueError("the compared tensors contain NaN or Inf; the model produced non-finite values")
-        unit = 2.0 ** math.floor(math.log2(peak)) if peak > 0 else 1.0
+        # Normalise by a power of two (exact) so squares neither overflow at 1e30 nor underflow at
+        # 1e-30: unit = 2^floor(log2(peak)), which is 2^(e − 1) for peak = m·2^e with m in [0.5, 1).
+        peak = torch.maximum(ref.abs().max(), q.abs().max())
+        finite = torch.isfinite(peak)
+        _, exponent = torch.frexp(peak)
+        one = torch.ones_like(peak)
+        unit = torch.where(finite & (peak > 0), torch.ldexp(one, exponent - 1), one)
         ref, q = ref / unit, q / unit
         err = ref - q
-        self.signal += float(torch.dot(ref, ref)) * unit * unit
-        self.noise += float(torch.dot(err, err)) * unit * unit
-        self.dot += float(torch.dot(ref, q)) * unit * unit
-        self.quant_power += float(torch.dot(q, q)) * unit * unit
-        if err.numel():
-            self.max_abs = max(self.max_abs, float(err.abs().max()) * unit)
+        unit64 = unit.to(home).double()
+        dots = torch.stack([torch.dot(ref, ref), torch.dot(err, err), torch.dot(ref, q), torch.dot(q, q)])
+        # Out-of-place updates: the sweep updates under inference_mode and outside it, and an
+        # in-place write to a tensor created in the other mode is an error.
+        self._sums = self._sums + dots.to(home).double() * (unit64 * unit64)
+        self._max_abs = torch.maximum(self._max_abs, err.abs().max().to(home).double() * unit64)
+        self._nonfinite = self._nonfinite | ~finite.to(home)
         self.count += ref.numel()
         if self.logits:
             ref_rows = reference.detach().reshape(-1, reference.shape[-1])
@@ -106,33 +136,202 @@ class ErrorAccumulator:
             # language model's [tokens, vocabulary] logits never exist twice in float64.
             step = max(1, (1 << 20) // max(ref_rows.shape[1], 1))
             for start in range(0, ref_rows.shape[0], step):
-                log_p = torch.log_softmax(ref_rows[start:start + step].double(), dim=-1)
-                log_q = torch.log_softmax(q_rows[start:start + step].double(), dim=-1)
-                self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-                self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+                log_p = torch.log_softmax(ref_rows[start:start + step].to(home).double(), dim=-1)
+                log_q = torch.log_softmax(q_rows[start:start + step].to(home).double(), dim=-1)
+                self._kl_sum = self._kl_sum + (log_p.exp() * (log_p - log_q)).sum()
+                self._agree = self._agree + (log_p.argmax(-1) == log_q.argmax(-1)).sum()
             self.distributions += ref_rows.shape[0]
+
+    def _place(self, home: torch.device) -> None:
+        """Create the sums on `home`, or move them there once (an accumulator follows its data)."""
+        if self._sums is None:
+            self._sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=home)
+            self._max_abs = torch.zeros((), dtype=torch.float64, device=home)
+            self._kl_sum = torch.zeros((), dtype=torch.float64, device=home)
+            self._agree = torch.zeros((), dtype=torch.int64, device=home)
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=home)
+        elif self._sums.device != home:
+            self._sums, self._max_abs, self._kl_sum, self._agree, self._nonfinite = (
+                t.to(home) for t in (self._sums, self._max_abs, self._kl_sum, self._agree, self._nonfinite))
+
+    def _numbers(self) -> dict[str, Any]:
+        """The device sums as Python numbers, read back in one transfer."""
+        if self._sums is None:
+            return {**{name: 0.0 for name in _SUMS}, "max_abs": 0.0, "kl_sum": 0.0, "agree": 0, "nonfinite": False}
+        # agree and the flag travel as float64: exact for counts below 2^53
+        values = torch.cat([self._sums, self._max_abs.reshape(1), self._kl_sum.reshape(1),
+                            self._agree.double().reshape(1), self._nonfinite.double().reshape(1)]).tolist()
+        numbers: dict[str, Any] = dict(zip(_SUMS, values[:4]))
+        numbers.update(max_abs=values[4], kl_sum=values[5], agree=int(values[6]), nonfinite=bool(values[7]))
+        return numbers
 
     def result(self) -> ErrorStats:
         if self.count == 0:
             raise ValueError("no samples were compared; the data set is empty")
-        denom = math.sqrt(self.signal * self.quant_power)
+        n = self._numbers()
+        if n["nonfinite"]:
+            raise ValueError(NONFINITE)
+        signal, quant_power = n["signal"], n["quant_power"]
+        denom = math.sqrt(signal * quant_power)
         if denom > 0:
-            cosine = max(-1.0, min(1.0, self.dot / denom))  # float rounding can step past ±1
+            cosine = max(-1.0, min(1.0, n["dot"] / denom))  # float rounding can step past ±1
         else:  # both all-zero counts as identical; one all-zero as orthogonal
-            cosine = 1.0 if self.signal == self.quant_power else 0.0
+            cosine = 1.0 if signal == quant_power else 0.0
         kl = top1 = None
         if self.logits and self.distributions:
-            kl = max(0.0, self.kl_sum / self.distributions)
-            top1 = self.agree / self.distributions
+            kl = max(0.0, n["kl_sum"] / self.distributions)
+            top1 = n["agree"] / self.distributions
         return ErrorStats(
-            sqnr_db=sqnr_from_sums(self.signal, self.noise),
-            mse=self.noise / self.count,
+            sqnr_db=sqnr_from_sums(signal, n["noise"]),
+            mse=n["noise"] / self.count,
             cosine=cosine,
-            max_abs_error=self.max_abs,
+            max_abs_error=n["max_abs"],
             count=self.count,
             kl=kl,
             top1_agreement=top1,
         )
+
+    # --- shards ----------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Plain numbers (JSON-ready) from which `from_state` rebuilds this accumulator exactly."""
+        numbers = self._numbers()
+        if numbers["nonfinite"]:
+            # The sums of a comparison that saw NaN/Inf are meaningless (result() refuses them);
+            # zeros keep the state strict JSON, and the flag survives.
+            numbers.update({name: 0.0 for name in (*_SUMS, "max_abs", "kl_sum")}, agree=0)
+        return {"logits": self.logits, "count": self.count, "distributions": self.distributions, **numbers}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ErrorAccumulator":
+        """The accumulator `state()` described; its sums live on the CPU until an update moves them."""
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not an ErrorAccumulator state (keys {keys}); expected the keys "
+                             f"{', '.join(_STATE_KEYS)} as written by ErrorAccumulator.state()")
+        for key in ("logits", "nonfinite"):
+            if not isinstance(state[key], bool):
+                raise ValueError(f"ErrorAccumulator state: {key} must be true or false, not {state[key]!r}")
+        for key in ("count", "distributions", "agree"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"ErrorAccumulator state: {key} must be a non-negative integer, not {state[key]!r}")
+        for key in (*_SUMS, "max_abs", "kl_sum"):
+            if isinstance(state[key], bool) or not isinstance(state[key], (int, float)):
+                raise ValueError(f"ErrorAccumulator state: {key} must be a number, not {state[key]!r}")
+        acc = cls(logits=state["logits"])
+        acc.count, acc.distributions = state["count"], state["distributions"]
+        if acc.count or state["nonfinite"]:
+            acc._sums = torch.tensor([float(state[name]) for name in _SUMS], dtype=torch.float64)
+            acc._max_abs = torch.tensor(float(state["max_abs"]), dtype=torch.float64)
+            acc._kl_sum = torch.tensor(float(state["kl_sum"]), dtype=torch.float64)
+            acc._agree = torch.tensor(state["agree"], dtype=torch.int64)
+            acc._nonfinite = torch.tensor(state["nonfinite"])
+        return acc
+
+    def merge(self, other: "ErrorAccumulator") -> None:
+        """Add `other`'s samples into this accumulator (in place; `other` is left as it was)."""
+        if not isinstance(other, ErrorAccumulator):
+            raise TypeError(f"can only merge an ErrorAccumulator, not {type(other).__name__}")
+        if other.logits != self.logits:
+            raise ValueError(f"cannot merge an accumulator with logits={other.logits} into one with "
+                             f"logits={self.logits}; shards of one comparison must use the same setting")
+        if other._sums is not None:
+            home = self._sums.device if self._sums is not None else other._sums.device
+            self._place(home)
+            self._sums = self._sums + other._sums.to(home)
+            self._max_abs = torch.maximum(self._max_abs, other._max_abs.to(home))
+            self._kl_sum = self._kl_sum + other._kl_sum.to(home)
+            self._agree = self._agree + other._agree.to(home)
+            self._nonfinite = self._nonfinite | other._nonfinite.to(home)
+        self.count += other.count
+        self.distributions += other.distributions
+
+
+class ErrorHistogram:
+    """Counts of an error tensor (quantized − reference) in `bins` equal bins over [−bound, bound].
+
+    The first update fixes the bound (1.25 × its largest |value|: headroom for later chunks and
+    tied sites; reading it is the only device read, once per histogram); later values outside it are
+    clipped into the end bins. Counts stay a float64 tensor on the data's device until `result()`.
+
+    Merging needs equal edges: counts cannot be re-binned exactly, and the bound depends on which
+    chunk came first. Shards of one trial's data therefore start from the first shard's edges:
+    `ErrorHistogram(bins, bound=first.bound)`.
+    """
+
+    def __init__(self, bins: int = 64, bound: float | None = None) -> None:
+        if bins < 1:
+            raise ValueError(f"an error histogram needs at least one bin, not {bins}")
+        if bound is not None and not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"an error histogram bound must be a positive finite number, not {bound!r}")
+        self.bins = bins
+        self.bound = bound
+        self._counts: torch.Tensor | None = None
+
+    def update(self, error: torch.Tensor) -> None:
+        values = error.detach().reshape(-1).float()
+        if self.bound is None:
+            peak = float(values.abs().max()) if values.numel() else 0.0
+            if not math.isfinite(peak):
+                raise ValueError(NONFINITE)
+            self.bound = peak * 1.25 if peak > 0 else 1e-12
+        home = float64_home(values.device)
+        if self._counts is None:
+            self._counts = torch.zeros(self.bins, dtype=torch.float64, device=home)
+        lo, hi = -self.bound, self.bound
+        counts = torch.histc(values.clamp(lo, hi), bins=self.bins, min=lo, max=hi)
+        self._counts = self._counts.to(home) + counts.to(home).double()
+
+    @property
+    def edges(self) -> tuple[float, ...] | None:
+        if self.bound is None:
+            return None
+        return tuple(np.linspace(-self.bound, self.bound, self.bins + 1).tolist())
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(edges, counts) with len(edges) == len(counts) + 1, or None before the first update."""
+        if self.bound is None:
+            return None
+        counts = self._counts.tolist() if self._counts is not None else [0.0] * self.bins
+        return self.edges, tuple(counts)  # type: ignore[return-value]
+
+    def state(self) -> dict[str, Any]:
+        """Plain numbers (JSON-ready): bins, bound (None before the first update) and counts."""
+        counts = self._counts.tolist() if self._counts is not None else [0.0] * self.bins
+        return {"bins": self.bins, "bound": self.bound, "counts": counts}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ErrorHistogram":
+        if not isinstance(state, dict) or set(state) != {"bins", "bound", "counts"}:
+            raise ValueError("not an ErrorHistogram state; expected the keys bins, bound, counts "
+                             "as written by ErrorHistogram.state()")
+        if isinstance(state["bins"], bool) or not isinstance(state["bins"], int) or len(state["counts"]) != state["bins"]:
+            raise ValueError(f"ErrorHistogram state: {len(state['counts'])} counts for {state['bins']!r} bins; "
+                             "bins must be an integer equal to the number of counts")
+        histogram = cls(state["bins"], state["bound"])
+        histogram._counts = torch.tensor([float(c) for c in state["counts"]], dtype=torch.float64)
+        return histogram
+
+    def merge(self, other: "ErrorHistogram") -> None:
+        """Add `other`'s counts (in place). Both must have the same edges, or one must be empty."""
+        if not isinstance(other, ErrorHistogram):
+            raise TypeError(f"can only merge an ErrorHistogram, not {type(other).__name__}")
+        if other.bound is None:
+            return
+        if self.bound is None:  # nothing counted here yet: take the other's edges and counts
+            self.bins, self.bound = other.bins, other.bound
+            self._counts = None if other._counts is None else other._counts.clone()
+            return
+        if (self.bins, self.bound) != (other.bins, other.bound):
+            raise ValueError(f"cannot merge error histograms with different edges ({self.bins} bins over "
+                             f"±{self.bound!r} vs {other.bins} over ±{other.bound!r}); start every data shard "
+                             "of a trial with the first shard's bound: ErrorHistogram(bins, bound=...)")
+        if other._counts is None:
+            return
+        if self._counts is None:
+            self._counts = other._counts.clone()
+        else:
+            self._counts = self._counts + other._counts.to(self._counts.device)
 
 
 def compare(reference: torch.Tensor, quantized: torch.Tensor, logits: bool = False) -> ErrorStats:

@@ -166,6 +166,91 @@ class AnalysisResult:
     def skipped_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(s) for s in self.skipped], columns=["name", "kind", "reason"])
 
+    # --- shards ----------------------------------------------------------------------------------
+
+    @classmethod
+    def merge(cls, *results: "AnalysisResult", drop_cumulative: bool = False) -> "AnalysisResult":
+        """One result from the results of disjoint layer subsets (`AnalysisConfig(layers=...)`) of
+        one configuration, model and data: what a single run over their union reports.
+
+        Each trial is computed from its own layer only, so the merged trials are the single run's
+        trials, in its order (layer-major in execution order, then the plan order within a layer).
+        The config differs from the shards' only in `layers` (None when the shards cover every
+        layer, as a full run writes); `seconds` is the shards' sum (compute time, not wall time).
+
+        Cumulative views quantize every analysed layer at once, so a shard's view covers only its
+        own layers and no set of shards adds up to the full one. Results that carry them are refused,
+        unless `drop_cumulative=True`: then they are left out and the merged config says
+        `cumulative: false`. Run a full cumulative pass separately if it is needed.
+        """
+        if not results:
+            raise ValueError("nothing to merge: pass at least one AnalysisResult")
+        if len(results) == 1:
+            return results[0]
+        first = results[0]
+        for index, other in enumerate(results[1:], start=2):
+            for what, a, b in (
+                ("config", _without_layers(first.config), _without_layers(other.config)),
+                ("model", first.model, other.model),
+                ("data", first.data, other.data),
+                ("versions", first.versions, other.versions),
+            ):
+                found = _difference(_jsonable(a), _jsonable(b), what)
+                if found is not None:
+                    raise ValueError(f"cannot merge: {found} differs between result 1 and result {index}; "
+                                     "merge only shards of one configuration, model and data")
+            if other.layers != first.layers:
+                raise ValueError(f"cannot merge: the layer tables of result 1 and result {index} differ; "
+                                 "shards must come from the same model")
+            if other.skipped != first.skipped:
+                raise ValueError(f"cannot merge: the skipped modules of result 1 and result {index} differ; "
+                                 "shards must come from the same model")
+        carrying = [i for i, r in enumerate(results, start=1) if r.cumulative]
+        if carrying and not drop_cumulative:
+            raise ValueError(f"cannot merge cumulative views (in result(s) {', '.join(map(str, carrying))}): "
+                             "each quantizes only its shard's layers; run shards with cumulative=False "
+                             "(--no-cumulative) or pass drop_cumulative=True")
+
+        names = [layer.name for layer in first.layers]
+        order = {name: i for i, name in enumerate(names)}
+        owner: dict[str, int] = {}
+        for index, result in enumerate(results, start=1):
+            shard = result.config.get("layers")
+            for name in names if shard is None else shard:
+                if name not in order:
+                    raise ValueError(f"cannot merge: result {index} analysed layer {name!r}, which is not in "
+                                     "the model's layer table")
+                if name in owner:
+                    raise ValueError(f"cannot merge: layer {name!r} is in result {owner[name]} and result {index}; "
+                                     "shards must analyse disjoint layer subsets")
+                owner[name] = index
+            for name in [t.layer for t in result.trials] + list(result.histograms):
+                if owner.get(name) != index:
+                    raise ValueError(f"cannot merge: result {index} holds results for layer {name!r}, "
+                                     "which its config.layers does not name; was the file edited?")
+
+        config = dict(first.config)
+        covered = sorted(owner, key=order.__getitem__)
+        config["layers"] = None if len(covered) == len(names) else covered
+        if drop_cumulative:
+            config["cumulative"] = False
+        # A stable sort keeps each layer's trials in plan order (each layer comes from one shard).
+        trials = sorted((t for r in results for t in r.trials), key=lambda t: order[t.layer])
+        histograms = {name: hist for r in results for name, hist in r.histograms.items()}
+        histograms = {name: histograms[name] for name in sorted(histograms, key=order.__getitem__)}
+        return cls(
+            config=config,
+            layers=first.layers,
+            skipped=first.skipped,
+            trials=tuple(trials),
+            cumulative=(),
+            histograms=histograms,
+            model=first.model,
+            data=first.data,
+            versions=first.versions,
+            seconds=sum(r.seconds for r in results),
+        )
+
     # --- serialisation ---------------------------------------------------------------------------
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -239,6 +324,30 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _without_layers(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "layers"}
+
+
+def _difference(a: Any, b: Any, where: str) -> str | None:
+    """Where two JSON-like values first differ, e.g. "config.quant.percentile (99.99 vs 99.9)"."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if key not in a or key not in b:
+                return f"{where}.{key} (present in only one)"
+            found = _difference(a[key], b[key], f"{where}.{key}")
+            if found is not None:
+                return found
+        return None
+    if a == b:
+        return None
+    return f"{where} ({_short(a)} vs {_short(b)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _build(cls: type, payload: dict[str, Any]) -> Any:

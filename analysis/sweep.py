@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +26,7 @@ from analysis.data import Dataset
 from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.layers import Layer
-from analysis.metrics import ErrorAccumulator
+from analysis.metrics import ErrorAccumulator, ErrorHistogram
 from analysis.quantsim import ProgressFn, QuantSim
 from analysis.results import (
     TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
@@ -75,10 +75,11 @@ def plan_trials(layers: list[Layer], config: AnalysisConfig) -> list[Trial]:
 
 @dataclass
 class _Accumulators:
+    """One trial's running sums. Everything stays on the device until `_finish` reads it back."""
+
     local: ErrorAccumulator
     output: ErrorAccumulator | None
-    error_edges: np.ndarray | None = None
-    error_counts: np.ndarray | None = None
+    error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
     failure: str | None = None
 
 
@@ -193,7 +194,7 @@ class Sweep:
                 value = env[site.node] if site.node in env and not inputs_changed else site.run(sim.gm, args, kwargs, weight, act)
                 local = site.local(sim.gm, args, kwargs, weight, act, value)
                 acc.local.update(reference, local)
-                _update_error_histogram(acc, (local - reference).detach().float())
+                acc.error_histogram.update(local - reference)
 
     def _cumulative(self, layers: list[Layer]) -> list[CumulativeResult]:
         """Every analysed layer quantized at once, per uniform configuration. A configuration that
@@ -298,29 +299,19 @@ def _label(trial: Trial) -> str:
     return trial_format(trial.target, *trial.names)
 
 
-def _update_error_histogram(acc: _Accumulators, error: torch.Tensor, bins: int = 64) -> None:
-    values = error.reshape(-1)
-    if acc.error_edges is None:  # the first chunk fixes the edges; later chunks clip into them
-        bound = float(values.abs().max()) if values.numel() else 0.0
-        bound = bound * 1.25 if bound > 0 else 1e-12  # headroom for later chunks and tied sites
-        acc.error_edges = np.linspace(-bound, bound, bins + 1)
-        acc.error_counts = np.zeros(bins)
-    lo, hi = float(acc.error_edges[0]), float(acc.error_edges[-1])
-    acc.error_counts += torch.histc(values.clamp(lo, hi), bins=bins, min=lo, max=hi).double().cpu().numpy()
-
-
 def _finish(trial: Trial, acc: _Accumulators) -> TrialResult:
     weight_name, act_name = trial.names
     if acc.failure is None:
         try:
+            # Also where NaN/Inf seen by any update surfaces: the accumulators defer that check to
+            # result() so that updates never wait for the device.
             local, output = acc.local.result(), acc.output.result() if acc.output is not None else None
         except Exception as exc:  # noqa: BLE001 — a trial whose sums are unusable is a failed trial
             acc.failure = _one_line(exc)
     if acc.failure is not None:
         return TrialResult(trial.layer, trial.target, weight_name, act_name, error=acc.failure)
-    histogram = None
-    if acc.error_edges is not None:
-        histogram = Histogram(tuple(acc.error_edges.tolist()), tuple(acc.error_counts.tolist()))
+    counted = acc.error_histogram.result()
+    histogram = Histogram(*counted) if counted is not None else None
     return TrialResult(
         trial.layer, trial.target, weight_name, act_name,
         local=local, output=output, error_histogram=histogram,

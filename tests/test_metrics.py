@@ -1,14 +1,18 @@
 """Every metric against a value computed by hand."""
 
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
 
+from analysis.formats import parse_format
 from analysis.metrics import (
-    SQNR_CAP_DB, ErrorAccumulator, accuracy, compare, perplexity, sqnr_db, sqnr_db_to_linear,
-    sqnr_db_to_normalized_l2,
+    NONFINITE, SQNR_CAP_DB, ErrorAccumulator, ErrorHistogram, accuracy, compare, perplexity, sqnr_db,
+    sqnr_db_to_linear, sqnr_db_to_normalized_l2,
 )
+from analysis.sweep import Trial, _Accumulators, _finish
 
 
 def test_sqnr_hand_computed():
@@ -82,3 +86,148 @@ def test_task_metrics_hand_computed():
     assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
     uniform = torch.zeros(1, 2, 4)  # uniform over 4 tokens -> perplexity 4
     assert perplexity(uniform, torch.tensor([[1, 3]])) == pytest.approx(4.0)
+
+
+# --- shards: state, from_state, merge ------------------------------------------------------------
+
+
+def _batches(n, logits=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ref = torch.randn(3, 4, 7, generator=generator) * 10.0 ** (i - 1)  # batches of very different scale
+        out.append((ref, ref + 0.05 * torch.randn(ref.shape, generator=generator)))
+    return out
+
+
+def _through_json(acc):
+    return ErrorAccumulator.from_state(json.loads(json.dumps(acc.state(), allow_nan=False)))
+
+
+def test_state_round_trips_exactly_through_json():
+    acc = ErrorAccumulator(logits=True)
+    for ref, q in _batches(3):
+        acc.update(ref, q)
+    again = _through_json(acc)
+    assert again.state() == acc.state() and again.result() == acc.result()
+    assert _through_json(ErrorAccumulator()).state() == ErrorAccumulator().state()
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_merged_shards_equal_one_accumulator(logits):
+    batches = _batches(5, logits)
+    whole = ErrorAccumulator(logits)
+    for ref, q in batches:
+        whole.update(ref, q)
+    # A then B: two shards add their sums once, so that is exact
+    a, b = ErrorAccumulator(logits), ErrorAccumulator(logits)
+    for ref, q in batches[:3]:
+        a.update(ref, q)
+    for ref, q in batches[3:]:
+        b.update(ref, q)
+    a = _through_json(a)
+    a.merge(_through_json(b))
+    two = ErrorAccumulator(logits)
+    two.update(*batches[0])
+    two.update(*batches[1])
+    first, second = ErrorAccumulator(logits), ErrorAccumulator(logits)
+    first.update(*batches[0])
+    second.update(*batches[1])
+    first.merge(second)
+    assert first.state() == two.state()
+    # more shards regroup the float64 sums: counts, max and agreement exact, sums within 1e-12
+    shards = [ErrorAccumulator(logits) for _ in batches]
+    for shard, (ref, q) in zip(shards, batches):
+        shard.update(ref, q)
+    merged = ErrorAccumulator(logits)
+    for shard in reversed(shards):
+        merged.merge(shard)
+    for candidate in (a, merged):
+        got, want = candidate.state(), whole.state()
+        for key in ("logits", "count", "distributions", "max_abs", "agree", "nonfinite"):
+            assert got[key] == want[key], key
+        for key in ("signal", "noise", "dot", "quant_power", "kl_sum"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0.0), key
+    assert dataclasses.astuple(merged.result()) == pytest.approx(dataclasses.astuple(whole.result()), rel=1e-12)
+
+
+def test_merging_an_empty_accumulator_changes_nothing_and_mismatches_are_refused():
+    acc = ErrorAccumulator()
+    acc.update(*_batches(1)[0])
+    before = acc.state()
+    acc.merge(ErrorAccumulator())
+    assert acc.state() == before
+    empty = ErrorAccumulator()
+    empty.merge(acc)
+    assert empty.state() == before
+    with pytest.raises(ValueError, match="logits=True into one with logits=False"):
+        acc.merge(ErrorAccumulator(logits=True))
+    with pytest.raises(ValueError, match="not an ErrorAccumulator state"):
+        ErrorAccumulator.from_state({"count": 3})
+    with pytest.raises(ValueError, match="count must be a non-negative integer"):
+        ErrorAccumulator.from_state({**before, "count": 2.5})
+
+
+def test_non_finite_values_are_reported_by_result_not_update():
+    acc = ErrorAccumulator(logits=True)
+    acc.update(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.5]]))
+    acc.update(torch.tensor([[1.0, 2.0]]), torch.tensor([[float("nan"), 2.0]]))  # no device read here
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.result()
+    state = json.loads(json.dumps(acc.state(), allow_nan=False))  # still strict JSON
+    assert state["nonfinite"] is True
+    clean = ErrorAccumulator(logits=True)
+    clean.update(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.5]]))
+    clean.merge(ErrorAccumulator.from_state(state))  # a bad shard spoils the merged comparison
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        clean.result()
+
+
+def test_the_sweep_turns_a_deferred_non_finite_into_a_failed_trial():
+    acc = _Accumulators(ErrorAccumulator(), ErrorAccumulator())
+    acc.local.update(torch.ones(4), torch.ones(4))
+    acc.output.update(torch.ones(2), torch.tensor([1.0, float("inf")]))
+    acc.error_histogram.update(torch.zeros(4))
+    result = _finish(Trial("fc", "weights", parse_format("int8"), None), acc)
+    assert not result.ok and result.error == f"ValueError: {NONFINITE}"
+    fresh = _Accumulators(ErrorAccumulator(), None)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # a non-finite first chunk: the sweep records it
+        fresh.error_histogram.update(torch.tensor([0.5, float("nan")]))
+
+
+def test_error_histogram_shards_merge_exactly_when_they_share_edges():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=generator), 3 * torch.randn(1000, generator=generator)
+    whole = ErrorHistogram(16)
+    whole.update(a)
+    whole.update(b)  # wider than the first chunk: clipped into the end bins, as in the sweep
+    first = ErrorHistogram(16)
+    first.update(a)
+    second = ErrorHistogram(16, bound=first.bound)  # a later data shard starts from the first's edges
+    second.update(b)
+    merged = ErrorHistogram.from_state(json.loads(json.dumps(first.state())))
+    merged.merge(ErrorHistogram.from_state(json.loads(json.dumps(second.state()))))
+    assert merged.result() == whole.result()
+    edges, counts = merged.result()
+    assert len(edges) == len(counts) + 1 and sum(counts) == 2000
+    empty = ErrorHistogram()
+    empty.merge(merged)
+    assert empty.result() == whole.result() and ErrorHistogram().result() is None
+    own_edges = ErrorHistogram(16)
+    own_edges.update(b)
+    with pytest.raises(ValueError, match="different edges .* start every data shard"):
+        first.merge(own_edges)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation only exists with a GPU")
+def test_updates_never_wait_for_the_gpu():
+    ref = torch.randn(64, 10, device="cuda")
+    acc, hist = ErrorAccumulator(logits=True), ErrorHistogram(bound=1.0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            acc.update(ref, ref + 0.01)
+            hist.update(ref * 0.01)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert acc.result().count == 3 * 640 and sum(hist.result()[1]) == 3 * 640
