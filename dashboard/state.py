@@ -1,22 +1,16 @@
-"""Dashboard state: settings, cached loaders, background jobs, session state; the run store is the engine's.
+"""Dashboard state: cached loaders, the run store as the pages see it, and session state.
 
 Heavy work never reruns on a widget change:
 - models and data sets are loaded once per (spec, file digest) with `st.cache_resource` (shared by all
   sessions, so never mutated: the engine works on its own copy);
-- an analysis runs in a background thread (`Job`) that writes progress and finished trials into a
-  plain object; pages poll it from an `st.fragment(run_every=...)`; `QUANTLENS_SYNC_JOBS=1` runs it
-  inline instead (tests, where no browser polls);
+- an analysis runs as a background job (`dashboard.jobs`) that pages poll; this module loads and
+  checks its inputs and hands them over;
 - every analysis is a folder in the run store (`analysis.runstore`, in `QUANTLENS_RUNS_DIR`, default
   `~/.quantlens/runs`), written by `analysis.runs.analyze_to_directory` like a CLI run, so results
   survive a browser refresh or a server restart and reopen instantly.
 
-Environment:
-    QUANTLENS_RUNS_DIR          where runs are kept (default ~/.quantlens/runs)
-    QUANTLENS_SYNC_JOBS=1       run analyses inline in the script run (tests)
-    QUANTLENS_DEFAULT_SAMPLE    bundled sample analysed on first open (default cnn)
-    QUANTLENS_DEFAULT_SAMPLES   calibration samples of a new analysis (default 256)
-    QUANTLENS_AUTOSTART=0       do not analyse the bundled sample on first open
-    QUANTLENS_UPLOAD_DIR        where uploaded files are written (default: <tmp>/quantlens-uploads)
+Settings come from the environment (`dashboard.settings`, which lists the variables). Pages import
+everything they need from here: the settings, `Job` and the job registry are re-exported.
 """
 
 from __future__ import annotations
@@ -24,12 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
-import threading
-import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +28,15 @@ from analysis import runstore
 from analysis.calibration import CALIBRATION_METHODS as _CALIBRATION_METHODS
 from analysis.formats import example_formats
 from analysis.runstore import Inputs, RunInfo
+from dashboard import jobs
+from dashboard.jobs import JOBS, Job, running_job_for
+from dashboard.settings import autostart_enabled, default_sample, default_samples, one_line, runs_dir, upload_dir
+
+# Not used here, re-exported: the pages read the settings through `state`, and the tests create a
+# run for a hand-made Job with `_config_json`, as they did when the jobs lived in this module.
+from dashboard.jobs import config_json as _config_json  # noqa: F401
+from dashboard.settings import sync_jobs  # noqa: F401
+
 
 # Pickers read the engine's registries, so a newly registered format family shows up here.
 WEIGHT_FORMAT_CHOICES = example_formats("weight")
@@ -48,46 +46,6 @@ GRANULARITIES = ("per-channel", "per-tensor", "per-group")
 TASK_CHOICES = ("auto", "classification", "language-model", "other")
 MODEL_UPLOAD_TYPES = ("pt2", "safetensors", "pt", "pth")
 DATA_UPLOAD_TYPES = ("npz", "pt", "pth", "safetensors")
-
-
-# --- settings ------------------------------------------------------------------------------------
-
-
-def runs_dir() -> Path:
-    return Path(os.environ.get("QUANTLENS_RUNS_DIR") or "~/.quantlens/runs").expanduser()
-
-
-def sync_jobs() -> bool:
-    return os.environ.get("QUANTLENS_SYNC_JOBS", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def autostart_enabled() -> bool:
-    return os.environ.get("QUANTLENS_AUTOSTART", "1").strip().lower() not in ("0", "false", "no")
-
-
-def default_sample() -> str:
-    return os.environ.get("QUANTLENS_DEFAULT_SAMPLE", "cnn").strip() or "cnn"
-
-
-def default_samples() -> int:
-    try:
-        return max(1, int(os.environ.get("QUANTLENS_DEFAULT_SAMPLES", "256")))
-    except ValueError:
-        return 256
-
-
-def upload_dir() -> Path:
-    return Path(os.environ.get("QUANTLENS_UPLOAD_DIR") or Path(tempfile.gettempdir()) / "quantlens-uploads")
-
-
-def one_line(exc: BaseException) -> str:
-    """The message a user sees: one line, library noise removed; unexpected errors name their type."""
-    from analysis.loading import LoadError
-
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    if isinstance(exc, (LoadError, ValueError, KeyError, FileNotFoundError)) and text:
-        return text.strip("'\"") if isinstance(exc, KeyError) else text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --- inputs: what a run analyses ------------------------------------------------------------------
@@ -203,22 +161,16 @@ def _cached_result(path: str, stamp: str) -> Any:
 # --- the run store (analysis.runstore, in QUANTLENS_RUNS_DIR) ---------------------------------------
 
 
-def _own_jobs() -> set[str]:
-    """Runs this server is analysing now: one recorded as ours but not here lost its thread."""
-    with _JOBS_LOCK:
-        return {job.id for job in JOBS.values() if job.running}
-
-
 def list_runs() -> list[RunInfo]:
-    return runstore.list_runs(runs_dir(), _own_jobs())
+    return runstore.list_runs(runs_dir(), jobs.own_jobs())
 
 
 def get_run(run_id: str | None) -> RunInfo | None:
-    return runstore.get_run(runs_dir(), run_id, _own_jobs())
+    return runstore.get_run(runs_dir(), run_id, jobs.own_jobs())
 
 
 def delete_run(run_id: str) -> None:
-    runstore.delete_run(runs_dir(), run_id, _own_jobs())
+    runstore.delete_run(runs_dir(), run_id, jobs.own_jobs())
 
 
 def load_run_result(info: RunInfo) -> Any:
@@ -228,120 +180,7 @@ def load_run_result(info: RunInfo) -> Any:
     return _cached_result(str(info.path), info.stamp)
 
 
-# --- background jobs ------------------------------------------------------------------------------
-
-
-class Job:
-    """One analysis: a local-only pass (fast, shown first), then the full run into the run store.
-
-    The worker thread only writes plain attributes; pages read them. `stop` is what `should_stop`
-    reads; Cancel sets it.
-    """
-
-    def __init__(self, run_id: str, path: Path, inputs: Inputs, config: Any, model: Any, data: Any,
-                 resume: bool = False) -> None:
-        self.id = run_id
-        self.path = path
-        self.inputs = inputs
-        self.config = config
-        self.resume = resume
-        self._model, self._data = model, data
-        self.phase = "queued"  # queued, local, full, done, failed, cancelled
-        self.done = 0
-        self.total = 0
-        self.label = ""
-        self.local_result: Any = None
-        self.trials: list[Any] = []
-        self.result: Any = None
-        self.error: str | None = None
-        self.stop = threading.Event()
-        self.started = time.time()
-        self.finished: float | None = None
-        self.thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.phase in ("queued", "local", "full")
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total else 0.0
-
-    def describe(self) -> str:
-        if self.phase == "queued":
-            return "starting…"
-        if self.phase == "local":
-            return f"1/2 local metrics: {self.done}/{self.total} trials" + (f" · {self.label}" if self.label else "")
-        if self.phase == "full":
-            return f"2/2 output metrics: {self.done}/{self.total} trials" + (f" · {self.label}" if self.label else "")
-        if self.phase == "done":
-            return f"finished in {(self.finished or time.time()) - self.started:.1f} s"
-        if self.phase == "cancelled":
-            return "cancelled"
-        return f"failed: {self.error}"
-
-    def _progress(self, done: int, total: int, label: str) -> None:
-        self.done, self.total, self.label = done, total, label
-
-    def cancel(self) -> None:
-        self.stop.set()
-
-    def run(self) -> None:
-        from analysis.runs import analyze_to_directory
-        from analysis.sweep import AnalysisCancelled, analyze
-
-        try:
-            if not self.resume:
-                self.phase = "local"
-                local = replace(self.config, output_metrics=False, cumulative=False)
-                self.local_result = analyze(self._model, self._data, local, progress=self._progress,
-                                            should_stop=self.stop.is_set)
-            self.phase, self.done, self.total = "full", 0, 0
-            # Streams each trial to trials.jsonl and records the run's status in meta.json.
-            self.result = analyze_to_directory(
-                self._model, self._data, self.config, self.path, resume=self.resume, progress=self._progress,
-                should_stop=self.stop.is_set, on_result=self.trials.append, inputs=self.inputs,
-            )
-            runstore.write_meta(self.path, seconds=round(time.time() - self.started, 2))  # with the local pass
-            self.phase = "done"
-        except AnalysisCancelled:  # also during the local pass, before the engine wrote anything
-            runstore.write_meta(self.path, status="cancelled", error="cancelled by the user")
-            self.phase = "cancelled"
-        except Exception as exc:  # noqa: BLE001 — the job reports, the app stays up
-            self.error = one_line(exc)
-            if self.trials or self.resume:
-                runstore.write_meta(self.path, status="failed", error=self.error)
-            else:  # failed before any result (e.g. no quantizable layers): leave nothing half-made
-                shutil.rmtree(self.path, ignore_errors=True)
-            self.phase = "failed"
-        finally:
-            self.finished = time.time()
-            self._model = self._data = None  # the cached originals stay cached; drop our references
-
-
-JOBS: dict[str, Job] = {}
-_JOBS_LOCK = threading.Lock()
-_MAX_FINISHED_JOBS = 6
-
-
-def _prune_jobs() -> None:
-    finished = sorted((j for j in JOBS.values() if not j.running), key=lambda j: j.finished or 0)
-    for job in finished[:-_MAX_FINISHED_JOBS]:
-        JOBS.pop(job.id, None)
-
-
-def _config_json(config: Any) -> dict:
-    from analysis.results import _jsonable
-
-    return _jsonable(config.to_dict())
-
-
-def running_job_for(inputs: Inputs, config: Any) -> Job | None:
-    with _JOBS_LOCK:
-        for job in JOBS.values():
-            if job.running and job.inputs == inputs and job.config == config:
-                return job
-    return None
+# --- starting analyses (the jobs themselves are dashboard.jobs) ----------------------------------
 
 
 def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) -> Job:
@@ -358,22 +197,7 @@ def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) ->
         latest = get_run(resume_run.id)
         if latest is None or latest.status == "running":
             raise ValueError(f"run {resume_run.id} is gone or still being analysed; pick it again in the run list")
-    # Under the lock: a run marked running by this server is interrupted unless it is in JOBS.
-    with _JOBS_LOCK:
-        if resume_run is not None:
-            run_id, path = resume_run.id, resume_run.path
-            runstore.mark_running(path)
-        else:
-            run_id, path = runstore.create_run(runs_dir(), inputs, _config_json(config))
-        job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None)
-        _prune_jobs()
-        JOBS[run_id] = job
-    if sync_jobs():
-        job.run()
-    else:
-        job.thread = threading.Thread(target=job.run, name=f"quantlens-{run_id}", daemon=True)
-        job.thread.start()
-    return job
+    return jobs.start(inputs, config, model, data, resume_run)
 
 
 def config_from_dict(payload: dict, **overrides: Any) -> Any:
@@ -445,8 +269,7 @@ def maybe_autostart() -> None:
     ss["_autostart_checked"] = True
     if session_job() is not None:
         return
-    with _JOBS_LOCK:
-        running = sorted((j for j in JOBS.values() if j.running), key=lambda j: j.started)
+    running = jobs.running_jobs()
     if running:  # another tab (or a closed one) is analysing: follow it instead of showing nothing
         ss.job_id = running[-1].id
         return

@@ -94,7 +94,7 @@ def test_input_model_untouched(mlp):
 
 def test_cnn_convolutions_stay_float_with_a_reason():
     model = sm.load_model("cnn")
-    layers = real._discover(model)
+    layers = real.analysed_layers(model)
     names = [layer.name for layer in layers]
     quantized, left = real.apply_real(model, uniform_map(names, "int8", None), layers)
     convs = [layer.name for layer in layers if layer.kind.startswith("Conv")]
@@ -107,7 +107,7 @@ def test_cnn_convolutions_stay_float_with_a_reason():
 def test_config_dict_is_json_and_names_each_layer(mlp):
     pmap = PrecisionMap({"fc1": LayerPrecision("int8"), "fc2": LayerPrecision("int4-g32"),
                          "fc3": LayerPrecision("int8", "int8")})
-    layers = real._discover(mlp)
+    layers = real.analysed_layers(mlp)
     payload = json.loads(json.dumps(real.torchao_config_dict(pmap, layers)))
     assert payload["format"] == "torchao.FqnToConfig" and payload["torchao_version"]
     configs = {name: entry["config"] for name, entry in payload["layers"].items()}
@@ -159,7 +159,7 @@ def test_timing_threads_are_put_back(mlp, mlp_data, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("timing failed")
 
-    monkeypatch.setattr(real, "_time_pair", fail)
+    monkeypatch.setattr(real.measure, "_time_pair", fail)  # where evaluate_real looks it up
     with pytest.raises(RuntimeError, match="timing failed"):
         real.evaluate_real(mlp, calibration.take(16), evaluation.take(16), uniform_map(MLP_LAYERS, "int8", None),
                            warmup=0, repeats=1, threads=pinned)

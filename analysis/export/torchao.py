@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 def _export_torchao(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
     """torchao per-layer configs (FqnToConfig) as JSON; with the model, non-Linear layers are named
     with the reason they stay float."""
-    from analysis.real import _discover, torchao_config_dict
+    from analysis.real import analysed_layers, torchao_config_dict
 
     if isinstance(model, str):
         from analysis.loading import load_model
 
         model = load_model(model)
-    layers = _discover(model) if model is not None else list(pmap.layers)
+    layers = analysed_layers(model) if model is not None else list(pmap.layers)
     return write_json(torchao_config_dict(pmap, layers), out_path)
 
 

@@ -1,0 +1,234 @@
+"""The allocation problem: budgets, each layer's choices with their measured noise and costs, and
+the predicted figures of any map.
+
+The per-layer sweep measured s_i(c), the output noise power with only layer i in format c. If
+noises add (they nearly do at 8 bits), the best map under a cost budget B is the multiple-choice
+knapsack
+
+    minimize Σ_i Σ_c s_i(c)·x_ic   s.t.  Σ_c x_ic = 1 for every layer,  Σ_ic cost_i(c)·x_ic ≤ B.
+
+This module builds that instance from an analysis (`build_problem`) and answers what it predicts
+for a map (`Problem.predict`), which the dashboard also needs for hand-edited maps. It is separate
+from the solver (`analysis.allocate.knapsack`) and the measured search (`analysis.allocate.search`)
+because both of those, and every surface that shows a map, read it: it imports neither.
+
+Scores are made monotone here: a format with more bits never scores worse than one with fewer
+(measurement noise at high SQNR otherwise produces absurd swaps). Tied weights are one layer in the
+analysis, so they always share a format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from analysis import costs
+from analysis.config import QuantConfig
+from analysis.formats import Format, parse_format
+from analysis.layers import Layer
+from analysis.metrics import sqnr_from_sums
+from analysis.precision_map import LayerPrecision, PrecisionMap
+from analysis.results import AnalysisResult
+
+BUDGET_KINDS = {
+    "avg-bits": "parameter-weighted average weight bits",
+    "size-kb": "weight storage in KiB (codes, scales, zero points, FP32 biases)",
+    "bops": "bit operations per sample (MACs × weight bits × activation bits)",
+    "max-drop": "largest allowed loss of the task metric, in points (judged with real evaluations)",
+    "min-sqnr": "floor on the model-output SQNR in dB",
+}
+COST_KINDS = ("avg-bits", "size-kb", "bops")
+
+
+class BudgetError(ValueError):
+    """A budget the allocator cannot parse or use."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    match = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([-+0-9.eE]+)\s*", text or "")
+    if not match:
+        raise BudgetError(f"cannot read budget {text!r}; write KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)}, e.g. avg-bits=5.5")
+    kind, value_text = match.groups()
+    if kind not in BUDGET_KINDS:
+        raise BudgetError(f"unknown budget kind {kind!r}; use one of {', '.join(BUDGET_KINDS)}")
+    value = float(value_text)
+    if not math.isfinite(value) or (kind != "min-sqnr" and value < 0):
+        raise BudgetError(f"budget {text!r} needs a non-negative finite value")
+    return Budget(kind, value)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate precision for one layer, with its measured noise and its costs."""
+
+    precision: LayerPrecision
+    weight: Format | None
+    act: Format | None
+    noise: float  # output noise power (MSE at the model output) with only this layer at this choice
+    costs: dict[str, float]  # budget kind -> this layer's contribution
+
+
+@dataclass
+class Problem:
+    """The knapsack: layers, their choices, and the output signal power (to convert noise to dB)."""
+
+    layers: list[Layer]
+    choices: list[list[Choice]]
+    signal: float  # mean output signal power (Σref²/count)
+    total_elements: int
+    quant: QuantConfig = field(default_factory=QuantConfig)  # how the sweep calibrated; maps carry it
+    # Output noise of every measured trial, (layer, qualified precision) -> noise: a hand-edited map
+    # may pick what the allocator does not offer (weight-only int4 where it chose among weight/act pairs).
+    trial_noise: dict[tuple[str, LayerPrecision], float] = field(default_factory=dict)
+
+    def predicted_sqnr(self, noise: float) -> float:
+        return sqnr_from_sums(self.signal, noise)
+
+    def noise_for_sqnr(self, sqnr_db: float) -> float:
+        return self.signal / 10 ** (sqnr_db / 10)
+
+    def totals(self, picks: list[int]) -> dict[str, float]:
+        out = {kind: 0.0 for kind in COST_KINDS}
+        for layer_choices, pick in zip(self.choices, picks):
+            for kind in COST_KINDS:
+                out[kind] += layer_choices[pick].costs[kind]
+        out["noise"] = sum(ch[p].noise for ch, p in zip(self.choices, picks))
+        return out
+
+    def to_map(self, picks: list[int], **kwargs) -> PrecisionMap:
+        kwargs.setdefault("quant", self.quant)
+        return PrecisionMap({layer.name: ch[p].precision for layer, ch, p in zip(self.layers, self.choices, picks)}, **kwargs)
+
+    def assignment(self, picks: list[int]) -> dict[str, tuple[Format | None, Format | None]]:
+        return {layer.name: (ch[p].weight, ch[p].act) for layer, ch, p in zip(self.layers, self.choices, picks)}
+
+    def _offered(self, index: int, precision: LayerPrecision) -> Choice | None:
+        return next((c for c in self.choices[index] if c.precision == precision), None)
+
+    def layer_noise(self, index: int, precision: LayerPrecision) -> float | None:
+        """Output noise with only layer `index` at `precision`: the allocator's (monotone) figure when
+        it is one of its choices, else the sweep's trial; None when the sweep never measured it."""
+        choice = self._offered(index, precision)
+        if choice is not None:
+            return choice.noise
+        if precision.weight == "fp32" and precision.activation is None:
+            return 0.0
+        return self.trial_noise.get((self.layers[index].name, precision))
+
+    def predict(self, pmap: PrecisionMap) -> dict[str, Any]:
+        """The predicted figures of any map, the allocator's or a hand-edited one: its costs and the
+        output SQNR if the single-layer noises add up. The SQNR is None when the sweep never measured
+        some layer at its precision; those layers are listed under "unmeasured"."""
+        totals = {kind: 0.0 for kind in COST_KINDS}
+        noise, unmeasured = 0.0, []
+        for index, layer in enumerate(self.layers):
+            precision = pmap.precision(layer.name)
+            # Costs as the allocator counts them, so a suggested map predicts exactly its totals.
+            choice = self._offered(index, precision) or _choice(
+                layer, precision, *precision.formats(), 0.0, self.total_elements)
+            for kind in COST_KINDS:
+                totals[kind] += choice.costs[kind]
+            layer_noise = self.layer_noise(index, precision)
+            if layer_noise is None:
+                unmeasured.append(layer.name)
+            else:
+                noise += layer_noise
+        sqnr = None if unmeasured else self.predicted_sqnr(noise)
+        return {"output_sqnr_db": sqnr, **totals, "unmeasured": unmeasured}
+
+    def layer_table(self, pmap: PrecisionMap) -> list[dict[str, Any]]:
+        """One row per layer: its precision in `pmap` and the predicted output SQNR with only that
+        layer quantized ("output_sqnr_db", None when the sweep never measured it)."""
+        rows = []
+        for index, layer in enumerate(self.layers):
+            precision = pmap.precision(layer.name)
+            noise = self.layer_noise(index, precision)
+            rows.append({"layer": layer.name, "kind": layer.kind, "params": layer.params,
+                         "weight": precision.weight, "activation": precision.activation,
+                         "output_sqnr_db": None if noise is None else self.predicted_sqnr(noise)})
+        return rows
+
+
+def finish_map(problem: Problem, pmap: PrecisionMap, budget: Budget | None = None,
+               measured: dict[str, float] | None = None) -> PrecisionMap:
+    """`pmap` with what a map file records on every surface (CLI, dashboard, API): the budget it was
+    made for (the map's own when not given), the prediction for exactly this map, and `measured`
+    (a MeasureFn result, "sqnr_db" added) — None drops a measurement that was of another map."""
+    predicted = problem.predict(pmap)
+    if not predicted["unmeasured"]:
+        del predicted["unmeasured"]
+    if measured is not None and "noise" in measured and "sqnr_db" not in measured:
+        measured = {**measured, "sqnr_db": problem.predicted_sqnr(measured["noise"])}
+    return replace(pmap, budget={"kind": budget.kind, "value": budget.value} if budget else pmap.budget,
+                   predicted=predicted, measured=measured)
+
+
+def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
+    """Choices per layer from the sweep: weight×activation pairs when activations were analysed
+    (activations stay quantized), weight-only otherwise, plus FP32 as a fallback."""
+    quant = QuantConfig.from_dict(result.config["quant"], "the analysis' quant config")
+    granularity = quant.granularity
+    has_both = any(t.target == "both" for t in result.trials)
+    target = "both" if has_both else "weights"
+    layers, choices, signals, trial_noise = [], [], [], {}
+    total_elements = sum(costs.weight_elements(layer) for layer in result.layers) or 1
+    for layer in result.layers:
+        layer_choices = []
+        trials = [t for t in result.trials if t.layer == layer.name and t.ok and t.output is not None]
+        # Layers without quantizable inputs (embeddings) have no "both" trials: use their weight trials.
+        picked = [t for t in trials if t.target == target] or [t for t in trials if t.target == "weights"]
+        for trial in trials:
+            precision = LayerPrecision(trial.weight_format or "fp32", trial.act_format).qualified(granularity)
+            trial_noise[(layer.name, precision)] = trial.output.mse
+        for trial in picked:
+            weight = parse_format(trial.weight_format, "weight", granularity) if trial.weight_format else None
+            act = parse_format(trial.act_format, "activation") if trial.act_format else None
+            precision = LayerPrecision(trial.weight_format or "fp32", trial.act_format).qualified(granularity)
+            layer_choices.append(_choice(layer, precision, weight, act, trial.output.mse, total_elements))
+            if trial.output.mse > 0 and trial.output.sqnr_db < 99:
+                signals.append(trial.output.mse * 10 ** (trial.output.sqnr_db / 10))
+        if allow_fp32 or not layer_choices:
+            layer_choices.append(_choice(layer, LayerPrecision("fp32", None), None, None, 0.0, total_elements))
+        layers.append(layer)
+        choices.append(_monotone(layer_choices))
+    if not layers:
+        raise BudgetError("the analysis has no layers to allocate precision to")
+    signal = float(np.median(signals)) if signals else 1.0
+    return Problem(layers, choices, signal, total_elements, quant, trial_noise)
+
+
+def _choice(layer: Layer, precision: LayerPrecision, weight: Format | None, act: Format | None,
+            noise: float, total_elements: int) -> Choice:
+    w_bits = weight.bits if weight is not None else costs.FP32_BITS
+    return Choice(precision, weight, act, noise, {
+        "avg-bits": costs.weight_elements(layer) * w_bits / total_elements,
+        "size-kb": costs.weight_bytes(layer, weight) / 1024,
+        "bops": float(costs.bops(layer, weight, act)),
+    })
+
+
+def _bits(choice: Choice) -> tuple[int, int]:
+    return (choice.weight.bits if choice.weight else 32, choice.act.bits if choice.act else 32)
+
+
+def _monotone(choices: list[Choice]) -> list[Choice]:
+    """A choice with at least as many bits on both sides never has more noise than a poorer one."""
+    out = []
+    for choice in choices:
+        w, a = _bits(choice)
+        dominated = [c.noise for c in choices if _bits(c)[0] <= w and _bits(c)[1] <= a]
+        out.append(Choice(choice.precision, choice.weight, choice.act, min(dominated), choice.costs))
+    return out

@@ -1,0 +1,55 @@
+"""`quantlens` command line: parse, call the engine, print. No analysis logic lives here.
+
+Every user error ends as one line on stderr and a non-zero exit, never a traceback (`--debug`
+shows it when you do want one). That rule lives here, in `main`, the one place errors are caught.
+
+    parser    the argparse tree (cheap to build: it runs on every start)
+    commands  one function per subcommand
+    __main__  `python -m analysis.cli`, the same as the `quantlens` console script (`entry`)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from analysis.cli.commands import CLIError
+from analysis.cli.parser import build_parser
+
+__all__ = ["main", "entry", "build_parser", "CLIError", "EXIT_USER_ERROR", "EXIT_INTERRUPTED"]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("quantlens: interrupted; finished trials are saved — rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 — the one place every error becomes one line
+        if args.debug:
+            raise
+        print(f"quantlens: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    """User errors (all quantlens errors are ValueErrors) as they are; anything else names its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, (CLIError, ValueError, FileNotFoundError, KeyError)):
+        return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+    return text.strip("'\"") if isinstance(exc, KeyError) else text
+
+
+def entry() -> int:
+    """The console script: a process quantlens owns, so the allocator is tuned here (never in the
+    library or in `main`, which tests and other programs call inside their own processes)."""
+    from analysis.memory import return_freed_memory_to_the_os
+
+    return_freed_memory_to_the_os()
+    return main()
+

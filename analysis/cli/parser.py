@@ -1,0 +1,114 @@
+"""The `quantlens` argument parser: subcommands, their options and help, each bound to its command.
+
+Built on every start (and for `--help`), so it imports only what its help text lists: the format
+syntax, the calibration methods and the export targets come from the engine's registries, which
+load torch but no toolchain (onnx, torchao) and no UI library (streamlit, plotly).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from analysis.cli.commands import (
+    cmd_analyze, cmd_dashboard, cmd_evaluate, cmd_export, cmd_finetune, cmd_remedies, cmd_suggest,
+)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="sample:<name> | path/to/file.py:factory | model.pt2 "
+                        "(with --map it may be left out: the map records its model)")
+    parser.add_argument("--weights", help="state dict for a file.py:factory model (.safetensors or .pt)")
+    parser.add_argument("--data", required=True,
+                        help="sample:<name> | data.npz/.pt/.safetensors (keys inputs, labels) | file.py:function")
+    parser.add_argument("--task", choices=("classification", "language-model", "other"),
+                        help="what the labels mean (default: inferred from their shape)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration samples to use (default: the map's, else 256)")
+    parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N or mps (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from analysis.calibration import CALIBRATION_METHODS
+    from analysis.formats import format_syntax
+
+    parser = argparse.ArgumentParser(prog="quantlens", description=(
+        "Which layers lose precision, what it costs, and what precision each layer should get."))
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser("analyze", help="per-layer isolation sweep: local, output and cumulative error")
+    _add_model_args(analyze)
+    analyze.add_argument("--weight-formats", default="int8,int4",
+                         help=f"comma-separated; formats: {format_syntax()}")
+    analyze.add_argument("--act-formats", default="int8", help="comma-separated, or 'none' for weight-only")
+    analyze.add_argument("--targets", default="weights,activations,both", help="any of weights,activations,both")
+    analyze.add_argument("--granularity", choices=("per-channel", "per-tensor", "per-group"),
+                         help="weight granularity for format names without a suffix (default per-channel)")
+    analyze.add_argument("--calibration", choices=CALIBRATION_METHODS,
+                         help="range calibration for weights and activations (default: mse for weights, percentile for activations)")
+    analyze.add_argument("--weight-calibration", choices=CALIBRATION_METHODS)
+    analyze.add_argument("--act-calibration", choices=CALIBRATION_METHODS)
+    analyze.add_argument("--percentile", type=float, default=99.99)
+    analyze.add_argument("--dynamic", action="store_true", help="dynamic activation ranges (computed at run time)")
+    analyze.add_argument("--no-fold-batchnorm", action="store_true", help="analyse BatchNorm unfolded")
+    analyze.add_argument("--local-only", action="store_true", help="skip output metrics (fast)")
+    analyze.add_argument("--cache-mb", type=int, default=1024, help="bound on the activation cache (MiB)")
+    analyze.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    analyze.add_argument("--out", required=True, help="output directory (layers.csv, analysis.json, report.html)")
+    analyze.set_defaults(func=cmd_analyze)
+
+    suggest = sub.add_parser("suggest", help="mixed-precision map under a budget, with the Pareto front")
+    suggest.add_argument("analysis", help="an analysis directory (the --out of `quantlens analyze`)")
+    suggest.add_argument("--budget", required=True, help="avg-bits=5.5 | size-kb=120 | bops=1e9 | max-drop=0.5 | min-sqnr=30")
+    suggest.add_argument("--out", help="write the map here (.json or .yaml; default: ANALYSIS/map.json)")
+    suggest.add_argument("--no-fp32", action="store_true", help="never leave a layer in FP32")
+    suggest.add_argument("--no-measure", action="store_true", help="trust the additive prediction; no model runs")
+    suggest.add_argument("--eval-data", help="labelled data for max-drop and the front's task metric (default: the sample's evaluation split)")
+    suggest.add_argument("--weights", help="weights for a file.py:factory model, as given to analyze")
+    suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none)")
+    suggest.set_defaults(func=cmd_suggest)
+
+    evaluate = sub.add_parser("evaluate", help="apply a map (or uniform baselines) and measure it")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--map", help="precision map (.json/.yaml); without it: FP32 and uniform baselines")
+    evaluate.add_argument("--eval-data", help="labelled evaluation data (default: the sample's evaluation split, else --data)")
+    evaluate.add_argument("--real", action="store_true", help="also run on real low-precision kernels (torchao)")
+    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map (straight-through estimator)")
+    _add_model_args(finetune)
+    finetune.add_argument("--map", required=True, help="precision map to train under")
+    finetune.add_argument("--train-data", help="labelled training data (default: --data)")
+    finetune.add_argument("--eval-data", help="held-out data for before/after (default: the sample's evaluation split)")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--out", required=True, help="write the fine-tuned weights (.safetensors)")
+    finetune.set_defaults(func=cmd_finetune)
+
+    remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
+    _add_model_args(remedy)
+    remedy.add_argument("--layer", required=True)
+    remedy.add_argument("--weight-format", default="int4")
+    remedy.add_argument("--act-format", help="e.g. int8 (default: weights only)")
+    remedy.add_argument("--eval-data")
+    remedy.set_defaults(func=cmd_remedies)
+
+    from analysis.export import registry as exports  # light: target modules import their toolchains on use
+
+    export = sub.add_parser("export", help="write a precision map in another tool's format")
+    export.add_argument("map", help="precision map (.json/.yaml)")
+    export.add_argument("--to", required=True, choices=exports.names(), help=exports.help_text())
+    export.add_argument("--model", help=f"the model ({exports.need_text('model')})")
+    export.add_argument("--weights", help="weights for a file.py:factory model")
+    export.add_argument("--data", help=f"calibration data ({exports.need_text('calibration')})")
+    export.add_argument("--out", required=True, help="output file")
+    export.set_defaults(func=cmd_export)
+
+    dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+    dashboard.set_defaults(func=cmd_dashboard)
+    return parser
