@@ -29,7 +29,7 @@ from analysis.evaluate import Evaluation, Evaluator, metric_drop, task_metric
 from analysis.layers import Layer
 from analysis.metrics import ErrorAccumulator, compare
 from analysis.precision_map import PrecisionMap
-from analysis.real.plan import _float_copy, _plan, _torchao, apply_real
+from analysis.real.plan import _plan, _torchao, apply_real, simulator_float_copy
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -153,8 +153,10 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     evaluator = Evaluator(model, calibration, evaluation, _sim_config(pmap, matched=True))
     layers = evaluator.layers
     plan = _plan(pmap, layers)
-    quantized, left = apply_real(model, pmap, layers)
-    fp32_copy, folded = _float_copy(model)
+    # Both copies come from the simulator's prepared graph: one trace, one BatchNorm fold for
+    # simulated and real paths alike.
+    quantized, left = apply_real(model, pmap, layers, base=simulator_float_copy(evaluator.sim, model)[0])
+    fp32_copy, folded = simulator_float_copy(evaluator.sim, model)
     full = pmap.assignment(evaluator.layer_names)
     real_assignment = {name: full[name] for name in plan.specs if name not in left}
 

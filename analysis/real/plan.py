@@ -279,13 +279,25 @@ def analysed_layers(model: nn.Module, fold_batchnorm: bool = True) -> list[Layer
     return discover_layers(prepare_model(model, fold_batchnorm=fold_batchnorm)).layers
 
 
-def apply_real(model: nn.Module, pmap: PrecisionMap, layers: list[Layer] | None = None) -> tuple[nn.Module, dict[str, str]]:
+def simulator_float_copy(sim: Any, model: Any) -> tuple[nn.Module, tuple[str, ...]]:
+    """A private float model for torchao from the simulator's own prepared graph (the same trace and
+    BatchNorm fold the sweep measured), or an eager copy when the simulator runs an exported
+    program (no nn.Linear modules for torchao to swap there)."""
+    if sim.prepared.source == "fx":
+        prepared, _ = sim.trainable_copy()
+        return prepared.graph_module.eval(), tuple(prepared.folded_batchnorms)
+    return _float_copy(model)
+
+
+def apply_real(model: nn.Module, pmap: PrecisionMap, layers: list[Layer] | None = None, *,
+               base: nn.Module | None = None) -> tuple[nn.Module, dict[str, str]]:
     """A quantized copy of `model` running `pmap` on torchao kernels, and {layer: reason} for every
-    layer the map quantizes that stays in float. The input model is never modified."""
+    layer the map quantizes that stays in float. The input model is never modified; `base`, a private
+    float copy (e.g. `simulator_float_copy`), is quantized in place instead when given."""
     _, tq = _torchao()
     layers = layers if layers is not None else analysed_layers(model)
     plan = _plan(pmap, layers)
-    quantized, _ = _float_copy(model)
+    quantized = base if base is not None else _float_copy(model)[0]
     left = dict(plan.unsupported)
     modules = dict(quantized.named_modules())
     for name, spec in plan.specs.items():
