@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import textwrap
 
 import numpy as np
@@ -275,7 +276,9 @@ def test_truncated_safetensors(factory_file, tmp_path):
     assert "w.safetensors is not a valid safetensors file" in text and "SafetensorError" in text
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 3, os.urandom(64) + b"\xff" * 8])
+# Seeded bytes, not os.urandom: xdist workers must collect the same parameter ids.
+@pytest.mark.parametrize("content", [b"", b"\x00" * 3, random.Random(0).randbytes(64) + b"\xff" * 8],
+                         ids=["empty", "three-zeros", "random-bytes"])
 def test_garbage_safetensors_header(factory_file, tmp_path, content):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(content)
