@@ -220,6 +220,9 @@ def test_malicious_pickle_is_refused_and_never_runs(factory_file, tmp_path):
         load_data(str(path))
     assert "pickle" in message(excinfo)
     assert not marker.exists()
+    # control: the payload is live, so the checks above could fail
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 def test_missing_and_unexpected_keys_are_named(factory_file, tmp_path):
@@ -565,6 +568,8 @@ def test_pickled_npz_is_refused(tmp_path):
     text = message(excinfo)
     assert "obj.npz" in text and "'inputs'" in text and "pickled object array" in text
     assert not marker.exists()
+    np.load(path, allow_pickle=True)["inputs"]  # control: unpickling it does run the payload
+    assert marker.exists()
 
 
 def test_bad_data_dtypes_and_containers(tmp_path):
