@@ -270,11 +270,75 @@ def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_mea
     assert exported["provenance"]["model_fingerprint"] == exported["model"] == result.model["fingerprint"]
 
 
-def test_export_page_offers_downloads(tmp_path, template_runs):
+@pytest.fixture
+def downloads(monkeypatch):
+    """Reads what a download button would serve: records the media file manager AppTest makes for
+    each run, then fetches a button's bytes from it (running a deferred (callable) download too)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+    from streamlit.testing.v1 import app_test
+
+    managers = []
+
+    class Recording(MediaFileManager):
+        def __init__(self, storage):
+            super().__init__(storage)
+            self.recorded_storage = storage
+            managers.append(self)
+
+    monkeypatch.setattr(app_test, "MediaFileManager", Recording)
+
+    def fetch(at: AppTest, key: str) -> tuple[str, bytes]:
+        button = next(b for b in at.get("download_button") if b.key == key)
+        manager = managers[-1]
+        url = button.proto.url or manager.execute_deferred(button.proto.deferred_file_id)
+        stored = manager.recorded_storage.get_file(url.rsplit("/", 1)[1].split(".")[0])
+        return stored.filename, stored.content
+
+    return fetch
+
+
+def test_export_page_downloads_hold_the_run(tmp_path, template_runs, downloads):
+    import pandas as pd
+    import yaml
+
+    from analysis.costs import model_cost
+    from analysis.precision_map import map_from_dict
+    from analysis.results import load_analysis
+
     at = _page(_open(tmp_path, template_runs), "export")
-    keys = {b.key for b in at.get("download_button")}
-    assert {"dl_map_json", "dl_map_yaml", "dl_report", "dl_csv", "dl_analysis"} <= keys
     assert not _errors(at)
+    files = {key: downloads(at, key) for key in ("dl_map_json", "dl_map_yaml", "dl_report", "dl_csv", "dl_analysis")}
+    assert {key: name for key, (name, _) in files.items()} == {
+        "dl_map_json": "sample-mlp.precision-map.json", "dl_map_yaml": "sample-mlp.precision-map.yaml",
+        "dl_report": "sample-mlp.report.html", "dl_csv": "sample-mlp.layers.csv",
+        "dl_analysis": "sample-mlp.analysis.json"}
+
+    # analysis.json reloads to this run: the mlp's layers, every trial, the 64 samples it was given
+    saved = tmp_path / "analysis.json"
+    saved.write_bytes(files["dl_analysis"][1])
+    result = load_analysis(saved)
+    assert [layer.name for layer in result.layers] == ["fc1", "fc2", "fc3"]
+    assert len(result.trials) == MLP_TRIALS and result.data["samples"] == 64
+
+    # layers.csv: one row per trial, with the same numbers
+    table = pd.read_csv(io.BytesIO(files["dl_csv"][1]))
+    assert len(table) == MLP_TRIALS
+    for row in table.itertuples():
+        assert row.output_sqnr_db == pytest.approx(result.trial(row.layer, row.target, row.format).output.sqnr_db)
+
+    # the precision map: JSON and YAML say the same, it covers the layers and meets the page's budget
+    as_json = json.loads(files["dl_map_json"][1])
+    assert yaml.safe_load(files["dl_map_yaml"][1]) == as_json
+    pmap = map_from_dict(as_json)
+    names = [layer.name for layer in result.layers]
+    pmap.validate(names)
+    assert set(as_json["layers"]) == set(names)
+    assert model_cost(list(result.layers), pmap.assignment(names)).avg_weight_bits <= 6.0
+
+    # the report is the full page for this run, not a placeholder
+    report = files["dl_report"][1].decode()
+    assert report.startswith("<!DOCTYPE html>") and "quantlens: sample:mlp" in report
+    assert all(name in report for name in names)
 
 
 # --- bad inputs keep earlier results -------------------------------------------------------------------
@@ -402,19 +466,61 @@ def test_compare_two_runs(tmp_path, template_runs):
 # --- launcher --------------------------------------------------------------------------------------
 
 
-def test_launch_command(monkeypatch):
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def test_launch_serves_the_dashboard_on_the_address_and_port_asked_for(monkeypatch):
+    """`quantlens dashboard --port P --address A` starts a server that answers on A:P and only there."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
     from dashboard import launch
 
+    address = "127.0.0.2"  # loopback too, but not the default: a server on 127.0.0.1 or 0.0.0.0 is caught
+    try:
+        port = _free_port(address)
+    except OSError:  # e.g. macOS only configures 127.0.0.1 by default
+        pytest.skip(f"cannot bind {address} on this machine")
     seen = {}
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
-    assert launch.main(port=8765, address="0.0.0.0") == 0
-    cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]).is_absolute() and cmd[4].endswith("app.py")
-    flags = dict(zip(cmd[5::2], cmd[6::2]))
-    assert flags["--server.port"] == "8765" and flags["--server.address"] == "0.0.0.0"
-    assert flags["--server.headless"] == "true" and flags["--server.fileWatcherType"] == "none"
-    assert flags["--browser.gatherUsageStats"] == "false" and flags["--server.maxUploadSize"] == "200"
-    assert flags["--server.enableXsrfProtection"] == "true"
+
+    def serve_and_probe(cmd):
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://{address}:{port}/_stcore/health", timeout=2) as reply:
+                        seen["health"] = reply.read().decode()
+                    break
+                except OSError:
+                    assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                    assert time.monotonic() < deadline, "the dashboard did not come up within 60 s"
+                    time.sleep(0.2)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                seen["other_address"] = "answered"
+            except OSError:
+                seen["other_address"] = "refused"
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        return 0
+
+    monkeypatch.setattr(launch.subprocess, "call", serve_and_probe)
+    assert launch.main(port=port, address=address) == 0
+    assert seen["health"] == "ok"
+    assert seen["other_address"] == "refused"  # bound to the address asked for, not every interface
 
 
 # --- cancel and resume ---------------------------------------------------------------------------
@@ -460,12 +566,54 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path):
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
 
 
-def test_toolchain_exports(tmp_path, template_runs):
+def test_toolchain_exports(tmp_path, template_runs, downloads):
     pytest.importorskip("analysis.export")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import zipfile
+
+    from analysis.formats import parse_format
+
     at = _page(_open(tmp_path, template_runs), "export")
     at.button(key="dl_prepare").click().run()
     _ok(at)
-    keys = {b.key for b in at.get("download_button")}
     errors = _errors(at)
-    assert "dl_tool_aimet" in keys, errors
-    assert all("\n" not in e for e in errors)
+    assert not errors, errors
+    pmap = json.loads(downloads(at, "dl_map_json")[1])["layers"]
+    quantized = {name: entry for name, entry in pmap.items() if not parse_format(entry["weight"]).is_identity}
+    assert quantized and len(quantized) < len(pmap)  # the 6-bit suggestion keeps one layer in FP32
+    bits = {name: parse_format(entry["weight"]).bits for name, entry in quantized.items()}
+
+    # AIMET encodings: one weight encoding per quantized layer at its bit width, one scale per channel
+    name, content = downloads(at, "dl_tool_aimet")
+    assert name == "sample-mlp.aimet_encodings.json"
+    aimet = json.loads(content)
+    params = {e["name"]: e for e in aimet["param_encodings"]}
+    assert {n: e["bw"] for n, e in params.items()} == {f"{n}.weight": b for n, b in bits.items()}
+    out_features = {name: module.out_features for name, module in sample_models.load_model("mlp").named_children()
+                    if isinstance(module, torch.nn.Linear)}
+    assert all(len(params[f"{n}.weight"]["scale"]) == out_features[n] for n in bits)
+    assert {e["name"]: e["bw"] for e in aimet["activation_encodings"]} == {
+        f"{n}.input": parse_format(e["activation"], "activation").bits for n, e in quantized.items()}
+
+    # ONNX Runtime overrides: the FP32 layers are excluded, the others carry their weight type
+    name, content = downloads(at, "dl_tool_ort")
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        overrides = json.loads(archive.read("ort_overrides.json"))
+        assert {"ort_overrides.onnx"} <= set(archive.namelist())
+    assert set(overrides["excluded_layers"]) == set(pmap) - set(quantized)
+    tensors = overrides["extra_options"]["TensorQuantOverrides"]
+    assert {n: tensors[f"{n}.weight"][0]["quant_type"] for n in bits} == {n: f"QInt{b}" for n, b in bits.items()}
+
+    # the QDQ model runs and behaves like the FP32 model it quantizes
+    name, content = downloads(at, "dl_tool_onnx")
+    ops = [node.op_type for node in onnx.load_from_string(content).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+    inputs = sample_models.load_split("mlp", "evaluation")["inputs"][:200]
+    quantized_out = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    with torch.no_grad():
+        fp32_out = sample_models.load_model("mlp")(inputs).numpy()
+    assert quantized_out.shape == fp32_out.shape
+    assert float((quantized_out.argmax(1) == fp32_out.argmax(1)).mean()) > 0.9
+    assert not np.allclose(quantized_out, fp32_out, atol=1e-4)  # really quantized

@@ -191,9 +191,16 @@ def test_ort_overrides_round_trip(mlp, mlp_onnx):
         pinned = "sim" in kwargs
         assert data["pinned_scales"] is pinned
         assert ("scale" in overrides["fc1.weight"][0]) is pinned
-        if pinned:  # one dict per output channel, values equal to ours
-            params = ex.quantization_parameters(mlp["analyzer"], pmap)
-            assert [c["scale"] for c in overrides["fc2.weight"]] == params["fc2"]["weight"]["scale"]
+        if pinned:  # one dict per output channel, and the grid they pin is the simulated weight
+            for layer, (qmin, qmax) in (("fc1", (-128, 127)), ("fc2", (-8, 7))):
+                channels = overrides[f"{layer}.weight"]
+                w = mlp["analyzer"].table.weight(layer).detach()
+                assert len(channels) == w.shape[0] and channels[0]["axis"] == 0
+                scale = torch.tensor([c["scale"] for c in channels])[:, None]
+                zp = torch.tensor([c["zero_point"] for c in channels], dtype=torch.float32)[:, None]
+                q = torch.clamp(torch.round(w / scale) + zp, qmin, qmax)  # ONNX QuantizeLinear, per axis 0
+                torch.testing.assert_close((q - zp) * scale, mlp["analyzer"].quantized_weight(layer, _fmt(pmap, layer, "weight")),
+                                           rtol=0, atol=1e-7)
         live = ex.ort_quantize_kwargs(data)
         assert live["weight_type"] is QuantType.QInt8
         assert all(isinstance(e["quant_type"], QuantType) for v in live["extra_options"]["TensorQuantOverrides"].values()

@@ -1,7 +1,9 @@
-"""Quantizer invariants (hypothesis) and the format-name grammar."""
+"""Quantizer invariants (hypothesis) checked against an independent element-wise reference grid
+(tests/_grid_reference.py), hand-computed grids, and the format-name grammar."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from analysis.formats import (
     FormatError, dynamic_quantize, from_rows, parse_format, parse_formats, quantize_with_range,
     scale_and_zero_point, to_rows,
 )
+from tests import _grid_reference as ref
 
 INT_NAMES = [f"int{b}" for b in (2, 3, 4, 5, 6, 7, 8, 16)]
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
@@ -21,8 +24,24 @@ def tensors(min_size=1, max_size=64):
     return arrays("float32", st.integers(min_size, max_size), elements=finite).map(torch.from_numpy)
 
 
+# For comparisons with the float64 reference: magnitudes of 0 or at least 1e-30, so every grid's
+# float32 scale is a normal number (a range so narrow that the scale underflows float32 is handled
+# by the guard "zero scale -> 1", which a float64 reference does not reproduce).
+_TINY = float(np.float32(1e-30))
+grid_magnitudes = st.one_of(st.just(0.0), st.floats(_TINY, 1e4, width=32), st.floats(-1e4, -_TINY, width=32))
+
+
 def _range(x):
     return x.min().reshape(1), x.max().reshape(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=arrays("float32", st.integers(1, 64), elements=grid_magnitudes).map(torch.from_numpy),
+       name=st.sampled_from(INT_NAMES), symmetric=st.booleans())
+def test_quantize_with_range_matches_an_elementwise_reference(x, name, symmetric):
+    fmt = parse_format(name + ("-sym" if symmetric else "-asym"), "weight", "per-tensor")
+    q = quantize_with_range(x, fmt, *_range(x))
+    ref.check_against_reference(x.numpy(), q.numpy(), np.zeros(len(x), dtype=np.int64), fmt.bits, symmetric)
 
 
 @settings(max_examples=60, deadline=None)
@@ -31,9 +50,20 @@ def test_round_trip_error_is_at_most_half_a_step_inside_the_range(x, name, symme
     fmt = parse_format(name + ("-sym" if symmetric else "-asym"), "weight", "per-tensor")
     lo, hi = _range(x)
     q = quantize_with_range(x, fmt, lo, hi)
-    scale, _ = scale_and_zero_point(fmt, lo, hi)
-    # float32 arithmetic adds about one ulp of |x| on top of the half step
-    assert torch.all((q - x).abs() <= scale / 2 * (1 + 1e-5) + x.abs() * 1e-6 + 1e-30)
+    step = ref.grid(fmt.bits, symmetric, float(lo), float(hi)).scale  # the step of the stated grid
+    # inside the range nothing clips: at most half a step, plus float32 rounding of about one ulp of |x|
+    assert torch.all((q - x).abs() <= step / 2 * (1 + 1e-5) + x.abs() * 1e-6 + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lo=grid_magnitudes.map(lambda v: -abs(v)), hi=grid_magnitudes.map(abs), name=st.sampled_from(INT_NAMES),
+       symmetric=st.booleans())
+def test_exported_scale_and_zero_point_are_the_stated_grid(lo, hi, name, symmetric):
+    fmt = parse_format(name + ("-sym" if symmetric else "-asym"), "weight", "per-tensor")
+    scale, zero_point = scale_and_zero_point(fmt, torch.tensor(lo), torch.tensor(hi))
+    expected = ref.grid(fmt.bits, symmetric, lo, hi)
+    assert float(scale) == pytest.approx(expected.scale, rel=1e-6)
+    assert int(zero_point) in expected.zero_points
 
 
 @settings(max_examples=60, deadline=None)
@@ -48,15 +78,19 @@ def test_quantization_is_idempotent(x, name, symmetric):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=tensors(), bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans())
+@given(x=arrays("float32", st.integers(1, 64), elements=grid_magnitudes).map(torch.from_numpy),
+       bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans())
 def test_values_land_on_the_integer_grid(x, bits, symmetric):
     fmt = parse_format(f"int{bits}-{'sym' if symmetric else 'asym'}", "weight", "per-tensor")
     lo, hi = _range(x)
-    q = quantize_with_range(x, fmt, lo, hi)
-    scale, zero_point = scale_and_zero_point(fmt, lo, hi)
-    codes = q / scale + zero_point
-    assert torch.allclose(codes, codes.round(), atol=1e-3)
-    assert codes.round().min() >= fmt.qmin and codes.round().max() <= fmt.qmax
+    q = quantize_with_range(x, fmt, lo, hi).double()
+    g = ref.grid(bits, symmetric, float(lo), float(hi))  # the stated grid, not the code's own scale
+    for zp in g.zero_points:  # two candidates only when -lo / scale is a rounding tie
+        codes = q / g.scale + zp
+        if torch.allclose(codes, codes.round(), atol=1e-3) and g.qmin <= codes.round().min() <= codes.round().max() <= g.qmax:
+            break
+    else:
+        raise AssertionError(f"values off the {fmt.bits}-bit grid of step {g.scale}: {q[:8].tolist()}")
     assert len(torch.unique(q)) <= 2**bits
 
 

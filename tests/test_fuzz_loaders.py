@@ -228,6 +228,21 @@ def test_malicious_pickles_never_run(workdir):
         assert not marker.exists(), name
 
 
+def test_the_malicious_payloads_are_live(workdir):
+    """Control for the two tests around it: unpickled without safeguards, every variant runs its
+    payload, so "the marker was never created" means the loaders refused it."""
+    marker = workdir / "PWNED_CONTROL"
+    for name, content in _malicious_variants(marker).items():
+        path = workdir / f"control_{name}"
+        path.write_bytes(content)
+        if name.startswith("raw_pickle"):
+            pickle.loads(content)
+        else:
+            torch.load(path, weights_only=False)
+        assert marker.exists(), name
+        os.remove(marker)
+
+
 def test_mutated_malicious_pickles_never_run(workdir):
     marker = workdir / "PWNED_MUTATED"
     variants = _malicious_variants(marker)

@@ -64,9 +64,18 @@ def test_kl_and_top1_hand_computed():
 
 
 def test_language_model_logits_count_tokens():
-    ref = torch.randn(2, 3, 5)
-    stats = compare(ref, ref.clone(), logits=True)
-    assert stats.top1_agreement == 1.0 and stats.kl == pytest.approx(0.0, abs=1e-12)
+    # [2 sequences, 3 tokens, 5 classes]: one token's prediction changes. Per token that is 5 of 6
+    # agreeing (per sequence it would be 1 of 2), and the KL is that token's divergence over 6.
+    ref = torch.zeros(2, 3, 5)
+    ref[..., 0] = 2.0  # every token predicts class 0
+    q = ref.clone()
+    q[1, 2] = torch.tensor([0.0, 2.0, 0.0, 0.0, 0.0])  # the last token now predicts class 1
+    stats = compare(ref, q, logits=True)
+    assert stats.top1_agreement == pytest.approx(5 / 6)
+    p = torch.softmax(ref[1, 2].double(), 0)
+    one_token = float((p * (p.log() - torch.log_softmax(q[1, 2].double(), 0))).sum())
+    assert stats.kl == pytest.approx(one_token / 6, rel=1e-9)
+    assert compare(ref, ref.clone(), logits=True).kl == pytest.approx(0.0, abs=1e-12)
 
 
 def test_shape_mismatch_and_empty_input_errors():

@@ -3,9 +3,10 @@
 test_metrics.py checks each metric against hand-computed values and test_formats.py the 1-D
 float32 grid; here the claims are general: SQNR ignores a common scale and falls as noise grows,
 cosine stays in [-1, 1], KL is non-negative and zero only for equal distributions, and the
-quantizers keep shape and dtype, stay finite, are idempotent on their own ranges and never use
-more than 2^b values per quantization group — for float16/bfloat16/float32 tensors of up to 4-D,
-per-tensor, per-channel and per-group.
+quantizers keep shape and dtype, stay finite, are idempotent on their own ranges, never use
+more than 2^b values per quantization group and give, element by element, the values of an
+independent reference grid (tests/_grid_reference.py, plain Python floats) — for
+float16/bfloat16/float32 tensors of up to 4-D, per-tensor, per-channel and per-group.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hypothesis.extra.numpy import arrays
 from analysis.formats import dynamic_quantize, from_rows, parse_format, quantize_with_range, to_rows
 from analysis.metrics import SQNR_CAP_DB, compare, sqnr_db
 from analysis.quantsim import quantize_weight
+from tests import _grid_reference as ref
 
 PROPS = settings(max_examples=40, deadline=None, derandomize=True)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -181,6 +183,13 @@ def _groups_within_bits(q: torch.Tensor, fmt, axis: int) -> None:
         assert len(torch.unique(row)) <= 2**fmt.bits
 
 
+def _normal_float32_scales(x: torch.Tensor) -> bool:
+    """Whether every non-zero |x| is at least 1e-30, so each group's float32 scale is a normal number
+    and the float64 reference applies (an underflowing scale hits the engine's "zero scale -> 1" guard)."""
+    magnitudes = x.float().abs()
+    return bool(((magnitudes == 0) | (magnitudes >= 1e-30)).all())
+
+
 def _max_bits(dtype: torch.dtype) -> int:
     # bfloat16 holds 8 significant bits: code·scale of an 8-bit grid is not representable in it, so a
     # second pass can move by a step. Up to 6 bits (codes < 64) the grid survives the rounding.
@@ -203,12 +212,21 @@ def test_fake_quantization_keeps_shape_dtype_and_is_idempotent(x, data):
     assert torch.isfinite(q).all()
     assert torch.equal(fake_quantize(q), q)
     _groups_within_bits(q, fmt, axis)
+    # and the values are the stated grid's, element by element, with groups built independently
+    group_ids = ref.groups(tuple(x.shape), fmt.granularity, axis, fmt.group_size)
+    if _normal_float32_scales(x):
+        ref.check_against_reference(x.double().numpy(), q.double().numpy(), group_ids, fmt.bits, fmt.symmetric,
+                                    dtype=x.dtype)
 
 
 def _weight_quantizer_properties(x: torch.Tensor, fmt, method: str) -> None:
     axis = 0
     q, lo, hi = quantize_weight(x, fmt, axis, method, 99.0)
     assert q.shape == x.shape and torch.isfinite(q).all()
+    if method == "minmax" and _normal_float32_scales(x):  # ranges known independently: each group's min / max
+        group_ids = ref.groups(tuple(x.shape), fmt.granularity, axis, fmt.group_size)
+        ref.check_against_reference(x.double().numpy(), q.double().numpy(), group_ids, fmt.bits, fmt.symmetric,
+                                    dtype=x.dtype)
     _groups_within_bits(q, fmt, axis)
     again = from_rows(quantize_with_range(to_rows(q.float(), fmt, axis), fmt, lo[:, None], hi[:, None]),
                       q.float(), fmt, axis)
@@ -221,7 +239,8 @@ def _weight_quantizer_properties(x: torch.Tensor, fmt, method: str) -> None:
 @given(x=weight_tensors(dtype_names=("float32",)), data=st.data())
 def test_calibrated_weight_quantizer_float32(x, data):
     fmt = data.draw(weight_formats())
-    _weight_quantizer_properties(x, fmt, data.draw(st.sampled_from(["minmax", "mse", "percentile"])))
+    _weight_quantizer_properties(x, fmt, data.draw(st.sampled_from(["mse", "percentile"])))
+    _weight_quantizer_properties(x, fmt, "minmax")  # every example: the one with a reference
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -238,6 +257,12 @@ def test_dynamic_quantization_keeps_shape_dtype_and_bits_per_row(x, bits, symmet
     assert q.shape == x.shape and q.dtype == x.dtype and torch.isfinite(q).all()
     rows = q.reshape(-1, q.shape[-1]) if per_token else q.reshape(q.shape[0], -1)
     assert all(len(torch.unique(row)) <= 2**bits for row in rows.float())
+    # each row (token, or sample) on the grid of its own range
+    shape = tuple(x.shape)
+    group_ids = (np.arange(int(np.prod(shape))) // (shape[-1] if per_token else int(np.prod(shape[1:])))).reshape(shape)
+    if _normal_float32_scales(x):
+        ref.check_against_reference(x.double().numpy(), q.double().numpy(), group_ids, bits, symmetric,
+                                    dtype=x.dtype)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -173,7 +173,7 @@ def test_exported_program_is_analysed_like_the_eager_model():
             eager.trial(layer, "weights", "int4").output.sqnr_db, abs=1e-3)
 
 
-def test_cumulative_error_grows_along_depth_and_matches_fully_quantized_output():
+def test_cumulative_output_matches_the_fully_quantized_model():
     model, ds = Residual(), data()
     result = analyze(model, ds, CONFIG)
     cum = next(c for c in result.cumulative if c.target == "weights" and c.format == "int4")
@@ -185,6 +185,44 @@ def test_cumulative_error_grows_along_depth_and_matches_fully_quantized_output()
         expected = compare(model(ds.inputs), clone(ds.inputs), logits=True)
     assert cum.output.sqnr_db == pytest.approx(expected.sqnr_db, abs=1e-3)
     assert list(cum.per_layer) == ["a", "b", "c"]
+
+
+class DiagonalChain(nn.Module):
+    """Four bias-free Linear layers with positive diagonal weights: every weight row has one non-zero."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth))
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                layer.weight.copy_(torch.diag(torch.linspace(0.5, 1.5, 8) * (i + 1)))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_cumulative_error_grows_along_depth():
+    # int4 symmetric per channel, min-max: a row's only non-zero d is its absmax, so scale = d / 7.5
+    # and d sits at code 7.5, which clamps to 7: every layer multiplies its output by exactly r = 14/15.
+    # With all layers quantized, layer k's output is r^k times the FP32 one and its SQNR is
+    # -20 log10(1 - r^k): the error compounds with depth (23.5, 17.8, 14.6, 12.4 dB).
+    config = AnalysisConfig(weight_formats=("int4",), act_formats=(), targets=("weights",),
+                            weight_calibration="minmax", cumulative=True)
+    result = analyze(DiagonalChain(), data(), config)
+    cum = next(c for c in result.cumulative if c.target == "weights" and c.format == "int4")
+    names = [f"layers.{k}" for k in range(4)]
+    assert list(cum.per_layer) == names
+    r = 14 / 15
+    expected = [-20 * math.log10(1 - r ** (k + 1)) for k in range(4)]
+    got = [cum.per_layer[name].sqnr_db for name in names]
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert all(deeper < shallower - 2.0 for shallower, deeper in zip(got, got[1:]))
+    assert cum.output.sqnr_db == pytest.approx(expected[-1], abs=1e-3)
+    # isolation, by contrast, does not compound: each layer alone costs one factor r
+    for name in names:
+        assert result.trial(name, "weights", "int4").local.sqnr_db == pytest.approx(expected[0], abs=1e-3)
 
 
 def test_a_failing_layer_is_marked_and_the_sweep_goes_on(monkeypatch):
@@ -211,9 +249,16 @@ def test_histograms_hold_every_weight_and_clip_ranges():
     hists = result.histograms["b"]
     assert sum(hists.weight.fp32.counts) == model.b.weight.numel()
     assert sum(hists.weight.quantized["int4"]) == model.b.weight.numel()
-    lo, hi = hists.weight.clip["int8"]
-    assert lo == pytest.approx(float(model.b.weight.min()), rel=1e-5) or lo < 0
+    # min-max calibration, symmetric per channel: row r is clipped to [-absmax_r, absmax_r], so the
+    # widest clip over all rows is +-(largest |w| of the whole weight)
+    absmax = float(model.b.weight.abs().max())
+    for fmt in ("int8", "int4"):
+        assert hists.weight.clip[fmt] == pytest.approx((-absmax, absmax), rel=1e-6), fmt
     assert hists.activation is not None and sum(hists.activation.fp32.counts) == 32 * 16
+    # activations, min-max: b's input is relu(a(x)), so its range is [0, max over all samples]
+    with torch.no_grad():
+        b_input = torch.relu(model.a(ds.inputs))
+    assert hists.activation.clip["int8"] == pytest.approx((0.0, float(b_input.max())), rel=1e-6)
     assert len(hists.channel_min) == 16
 
 
