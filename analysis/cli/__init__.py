@@ -46,10 +46,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 def entry() -> int:
-    """The console script: a process quantlens owns, so the allocator is tuned here (never in the
-    library or in `main`, which tests and other programs call inside their own processes)."""
-    from analysis.memory import return_freed_memory_to_the_os
-
-    return_freed_memory_to_the_os()
+    """The console script (`quantlens`); `python -m analysis.cli` runs the same."""
     return main()
 

@@ -56,6 +56,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     args.samples = 256 if args.samples is None else args.samples
     if args.samples < 1:
         raise CLIError("--samples must be at least 1")
+    if args.low_memory:
+        from analysis.memory import return_freed_memory_to_the_os
+
+        # Opt-in and only here: this process is ours for the rest of the command.
+        return_freed_memory_to_the_os()
     config = AnalysisConfig(
         weight_formats=tuple(f.strip() for f in args.weight_formats.split(",") if f.strip() and f.strip().lower() != "none"),
         act_formats=tuple(f.strip() for f in args.act_formats.split(",") if f.strip() and f.strip().lower() != "none"),

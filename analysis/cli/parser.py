@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-fold-batchnorm", action="store_true", help="analyse BatchNorm unfolded")
     analyze.add_argument("--local-only", action="store_true", help="skip output metrics (fast)")
     analyze.add_argument("--cache-mb", type=int, default=1024, help="bound on the activation cache (MiB)")
+    analyze.add_argument("--low-memory", action="store_true",
+                         help="return freed activation buffers to the OS (glibc): keeps the process near its "
+                              "cache bound on big models, but every large allocation then costs page faults "
+                              "(≈1.6x slower on small models)")
     analyze.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.add_argument("--out", required=True, help="output directory (layers.csv, analysis.json, report.html)")
