@@ -25,7 +25,7 @@ and their names are qualified with the granularity they named.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +90,6 @@ class PrecisionMap:
     def assignment(self, layer_names: list[str]) -> dict[str, tuple[Format | None, Format | None]]:
         """layer -> (weight format, activation format) for every named layer."""
         return {name: self.precision(name).formats() for name in layer_names}
-
-    def with_(self, **changes: Any) -> "PrecisionMap":
-        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -33,6 +33,18 @@ class Provenance:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
+    def of_result(cls, result: Any) -> "Provenance":
+        """What an AnalysisResult records about its inputs. Runs of quantlens 0.1 only have
+        "spec"/"fingerprint" in `result.model` and "spec" in `result.data`; those fill the gaps."""
+        recorded = cls.from_dict(result.model)
+        return cls(
+            model_spec=recorded.model_spec or result.model.get("spec"), weights=recorded.weights,
+            weights_sha256=recorded.weights_sha256, data_spec=recorded.data_spec or result.data.get("spec"),
+            model_fingerprint=recorded.model_fingerprint or result.model.get("fingerprint"),
+            data_fingerprint=recorded.data_fingerprint or result.data.get("fingerprint"),
+        )
+
+    @classmethod
     def from_dict(cls, payload: Mapping[str, Any] | None) -> "Provenance":
         payload = payload or {}
         names = set(cls.__dataclass_fields__)

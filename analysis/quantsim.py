@@ -18,7 +18,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from analysis import calibration
@@ -174,7 +173,7 @@ class QuantSim:
         by_tensor: dict[int, str] = {}
         for name, param in self.gm.named_parameters(remove_duplicate=False):
             by_tensor.setdefault(id(param), name)
-        return {layer.name: by_tensor.get(id(self.table.weight(layer.name)), _guess_param_name(layer.name))
+        return {layer.name: by_tensor.get(id(self.table.weight(layer.name)), guess_param_name(layer.name))
                 for layer in self.table.layers}
 
     # chunks ---------------------------------------------------------------------------------
@@ -371,29 +370,20 @@ class QuantSim:
             outputs.append(primary_output(env[self.prepared.output_node]))
         return torch.cat(outputs)
 
-    def rerun(self, cache: dict, nodes: list, assignment_or_overrides: Assignment | dict) -> dict:
-        """Re-execute `nodes` reading everything else from `cache` (see `analysis.graph.rerun`)."""
-        overrides = assignment_or_overrides
-        if overrides and isinstance(next(iter(overrides)), str):
-            overrides = self.overrides(overrides)  # type: ignore[arg-type]
-        return rerun(self.prepared, cache, nodes, overrides)  # type: ignore[arg-type]
+    def rerun(self, cache: dict, nodes: list, overrides: dict) -> dict:
+        """Re-execute `nodes` (with `overrides` from `self.overrides`) reading everything else from
+        `cache` (see `analysis.graph.rerun`)."""
+        return rerun(self.prepared, cache, nodes, overrides)
 
     def output_of(self, env: dict) -> torch.Tensor:
         return primary_output(env[self.prepared.output_node])
 
-    def weight_histogram_data(self, layer: str) -> np.ndarray:
-        return self.table.weight(layer).detach().float().cpu().numpy()
-
-
-def _guess_param_name(layer: str) -> str:
-    if layer.endswith(".in_proj"):
-        return layer[: -len(".in_proj")] + ".in_proj_weight"
-    return f"{layer}.weight"
-
 
 def guess_param_name(layer: str) -> str:
     """The parameter name a layer name implies when no model is at hand."""
-    return _guess_param_name(layer)
+    if layer.endswith(".in_proj"):
+        return layer[: -len(".in_proj")] + ".in_proj_weight"
+    return f"{layer}.weight"
 
 
 ProgressFn = Callable[[int, int, str], None]

@@ -185,7 +185,7 @@ class Sweep:
                     local_refs[trial.layer].append(site.local(sim.gm, args, kwargs, None, None, cache[site.node]))
         env: dict = {}
         if acc.output is not None:
-            env = sim.rerun(cache, affected, {trial.layer: (trial.weight_format, trial.act_format)})
+            env = sim.rerun(cache, affected, sim.overrides({trial.layer: (trial.weight_format, trial.act_format)}))
             acc.output.update(reference_out, sim.output_of(env))
         with torch.inference_mode():
             for site, act, reference in zip(sites, acts, local_refs[trial.layer]):

@@ -143,18 +143,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     result = load_analysis(args.analysis)
     problem = build_problem(result, allow_fp32=not args.no_fp32)
     quant = QuantConfig.from_dict(result.config["quant"], f"{args.analysis}: quant")
-    recorded = Provenance.from_dict(result.model)
-    provenance = Provenance(model_spec=result.model.get("spec"), weights=result.model.get("weights"),
-                            weights_sha256=result.model.get("weights_sha256"), data_spec=result.data.get("spec"),
-                            model_fingerprint=result.model.get("fingerprint"),
-                            data_fingerprint=result.data.get("fingerprint"))
+    provenance = Provenance.of_result(result)
     evaluator = None
     model_spec, data_spec = provenance.model_spec, provenance.data_spec
     if not args.no_measure or budget.kind == "max-drop":
         if not model_spec or not data_spec:
             raise CLIError("this analysis does not record its model and data; pass --no-measure "
                            "(max-drop budgets need them: re-run analyze with the CLI)")
-        weights = weights_to_load(recorded if recorded.weights else provenance, args.weights, f"the analysis in {args.analysis}")
+        weights = weights_to_load(provenance, args.weights, f"the analysis in {args.analysis}")
         model = load_model(model_spec, weights)
         check_model(provenance.model_fingerprint, model, f"the analysis in {args.analysis}",
                     "pass the --weights the analysis used, or re-run `quantlens analyze`")
