@@ -282,7 +282,8 @@ def maybe_autostart() -> None:
         return
     from analysis.config import AnalysisConfig
 
-    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples())
+    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples(),
+                            cumulative=True)
     attach_job(start_job(sample_inputs(name), config))
 
 

@@ -38,7 +38,7 @@ CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 SAMPLES = 24
 FAST = ["--samples", str(SAMPLES), "--quiet", "--weight-formats", "int8,int4", "--act-formats", "int8"]
-CONFIG = AnalysisConfig(num_samples=SAMPLES, weight_formats=("int8", "int4"), act_formats=("int8",))
+CONFIG = AnalysisConfig(num_samples=SAMPLES, weight_formats=("int8", "int4"), act_formats=("int8",), cumulative=True)
 
 
 def corpus(name: str) -> str:
