@@ -96,6 +96,12 @@ class RunInfo:
         return self.status == "done"
 
     @property
+    def started(self) -> bool:
+        """The sweep itself began (run.json is written): `resume` can continue it. A run cancelled
+        before that (in the dashboard's local-only first pass) has nothing to continue."""
+        return (self.path / "run.json").exists()
+
+    @property
     def foreign(self) -> bool:
         """Running in another process (a CLI, another dashboard server, another machine)."""
         return self.status == "running" and (self.host != socket.gethostname() or self.pid != os.getpid())
