@@ -76,12 +76,14 @@ def _upload_inputs(values: dict) -> state.Inputs:
     label = model_file.name if model_file is not None else factory
     if model_file is not None and not is_program:
         label = f"{factory} + {model_file.name}"
-    return state.Inputs(
+    inputs = state.Inputs(
         model_spec=model_spec, weights=weights, data_spec=str(state.save_upload(calib_file)),
         eval_spec=str(state.save_upload(eval_file)) if eval_file is not None else None,
         task=None if values["task"] == "auto" else values["task"], label=label,
         data_label=calib_file.name + (f" (eval: {eval_file.name})" if eval_file is not None else ""),
     )
+    state.trust_code(model_spec)  # named here, with the box ticked: the one way code gets trusted
+    return inputs
 
 
 def _submit(source: str, values: dict) -> None:
@@ -124,6 +126,10 @@ with left:
                 placeholder="models/net.py:build_model")
             values["trust"] = st.checkbox("I trust this code (.pt2 programs and factories run Python code)",
                                           key="md_trust")
+            st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
+                       "a factory is your own Python: tick only for files you wrote or got from someone you "
+                       "trust. The dashboard runs code only from a file you name here in this session, and only "
+                       "while it is unchanged.")
             values["calib_file"] = st.file_uploader(
                 "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
                 key="md_calib_file")
