@@ -114,6 +114,9 @@ CASES = [
     Case("unknown-format-name", "format", formats=("fp4_e2m1",), expect="unknown format 'fp4_e2m1'"),
     Case("map-for-another-model", "map", data="map_other_model.json", expect="made for model"),
     Case("map-unknown-format", "map", data="map_unknown_format.json", expect="unknown format 'fp4_e2m1'"),
+    Case("map-yaml-alias-bomb", "map", data="map_yaml_aliases.yaml", expect="YAML aliases"),
+    # hostile names: analysed like any other (tests/test_dashboard_trust.py checks they render as text)
+    Case("markdown-layer-name", "load", model="markdown_names.py:make"),
     # budgets that cannot be met: the closest map, and a note saying so
     Case("budget-avg-bits-1", "budget", data="avg-bits=1", expect="cannot be met"),
     Case("budget-min-sqnr-200", "budget", data="min-sqnr=200", expect="cannot be met"),
