@@ -26,6 +26,7 @@ from analysis.formats import example_formats
 from analysis.runstore import Inputs, RunInfo
 from dashboard import jobs, uploads
 from dashboard.jobs import JOBS, Job, running_job_for
+from dashboard.markup import escape
 from dashboard.settings import autostart_enabled, default_sample, default_samples, one_line, runs_dir, upload_dir
 
 # Not used here, re-exported: the pages read the settings through `state`, and the tests create a
@@ -190,6 +191,8 @@ def load_run_result(info: RunInfo) -> Any:
     """The AnalysisResult of a finished run (cached per analysis.json version)."""
     if not info.done:
         raise ValueError(f"run {info.id} has no results ({info.status})")
+    if not (info.path / "analysis.json").is_file():  # a FIFO or device would hang the page
+        raise ValueError(f"run {info.id}: analysis.json is not a regular file; delete the run or re-run the analysis")
     return _cached_result(str(info.path), info.stamp)
 
 
@@ -261,15 +264,15 @@ def acknowledge_job() -> None:
     st.session_state.job_id = None
     if job.phase == "done":
         select_run(job.id)
-        st.session_state.notices.append(("success", f"Analysis of {job.inputs.label} finished: "
+        st.session_state.notices.append(("success", f"Analysis of {escape(job.inputs.label)} finished: "
                                          f"{len(job.result.layers)} layers, {len(job.result.trials)} trials."))
     elif job.phase == "failed":
-        st.session_state.notices.append(("error", f"Analysis of {job.inputs.label} failed: {job.error}"))
+        st.session_state.notices.append(("error", f"Analysis of {escape(job.inputs.label)} failed: {escape(job.error)}"))
     elif job.trials or job.resume:
-        st.session_state.notices.append(("info", f"Analysis of {job.inputs.label} was cancelled; "
+        st.session_state.notices.append(("info", f"Analysis of {escape(job.inputs.label)} was cancelled; "
                                          "its finished trials are kept (resume it from the sidebar)."))
     else:
-        st.session_state.notices.append(("info", f"Analysis of {job.inputs.label} was cancelled before any "
+        st.session_state.notices.append(("info", f"Analysis of {escape(job.inputs.label)} was cancelled before any "
                                          "trial finished (resume it from the sidebar to start it again)."))
 
 
@@ -323,12 +326,12 @@ def require_result() -> tuple[RunInfo, Any]:
             st.info("No analysis yet: start one on the **Model & data** page.")
         st.stop()
     if not info.done:
-        why = f": {info.error}" if info.error else ""
-        st.warning(f"Run {info.id} has no results ({info.status}{why}). Pick a finished run in the sidebar.")
+        why = f": {escape(info.error)}" if info.error else ""
+        st.warning(f"Run {escape(info.id)} has no results ({info.status}{why}). Pick a finished run in the sidebar.")
         st.stop()
     try:
         return info, load_run_result(info)
     except Exception as exc:  # noqa: BLE001 — a corrupt analysis.json must not take the page down
-        st.error(f"Cannot open run {info.id}: {one_line(exc)}")
+        st.error(f"Cannot open run {escape(info.id)}: {escape(one_line(exc))}")
         st.stop()
     raise AssertionError("unreachable")
