@@ -9,6 +9,7 @@ import streamlit as st
 from analysis import charts
 from analysis.results import TARGETS
 from dashboard import derived, state, widgets
+from dashboard.markup import escape
 
 st.title("Model & data")
 st.caption("Which layers lose precision when quantized, and what it costs. Pick a model, pick formats, run.")
@@ -92,7 +93,7 @@ def _submit(source: str, values: dict) -> None:
         inputs = state.sample_inputs(values["sample"]) if source == "sample" else _upload_inputs(values)
         job = state.start_job(inputs, config)
     except Exception as exc:  # noqa: BLE001 — one line; the earlier results stay selected
-        st.error(state.one_line(exc))
+        st.error(escape(state.one_line(exc)))
         return
     state.attach_job(job)
     st.rerun()
@@ -173,12 +174,12 @@ with right:
             current = state.current_result()
         except Exception as exc:  # noqa: BLE001
             current = None
-            st.error(f"Cannot open the selected run: {state.one_line(exc)}")
+            st.error(f"Cannot open the selected run: {escape(state.one_line(exc))}")
         if current is None:
             st.info("No finished analysis selected yet. Run one on the left, or open a saved run in the sidebar.")
         else:
             info, result = current
-            st.subheader(f"Results: {info.model}")
+            st.subheader(f"Results: {escape(info.model)}")
             frame = derived.frame(info.key, result)
             failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
             m1, m2, m3, m4 = st.columns(4)
