@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import math
 import shutil
 import sys
@@ -358,7 +359,9 @@ def _ok(at) -> None:
 
 
 def _errors(at) -> list[str]:
-    return [e.value for e in at.error]
+    """The error boxes as the user reads them: Markdown's backslash escapes removed (names and
+    messages are escaped before rendering, dashboard/markup.py)."""
+    return [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]
 
 
 def _upload_and_run(at, case: Case, data: str | None = None) -> None:
