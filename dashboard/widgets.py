@@ -100,6 +100,7 @@ def _trust(run_id: str, key: str) -> None:
         for spec in state.untrusted_code(inputs):
             state.trust_code(spec)
     except Exception as exc:  # noqa: BLE001 — e.g. an upload from before a restart
+        st.session_state[key] = False  # not trusted: the box must not look ticked
         st.session_state.notices.append(("error", f"Cannot trust run {escape(run_id)}'s code: "
                                          f"{escape(state.one_line(exc))}"))
 

@@ -315,6 +315,7 @@ def test_a_pt2_in_the_upload_folder_that_this_process_did_not_write_is_never_loa
     _ok(at)
     errors = _errors(at)
     assert len(errors) == 1 and "not uploaded to this dashboard process" in errors[0], errors
+    assert at.checkbox(key=f"trust_run_{run_id}").value is False  # not trusted, not shown as ticked
     at.button(key="resume_run").click().run()
     _ok(at)
     assert any("not named in this session" in e for e in _errors(at)), _errors(at)
