@@ -5,7 +5,7 @@ before Streamlit renders it as Markdown.
 labels all read Markdown (and Streamlit's extras: `:red[…]`, `:material/…:`, `$…$`). A layer named
 `![x](http://host/x)` would otherwise make every browser that views the page fetch that address.
 `escape` backslash-escapes every character Markdown or those extras give a meaning to, and puts the
-text on one line; `code` shows text in a code span when it can be one.
+text on one line (trimmed); `code` shows text in a code span when it can be one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
 def escape(text: object) -> str:
     """`text` as literal Markdown: shown exactly as written, never a link, image, HTML or style."""
-    return _SPECIAL.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+    # Stripped too: leading spaces would start an indented code block.
+    return _SPECIAL.sub(r"\\\1", _BREAKS.sub(" ", str(text)).strip())
 
 
 def code(text: object) -> str:

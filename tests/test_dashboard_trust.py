@@ -9,6 +9,7 @@ that names code nobody vouched for in this session, a layer named like a Markdow
 from __future__ import annotations
 
 import base64
+import html
 import http.client
 import io
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st_strategies
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
@@ -375,6 +377,28 @@ def test_escape_is_literal_markdown():
     assert _MD.render(escape(IMAGE_NAME)).strip() == f"<p>{IMAGE_NAME}</p>"  # shown exactly as written
     assert _MD.render(escape("a\nb")).strip() == "<p>a b</p>"
     assert code("/runs/x") == "`/runs/x`" and code("a`b") == escape("a`b")
+
+
+_TEXT = st_strategies.lists(st_strategies.one_of(
+    st_strategies.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
+    st_strategies.sampled_from(list("![]()<>*_`~$:|#+-=.\\&/ \t") + [
+        "http://", "www.", ":red[", ":material/", "&amp;", "    ", "![x](", "](http://h/x)", "<img ", "1. "]),
+), max_size=40).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_TEXT)
+def test_escaped_text_renders_as_itself_and_nothing_else(text):
+    """Any one-line text, escaped, renders (CommonMark) to exactly that text, trimmed, in one
+    paragraph: no link, image, HTML, emphasis, code or heading."""
+    rendered = _MD.render(escape(text)).strip()
+    expected = text.strip()
+    if not expected:
+        assert rendered == ""
+        return
+    assert rendered.startswith("<p>") and rendered.endswith("</p>"), rendered
+    assert html.unescape(rendered[3:-4]) == expected
+    assert not _links_and_images(escape(text))
 
 
 def test_names_that_are_markdown_render_as_text_on_every_page(tmp_path, monkeypatch):
