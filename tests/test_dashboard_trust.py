@@ -353,7 +353,9 @@ def _rendered_markdown(at: AppTest) -> list[str]:
         for child in getattr(node, "children", {}).values():
             walk(child)
 
-    walk(at._tree)
+    walk(at.main)
+    walk(at.sidebar)
+    texts += [toast.value for toast in at.toast]
     return texts
 
 
@@ -430,6 +432,20 @@ def test_names_that_are_markdown_render_as_text_on_every_page(tmp_path, monkeypa
 # --- Cancel, then Resume ------------------------------------------------------------------------------
 
 
+class _CancelIn:
+    """The job's stop flag, as if Cancel were pressed once `phase` had finished 3 trials."""
+
+    def __init__(self, job: state.Job, phase: str) -> None:
+        self.job, self.phase, self.pressed = job, phase, False
+
+    def is_set(self) -> bool:
+        self.pressed = self.pressed or (self.job.phase == self.phase and self.job.done >= 3)
+        return self.pressed
+
+    def set(self) -> None:
+        self.pressed = True
+
+
 @pytest.mark.parametrize("phase", ["local", "full"])
 def test_cancel_then_resume_finishes_the_run_and_keeps_trials(tmp_path, phase):
     """Cancel pressed during the local-only first pass (nothing written yet) or during the full run
@@ -440,14 +456,7 @@ def test_cancel_then_resume_finishes_the_run_and_keeps_trials(tmp_path, phase):
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
     run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
-    report = job._progress
-
-    def progress(done: int, total: int, label: str) -> None:  # the Cancel button, pressed mid-phase
-        report(done, total, label)
-        if job.phase == phase and done >= 3:
-            job.cancel()
-
-    job._progress = progress
+    job.stop = _CancelIn(job, phase)
     job.run()
     assert job.phase == "cancelled" and state.get_run(run_id).status == "cancelled"
     kept = len(job.trials)
