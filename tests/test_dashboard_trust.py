@@ -9,6 +9,7 @@ that names code nobody vouched for in this session, a layer named like a Markdow
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import http.client
 import io
@@ -186,7 +187,7 @@ def test_an_upload_folder_planted_by_someone_else_is_refused(tmp_path, monkeypat
 
 def test_a_planted_file_of_the_same_size_is_replaced_not_reused(tmp_path):
     data = b"the real program bytes"
-    digest = uploads.hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
     folder = uploads.private_dir(uploads.upload_root() / digest[:16])
     planted = folder / "model.pt2"
     planted.write_bytes(b"X" * len(data))  # what the old code kept: same name, same size
