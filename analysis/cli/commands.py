@@ -337,4 +337,4 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboard.launch import main as launch
 
-    return launch(port=args.port, address=args.address)
+    return launch(port=args.port, address=args.address, allow_hosts=args.allow_host)

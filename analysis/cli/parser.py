@@ -126,5 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8501)
     dashboard.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+    dashboard.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                           help="also answer requests for this host name (repeatable); by default only "
+                           "localhost, the loopback addresses and --address are answered")
     dashboard.set_defaults(func=cmd_dashboard)
     return parser
