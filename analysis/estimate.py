@@ -117,10 +117,20 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
     return OutputGradients(samples, exact, grads, signal, flat.numel())
 
 
-class NoiseEstimate:
-    """Running sum of one trial's estimated output noise over chunks."""
+def node_difference(quantized: Any, reference: Any) -> Any:
+    """quantized − reference for every floating tensor of a node value (tuples of outputs too)."""
+    return torch.utils._pytree.tree_map(
+        lambda q, r: q - r if isinstance(q, torch.Tensor) and q.is_floating_point() else q, quantized, reference)
 
-    def __init__(self) -> None:
+
+class NoiseEstimate:
+    """Running sum of one trial's estimated output noise over chunks.
+
+    diagonal=True gives the gradient-only variant Σ_k g_k²·δ_k² instead (cross terms between error
+    elements dropped), kept for comparison in benchmarks/bench_estimate.py."""
+
+    def __init__(self, diagonal: bool = False) -> None:
+        self.diagonal = diagonal
         self.noise = 0.0
         self.signal = 0.0
         self.count = 0
@@ -135,10 +145,13 @@ class NoiseEstimate:
                 d = _per_sample(d, grads.samples) if d.numel() % grads.samples == 0 else d.reshape(1, -1)
                 if d.shape[0] != g.shape[1]:
                     continue
-                term = torch.einsum("ksn,sn->ks", g, d)  # rᵀ·J·δ per vector and sample
+                if self.diagonal:
+                    term = torch.einsum("ksn,sn->k", g.pow(2), d.pow(2)).reshape(-1, 1)
+                else:
+                    term = torch.einsum("ksn,sn->ks", g, d)  # rᵀ·J·δ per vector and sample
                 dots = term if dots is None else dots + term
         if dots is not None:
-            noise = dots.double().pow(2).sum()
+            noise = dots.double().sum() if self.diagonal else dots.double().pow(2).sum()
             self._pending.append(noise / (1 if grads.exact else grads.projections))
         self.signal += grads.signal
         self.count += grads.count

@@ -23,7 +23,7 @@ import torch
 
 from analysis.config import AnalysisConfig
 from analysis.data import Dataset
-from analysis.estimate import NoiseEstimate, OutputGradients, output_gradients
+from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.layers import Layer
@@ -255,7 +255,7 @@ class Sweep:
                 acc.local.update(reference, local)
                 acc.error_histogram.update(local - reference)
                 if acc.estimate is not None:
-                    deltas[site.node] = _difference(value, cache[site.node])
+                    deltas[site.node] = node_difference(value, cache[site.node])
         if acc.estimate is not None and grads is not None:
             acc.estimate.update(grads, deltas)
 
@@ -367,12 +367,6 @@ class _Progress:
         self.done += 1
         if self.callback:
             self.callback(self.done, self.total, layer)
-
-
-def _difference(quantized: Any, reference: Any) -> Any:
-    """quantized − reference for every floating tensor of a node value (tuples of outputs too)."""
-    return torch.utils._pytree.tree_map(
-        lambda q, r: q - r if isinstance(q, torch.Tensor) and q.is_floating_point() else q, quantized, reference)
 
 
 def _one_line(exc: BaseException) -> str:

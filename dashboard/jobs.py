@@ -87,7 +87,7 @@ class Job:
         try:
             if not self.resume:
                 self.phase = "local"
-                local = replace(self.config, output_metrics=False, cumulative=False)
+                local = replace(self.config, output_metrics="none", cumulative=False)
                 self.local_result = analyze(self._model, self._data, local, progress=self._progress,
                                             should_stop=self.stop.is_set)
             self.phase, self.done, self.total = "full", 0, 0

@@ -10,6 +10,7 @@ from torch import nn
 from analysis.cli import main
 from analysis.config import AnalysisConfig, ConfigError
 from analysis.data import Dataset
+from analysis.estimate import NoiseEstimate, node_difference, output_gradients
 from analysis.results import AnalysisResult
 from analysis.sweep import Sweep
 
@@ -62,12 +63,23 @@ def test_estimate_equals_a_naive_jacobian_computation():
         scale = model.b.weight.abs().amax(dim=1, keepdim=True) / 7.5  # int4 symmetric per channel, minmax
         wq = torch.clamp(torch.round(model.b.weight / scale), -8, 7) * scale
         delta = nn.functional.linear(h_a, wq, model.b.bias) - y_b
-    noise = 0.0
+    noise = diagonal = 0.0
     for s in range(len(x)):
         jac = torch.autograd.functional.jacobian(lambda y: model.head(torch.tanh(y)), y_b[s])  # [10, 32]
         noise += float((jac @ delta[s]).pow(2).sum())
+        diagonal += float((jac.pow(2) @ delta[s].pow(2)).sum())  # the gradient-only variant: no cross terms
     estimated = result.trial("b", "weights", "int4").output
     assert estimated.mse == pytest.approx(noise / (len(x) * 10), rel=1e-4)
+    assert diagonal != pytest.approx(noise, rel=0.01)  # the two estimators really differ here
+
+    sim = Sweep(model, data, AnalysisConfig(weight_formats=("int4",), act_formats=(), targets=("weights",),
+                                            weight_calibration="minmax", num_samples=len(data))).sim
+    node = sim.sites("b")[0].node
+    grads = output_gradients(sim, (0, len(x)), [node], projections=10)
+    cache = sim.cache((0, len(x)))
+    variant = NoiseEstimate(diagonal=True)
+    variant.update(grads, {node: node_difference(nn.functional.linear(h_a, wq, model.b.bias), cache[node])})
+    assert variant.result().mse == pytest.approx(diagonal / (len(x) * 10), rel=1e-4)
     assert math.isnan(estimated.cosine) and math.isnan(estimated.max_abs_error)  # not invented
     assert estimated.kl is None
 

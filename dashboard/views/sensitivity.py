@@ -103,9 +103,14 @@ left, right = st.columns([3, 2], gap="medium")
 with left:
     st.markdown(f"**{len(view)} trials** · {len(shown_layers)} of {len(layer_names)} layers · "
                 "most sensitive first; click a header to sort, a row to inspect the layer")
-    columns = ["layer", "target", "format", metric, "output_sqnr_db", "sqnr_db", "output_kl",
+    estimated = "output_source" in view and (view["output_source"] == "estimated").any()
+    if estimated:
+        st.caption("Output metrics in rows marked *estimated* are first-order estimates (one backward pass per "
+                   "projection), not measurements; rows marked *exact* were measured.")
+    columns = ["layer", "target", "format", metric, "output_sqnr_db", "output_source" if estimated else None,
+               "sqnr_db", "output_kl",
                "output_top1_agreement", "kind", "cosine", "mse", "params", "macs", "status", "error"]
-    columns = [c for c in dict.fromkeys(columns) if c in view]
+    columns = [c for c in dict.fromkeys(columns) if c is not None and c in view]
     st.session_state["_sens_rows"] = list(view["layer"])
     st.dataframe(
         view[columns], hide_index=True, height=min(38 + 35 * max(len(view), 1), 560), key="sens_table",
@@ -113,6 +118,7 @@ with left:
         column_config={
             "sqnr_db": st.column_config.NumberColumn("local SQNR (dB)", format="%.1f"),
             "output_sqnr_db": st.column_config.NumberColumn("output SQNR (dB)", format="%.1f"),
+            "output_source": st.column_config.TextColumn("output", help="exact: measured; estimated: first-order estimate"),
             "output_kl": st.column_config.NumberColumn("output KL", format="%.2e"),
             "output_top1_agreement": st.column_config.NumberColumn("top-1 agreement", format="percent"),
             "cosine": st.column_config.NumberColumn("local cosine", format="%.5f"),
