@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@mkdir -p .quantlens
 	# torch first and pinned: the CPU wheel on this machine. An unpinned resolve pulls CUDA builds.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[real,test]"
+	$(PYTHON) -m pip install --quiet -e ".[real,test,hf]"
 	@touch $@
 
 setup: $(STAMP)

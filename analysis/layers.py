@@ -23,7 +23,7 @@ from torch import nn
 from analysis.graph import PreparedModel
 
 from analysis.sites import (  # noqa: F401 — re-exported: the site kinds are part of the layer table's API
-    FUNCTION_TABLE, ActFn, AttentionInProjSite, AttentionOutProjSite, FunctionSite, ModuleSite, Site,
+    FUNCTION_BIAS_INDEX, FUNCTION_TABLE, ActFn, AttentionInProjSite, AttentionOutProjSite, FunctionSite, ModuleSite, Site,
 )
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -209,7 +209,8 @@ def discover_layers(prepared: PreparedModel) -> LayerTable:
             owner, _ = _owner_and_param(weight_arg.target)
             kind = _kind_from_meta(node, owner, op_name)
             bias = None
-            bias_arg = node.args[weight_index + 1] if len(node.args) > weight_index + 1 else None
+            bias_index = FUNCTION_BIAS_INDEX.get(node.target, weight_index + 1)
+            bias_arg = node.args[bias_index] if len(node.args) > bias_index else None
             if isinstance(bias_arg, torch.fx.Node) and bias_arg.op == "get_attr" and _is_param(gm, bias_arg.target):
                 bias = gm.get_parameter(bias_arg.target)
                 used_params.add(bias_arg.target)

@@ -98,6 +98,9 @@ def _function_table() -> dict[Any, tuple[int | None, int, bool]]:
         aten.linear.default: (0, 1, False),
         aten.conv1d.default: (0, 1, False), aten.conv2d.default: (0, 1, False), aten.conv3d.default: (0, 1, False),
         aten.embedding.default: (None, 0, False),
+        # x @ W + b with W stored [in, out] (Hugging Face's Conv1D in GPT-2): the output channels are
+        # the weight's axis 1, as for transposed convolutions.
+        torch.addmm: (1, 2, True), aten.addmm.default: (1, 2, True),
     }
     for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
         op = getattr(aten, name, None)
@@ -107,6 +110,8 @@ def _function_table() -> dict[Any, tuple[int | None, int, bool]]:
 
 
 FUNCTION_TABLE = _function_table()
+# Where the bias is, when it is not the argument after the weight.
+FUNCTION_BIAS_INDEX = {torch.addmm: 0, torch.ops.aten.addmm.default: 0}
 _WEIGHT_KWARG = {F.embedding: "weight", F.linear: "weight"}
 
 
@@ -132,6 +137,9 @@ class FunctionSite(Site):
         if self.act_index is None:
             return 0
         name = getattr(self.node.target, "__name__", str(self.node.target))
+        if "addmm" in name:  # [rows, in] @ [in, out], the batch flattened into rows: MACs are
+            # measured on a one-sample batch (QuantSim._measure_macs), so every row is this sample's
+            return value.numel() * self.weight.shape[0]
         if "linear" in name:
             return _linear_macs(value, self.weight)
         return _conv_macs(value, self.weight, self.transposed, args[self.act_index])

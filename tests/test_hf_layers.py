@@ -1,0 +1,101 @@
+"""Layers as Hugging Face writes them: GPT-2's Conv1D (x @ W + b with W stored [in, out]), checked
+against a naive reference that replaces the weight in the real model and runs it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.data import Dataset
+from analysis.formats import parse_format
+from analysis.quantsim import quantize_weight
+from analysis.sweep import AnalysisConfig, Sweep
+
+
+class AddmmLayer(nn.Module):
+    """The Conv1D pattern without transformers: weight [in, out], torch.addmm in forward."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(shape)
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = AddmmLayer(16, 48)
+        self.down = AddmmLayer(48, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def naive_output_sqnr(model: nn.Module, inputs: torch.Tensor, param: str, axis: int, fmt: str) -> float:
+    """Replace one weight in a copy of the real model by its fake-quantized value and run it."""
+    import copy
+
+    reference = model(inputs).detach().double()
+    quantized_model = copy.deepcopy(model)
+    weight = dict(quantized_model.named_parameters())[param]
+    q, _, _ = quantize_weight(weight, parse_format(fmt), axis, "minmax", 99.99)
+    with torch.no_grad():
+        weight.copy_(q)
+    out = quantized_model(inputs).detach().double()
+    return 10 * math.log10(float(reference.pow(2).sum() / (reference - out).pow(2).sum()))
+
+
+def sweep(model, data):
+    config = AnalysisConfig(weight_formats=("int4",), act_formats=(), targets=("weights",),
+                            weight_calibration="minmax", num_samples=len(data))
+    return Sweep(model, data, config)
+
+
+def test_addmm_weights_are_layers_quantized_per_output_column():
+    model = Mixer().eval()
+    torch.manual_seed(1)
+    data = Dataset(torch.randn(32, 5, 16), None, "other", "synthetic")
+    s = sweep(model, data)
+    result = s.run()
+    layers = {layer.name: layer for layer in s.layers}
+    assert set(layers) == {"up", "down"}
+    assert layers["up"].channel_axis == 1 and layers["up"].weight_shape == (16, 48)
+    assert layers["up"].macs == 5 * 16 * 48  # per sample: 5 tokens × in × out
+    params = s.sim.param_names()
+    for trial in result.trials:
+        naive = naive_output_sqnr(model, data.inputs, params[trial.layer], 1, "int4")
+        assert trial.output.sqnr_db == pytest.approx(naive, abs=0.01), trial.layer
+
+
+def test_gpt2_conv1d_layers_are_all_analysed_and_match_the_real_model():
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (quantlens[hf])")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+
+    class Logits(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids, use_cache=False).logits
+
+    model = Logits(lm).eval()
+    ids = torch.randint(0, 64, (12, 8))
+    s = sweep(model, Dataset(ids, ids, "language-model", "tokens"))
+    result = s.run()
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    assert len(conv1d) == 8 and set(conv1d) <= set(s.sim.layer_names)
+    params = s.sim.param_names()
+    for trial in result.trials:
+        if trial.layer in conv1d:
+            naive = naive_output_sqnr(model, ids, params[trial.layer], 1, "int4")
+            assert trial.output.sqnr_db == pytest.approx(naive, abs=0.5), trial.layer
