@@ -90,6 +90,11 @@ def prepare_model(
     if share_weights:
         memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     private = copy.deepcopy(model, memo).eval()
+    hf_config = getattr(private, "config", None)
+    if getattr(hf_config, "use_cache", False) is True:
+        # Hugging Face models return a key/value cache by default: analysis never reads it, and a
+        # cache object is not something a traced graph can return. The copy's config is private.
+        hf_config.use_cache = False
     for module in private.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False

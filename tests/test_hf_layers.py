@@ -99,3 +99,19 @@ def test_gpt2_conv1d_layers_are_all_analysed_and_match_the_real_model():
         if trial.layer in conv1d:
             naive = naive_output_sqnr(model, ids, params[trial.layer], 1, "int4")
             assert trial.output.sqnr_db == pytest.approx(naive, abs=0.5), trial.layer
+
+
+def test_hugging_face_causal_lms_run_with_their_default_config_and_are_left_alone():
+    """use_cache=True is the default; the analysis turns it off on its private copy only."""
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (quantlens[hf])")
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).eval()
+    assert lm.config.use_cache is True
+    ids = torch.randint(0, 64, (6, 8))
+    s = sweep(lm, Dataset(ids, ids, "language-model", "tokens"))
+    s.run()
+    names = set(s.sim.layer_names)
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "lm_head"} <= names
+    assert lm.config.use_cache is True
