@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from analysis.calibration import CALIBRATION_METHODS
-from analysis.data import Dataset
-from analysis.evaluate import Evaluator
+from analysis.data import Dataset, check_labels
+from analysis.evaluate import Evaluator, check_trained
 from analysis.formats import Format, fake_quantize_ste, parse_format
 from analysis.graph import primary_output
 from analysis.layers import FunctionSite, ModuleSite
@@ -164,6 +164,7 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                     inserted += 1
     gm.recompile()
 
+    check_labels(train, before_eval.reference)
     targets = _distillation_targets(train, before_eval)
     loss_name = "cross-entropy" if targets is None else "mse-to-fp32"
     curve: list[float] = []
@@ -198,6 +199,7 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                 steps += 1
             curve.append(total / max(count, 1))
     gm.eval()
+    check_trained(gm, lr)
 
     # Back to a plain FP32 model: latent weights kept, quantizer nodes removed.
     for owner, attr in parametrized:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from analysis import runstore
+
 if TYPE_CHECKING:
     from analysis.precision_map import PrecisionMap
 
@@ -112,7 +114,8 @@ def need_text(need: str) -> str:
 
 def write_json(data: Any, out_path: Path) -> Path:
     """The one JSON layout every JSON target writes (indent 2, key order as built)."""
-    out_path.write_text(json.dumps(data, indent=2))
+    text = json.dumps(data, indent=2)
+    runstore.write_atomic(out_path, lambda tmp: tmp.write_text(text))
     return out_path
 
 
@@ -134,4 +137,6 @@ def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: 
     out_path = Path(out_path)
     if out_path.parent and not out_path.parent.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    return entry.write(pmap, out_path, model=model, calibration=calibration, **options)
+    written = Path(entry.write(pmap, out_path, model=model, calibration=calibration, **options))
+    runstore.record_written(written)  # a later export may replace it without --force
+    return written
