@@ -194,12 +194,12 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                check_trained(gm, lr)
                 total += float(loss.detach()) * len(index)
                 count += len(index)
                 steps += 1
             curve.append(total / max(count, 1))
     gm.eval()
-    check_trained(gm, lr)
 
     # Back to a plain FP32 model: latent weights kept, quantizer nodes removed.
     for owner, attr in parametrized:
