@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 TASKS = ("classification", "language-model", "other")
+IGNORE_INDEX = -100  # torch's cross-entropy skips these token labels (padding); perplexity does too
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ def check_labels(data: Dataset, output: torch.Tensor) -> None:
         return
     classes = int(output.shape[-1])
     labels = data.labels
-    bad = labels[(labels < 0) | (labels >= classes)]
+    outside = (labels < 0) | (labels >= classes)
+    if data.task == "language-model":  # cross-entropy's ignore_index: padding, not scored
+        outside &= labels != IGNORE_INDEX
+    bad = labels[outside]
     if bad.numel():
         shown = ", ".join(str(int(v)) for v in torch.unique(bad)[:3]) + (", ..." if torch.unique(bad).numel() > 3 else "")
         what = "classes" if data.task == "classification" else "vocabulary entries"

@@ -846,3 +846,18 @@ def test_messages_are_one_line_without_internal_names(tiny_run, tmp_path, monkey
     monkeypatch.setattr("analysis.runs.Sweep.run", interrupted)
     code, _, err = run_cli("analyze", tiny, "--data", good, *FAST, "--out", str(tmp_path / "p"))
     assert code == 130 and "--resume" in one_line(err.strip()) and str(tmp_path / "p") in err
+
+
+def test_label_check_counts_by_hand_and_lets_padding_through():
+    import torch
+
+    from analysis.data import Dataset, check_labels
+
+    logits = torch.zeros(3, 4, 5)  # 5 vocabulary entries
+    check_labels(Dataset(torch.zeros(3, 4), torch.tensor([[0, 4, -100, 1]] * 3), "language-model"), logits)
+    with pytest.raises(ValueError) as info:
+        check_labels(Dataset(torch.zeros(3, 4), torch.tensor([[0, 5, -100, -1]] * 3), "language-model"), logits)
+    assert "6 label(s) outside the model's 5 vocabulary entries (ids 0..4): -1, 5" in one_line(str(info.value))
+    with pytest.raises(ValueError, match="1 label"):  # -100 is no padding marker for a classifier
+        check_labels(Dataset(torch.zeros(2, 4), torch.tensor([3, -100]), "classification"), torch.zeros(2, 4))
+    check_labels(Dataset(torch.zeros(2, 4), torch.tensor([3.5, -7.0]), "other"), torch.zeros(2, 4))  # not class ids

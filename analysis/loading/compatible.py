@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +20,10 @@ def check_compatible(model: nn.Module | torch.export.ExportedProgram, data: Data
     sample = data.inputs[:1]
     described = f"input of shape {_shape(sample.shape)} dtype {_dtype(sample.dtype)} from {data.name}"
     try:
-        # The caller's model itself: in eval mode, with its buffers and mode restored afterwards.
-        with unchanged(module), torch.inference_mode():
+        # The caller's model itself: in eval mode, with its buffers and mode restored afterwards (a
+        # program's module() is a fresh copy each time, and refuses eval()).
+        guard = contextlib.nullcontext() if isinstance(model, torch.export.ExportedProgram) else unchanged(module)
+        with guard, torch.inference_mode():
             output = module(sample)
     except Exception as exc:
         hint = "check that the data matches the model's expected input"
