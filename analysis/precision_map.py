@@ -234,21 +234,29 @@ def load_map(path: str | Path) -> PrecisionMap:
         text = read_regular(path, "precision map", MAX_MAP_BYTES)
     except FileSafetyError as exc:  # swapped for a FIFO or device since the checks above
         raise MapError(str(exc)) from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+    return loads_map(text, str(path), yaml=path.suffix in (".yaml", ".yml"))
 
-            # Aliases let a few hundred bytes expand to gigabytes; a hand-written map never needs them.
-            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-                raise MapError(f"{path} uses YAML aliases (*name); write each value out instead")
-            payload = yaml.safe_load(text)
+
+def loads_map(text: str, source: str = "precision map", *, yaml: bool = False) -> PrecisionMap:
+    """A map from its text (JSON, or YAML when `yaml`), as `load_map` reads a file and as an
+    uploaded map must be read: at most MAX_MAP_BYTES, and no YAML aliases (a few hundred bytes of
+    aliases expand to gigabytes; a hand-written map never needs them)."""
+    if len(text) > MAX_MAP_BYTES:
+        raise MapError(f"{source} is {len(text) >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
+    try:
+        if yaml:
+            import yaml as pyyaml
+
+            if any(isinstance(event, pyyaml.AliasEvent) for event in pyyaml.parse(text, Loader=pyyaml.SafeLoader)):
+                raise MapError(f"{source} uses YAML aliases (*name); write each value out instead")
+            payload = pyyaml.safe_load(text)
         else:
             payload = json.loads(text)
     except MapError:
         raise
     except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
-        raise MapError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {str(exc).splitlines()[0]}") from None
-    return map_from_dict(payload, str(path))
+        raise MapError(f"{source} is not valid {'YAML' if yaml else 'JSON'}: {str(exc).splitlines()[0]}") from None
+    return map_from_dict(payload, source)
 
 
 def uniform_map(layer_names: list[str], weight: str, activation: str | None, **kwargs: Any) -> PrecisionMap:
