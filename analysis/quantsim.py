@@ -116,6 +116,7 @@ DETERMINISM_DB = 60.0
 def run_to_run_sqnr_db(first: torch.Tensor, second: torch.Tensor) -> float:
     """SQNR (dB) of `second` against `first`: inf when identical (NaN in the same places counts as
     the same), -inf when they differ in where they are finite."""
+    first, second = first.detach().cpu(), second.detach().cpu()  # float64 sums (MPS has no float64)
     finite = torch.isfinite(first)
     if not torch.equal(finite, torch.isfinite(second)):
         return float("-inf")

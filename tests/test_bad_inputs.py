@@ -581,6 +581,7 @@ def _fails(code_out_err: tuple[int, str, str], fragment: str) -> str:
     return one_line(lines[0])
 
 
+@pytest.mark.slow  # a fresh interpreter, two small analyses: ~40 s on the 2-core machine
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the address-space cap reads /proc/self/status")
 def test_zip_bomb_and_endless_generator_stay_within_a_memory_bound(tmp_path):
     """A 3.7 MB .npz declaring 3.75 GiB, and a generator that never ends, under a 1.5 GiB address

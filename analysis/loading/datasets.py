@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -206,7 +205,7 @@ def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, 
                 done += got
     except LoadError:
         raise
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+    except Exception as exc:  # noqa: BLE001 — bad headers, inflate errors, encrypted or unknown compression
         raise LoadError(f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)}); {corrupt}") from None
     array = raw.view(dtype).reshape(shape_read, order="F" if fortran else "C")
     return array[: limit.samples] if limit.samples is not None and shape else array
