@@ -15,8 +15,9 @@ reassembled in plan order. Every whole-file write is a temp file renamed over th
 crash mid-write leaves the previous version, never half a file.
 
 The folder is locked while a run writes into it (a second analysis into the same --out is refused,
-not mixed in), everything is validated before the first byte is written, and a folder holding files
-of those names that quantlens did not write is refused unless `force` (see `check_run_folder`).
+not mixed in), everything is validated before the first byte is written, and a folder that is not
+a run (no run.json or meta.json of quantlens') holding files of those names is refused unless
+`force` (see `check_run_folder`).
 """
 
 from __future__ import annotations
@@ -82,13 +83,21 @@ def check_run_folder(out: str | Path, *, force: bool = False, inputs: tuple = ()
     """Refuse (one line) a fresh run into `out` where a file of a run's name exists that quantlens
     did not write, unless `force`; `inputs` are files the run reads (never written over)."""
     out = Path(out)
-    for name in RUN_FILES:
-        runstore.check_writable(out / name, force=force, inputs=inputs)
-    trials = out / TRIALS_FILE
-    runstore.check_writable(trials, force=True, inputs=inputs)  # a directory, FIFO or an input: refused
-    if trials.exists() and not force and not runstore.written_by_quantlens(out / "run.json"):
-        raise runstore.FileSafetyError(f"{trials} already exists and was not written by quantlens; "
-                                       "pass --force to overwrite it, or choose another --out")
+    ours = is_run_folder(out)  # its files are quantlens' own: a re-run replaces them
+    for name in (*RUN_FILES, TRIALS_FILE):  # a directory, FIFO or one of the inputs is refused even so
+        runstore.check_writable(out / name, force=force or ours, inputs=inputs)
+
+
+def is_run_folder(out: str | Path) -> bool:
+    """Whether `out` holds a quantlens run: a run.json or meta.json that quantlens wrote (by schema)."""
+    out = Path(out)
+    if runstore.read_meta(out).get("schema") in (runstore.META_SCHEMA, "quantlens.dashboard-run/1"):
+        return True
+    try:
+        header = json.loads(runstore.read_regular(out / "run.json", "run header", 16 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("schema") == RUN_SCHEMA
 
 
 def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path, resume: bool,

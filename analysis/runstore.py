@@ -21,9 +21,12 @@ The store never imports Streamlit: the dashboard passes its store folder (QUANTL
 
 Files on disk, read and written the same way everywhere (the CLI, the run store, reports, maps):
 - `write_atomic` writes a temp file and renames it over the target (never half a file, a full disk
-  names the file) and records the new file's sha256 in its folder's `.quantlens-files.json`;
-- `check_writable` refuses to replace a file quantlens did not write (or that was edited since it
-  did) unless forced, and never lets an output replace one of the command's own inputs;
+  names the file);
+- `write_output` (what the CLI writes its single-file outputs with) also runs `check_writable`
+  first, which refuses to replace a file quantlens did not write (or that was edited since it did)
+  unless forced and never lets an output replace one of the command's own inputs, and records the
+  new file's sha256 in its folder's `.quantlens-files.json`. A run folder's own files are
+  recognised by the folder's run record instead (`analysis.runs.check_run_folder`);
 - `read_regular` reads only regular files of bounded size (a FIFO, /dev/zero or a 50 GB file named
   like a run's file is refused with one line instead of hanging or filling memory).
 """
@@ -168,29 +171,28 @@ def check_writable(path: str | Path, *, force: bool = False, inputs: Collection[
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """`write(tmp)`, then rename tmp over `path`: a reader, or a crash mid-write, sees the old file
     or the new one, never half of one (the rename is atomic within a folder). A failed write (full
-    disk, no permission) leaves the old file and raises one line naming `path`. The new file's
-    sha256 is recorded, so `check_writable` knows it as quantlens' own."""
+    disk, no permission) leaves the old file and raises one line naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
     try:
         write(tmp)
-        digest = sha256_file(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
         raise FileSafetyError(f"cannot write {path}: {reason}; the previous version (if any) is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
-    _record(path, digest)
 
 
 def write_output(path: str | Path, write: Callable[[Path], Any], *, force: bool = False,
                  inputs: Collection[str | Path | None] = ()) -> Path:
-    """`check_writable`, then `write_atomic` (creating the folder): how every output is written."""
+    """`check_writable`, then `write_atomic` (creating the folder), then `record_written`: how a
+    command writes a single-file output the user names."""
     path = Path(path)
     check_writable(path, force=force, inputs=inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write)
+    record_written(path)
     return path
 
 

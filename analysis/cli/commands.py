@@ -201,8 +201,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     measure = evaluator.measure if evaluator else None
     suggestion = suggest(problem, budget, measure=measure, fingerprint=provenance.model_fingerprint,
                          provenance=provenance.to_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suggestion.map.save(out)
+    from analysis.runstore import write_output
+
+    text = suggestion.map.dumps("yaml" if out.suffix in (".yaml", ".yml") else "json")
+    write_output(out, lambda tmp: tmp.write_text(text), force=True)  # checked before the search
     totals = suggestion.totals
     print(f"map for {budget}: avg weight bits {totals['avg-bits']:.2f}, {totals['size-kb']:.1f} KiB, "
           f"{totals['bops']:.3g} BOPs; predicted output SQNR {suggestion.predicted_sqnr_db:.1f} dB -> {out}")
@@ -229,11 +231,11 @@ def _front_path(map_path: Path) -> Path:
 def _write_front(points, path: Path) -> None:
     import pandas as pd
 
-    from analysis.runstore import write_atomic
+    from analysis.runstore import write_output
 
     frame = pd.DataFrame([{"label": p.label, **p.costs, "predicted_sqnr_db": p.predicted_sqnr_db,
                            "measured_sqnr_db": p.measured_sqnr_db, "metric": p.metric} for p in points])
-    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+    write_output(path, lambda tmp: frame.to_csv(tmp, index=False), force=True)  # checked before the search
     print(f"Pareto front ({len(points)} points, uniform baselines included) -> {path}")
     with pd.option_context("display.width", 120, "display.max_columns", 10, "display.float_format", "{:.4g}".format):
         print(frame.drop(columns=["bops"]).to_string(index=False))
@@ -365,6 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from analysis.export import export_map, registry
     from analysis.loading import load_data
     from analysis.precision_map import load_map
+    from analysis.runstore import record_written
 
     from analysis.provenance import Provenance
 
@@ -378,6 +381,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     data_spec = args.data or (recorded.data_spec if target.uses_calibration else None)
     calibration = load_data(data_spec, split="calibration", max_samples=pmap.quant.num_samples) if data_spec else None
     path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
+    record_written(path)  # a later export may replace it without --force
     print(f"wrote {args.to} -> {path}")
     return 0
 

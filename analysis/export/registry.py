@@ -137,6 +137,4 @@ def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: 
     out_path = Path(out_path)
     if out_path.parent and not out_path.parent.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    written = Path(entry.write(pmap, out_path, model=model, calibration=calibration, **options))
-    runstore.record_written(written)  # a later export may replace it without --force
-    return written
+    return entry.write(pmap, out_path, model=model, calibration=calibration, **options)
