@@ -234,28 +234,31 @@ def load_map(path: str | Path) -> PrecisionMap:
         text = read_regular(path, "precision map", MAX_MAP_BYTES)
     except FileSafetyError as exc:  # swapped for a FIFO or device since the checks above
         raise MapError(str(exc)) from None
-    return loads_map(text, str(path), yaml=path.suffix in (".yaml", ".yml"))
+    return loads_map(text, str(path), yaml_text=path.suffix in (".yaml", ".yml"))
 
 
-def loads_map(text: str, source: str = "precision map", *, yaml: bool = False) -> PrecisionMap:
-    """A map from its text (JSON, or YAML when `yaml`), as `load_map` reads a file and as an
-    uploaded map must be read: at most MAX_MAP_BYTES, and no YAML aliases (a few hundred bytes of
-    aliases expand to gigabytes; a hand-written map never needs them)."""
-    if len(text) > MAX_MAP_BYTES:
-        raise MapError(f"{source} is {len(text) >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
+def loads_map(data: bytes | str, source: str, yaml_text: bool = False) -> PrecisionMap:
+    """A map from the contents of a file (an upload, say) named `source` in messages: at most
+    MAX_MAP_BYTES, YAML without aliases when `yaml_text`, else JSON."""
+    if isinstance(data, str):
+        data = data.encode()
+    if len(data) > MAX_MAP_BYTES:
+        raise MapError(f"precision map {source} is {len(data) >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
+    text = data.decode("utf-8", errors="replace")
     try:
-        if yaml:
-            import yaml as pyyaml
+        if yaml_text:
+            import yaml
 
-            if any(isinstance(event, pyyaml.AliasEvent) for event in pyyaml.parse(text, Loader=pyyaml.SafeLoader)):
+            # Aliases let a few hundred bytes expand to gigabytes; a hand-written map never needs them.
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
                 raise MapError(f"{source} uses YAML aliases (*name); write each value out instead")
-            payload = pyyaml.safe_load(text)
+            payload = yaml.safe_load(text)
         else:
             payload = json.loads(text)
     except MapError:
         raise
     except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
-        raise MapError(f"{source} is not valid {'YAML' if yaml else 'JSON'}: {str(exc).splitlines()[0]}") from None
+        raise MapError(f"{source} is not valid {'YAML' if yaml_text else 'JSON'}: {str(exc).splitlines()[0]}") from None
     return map_from_dict(payload, source)
 
 

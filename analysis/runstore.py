@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 RUN_META = "meta.json"
+MAX_META_BYTES = 1 << 20  # a few hundred bytes in practice
 META_SCHEMA = "quantlens.run-meta/1"
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
 MANIFEST = ".quantlens-files.json"  # per folder: the sha256 of every file quantlens wrote there
@@ -276,6 +277,12 @@ class RunInfo:
         return self.status == "done"
 
     @property
+    def started(self) -> bool:
+        """The sweep itself began (run.json is written): `resume` can continue it. A run cancelled
+        before that (in the dashboard's local-only first pass) has nothing to continue."""
+        return (self.path / "run.json").exists()
+
+    @property
     def foreign(self) -> bool:
         """Running in another process (a CLI, another dashboard server, another machine)."""
         return self.status == "running" and (self.host != socket.gethostname() or self.pid != os.getpid())
@@ -328,10 +335,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The run's meta.json as a dict; {} when missing or unreadable."""
+    """The run's meta.json as a dict; {} when missing or unreadable (a FIFO or device in its place
+    would hang the reader, a huge file exhaust it: both count as unreadable)."""
+    file = Path(path) / RUN_META
     try:
-        meta = json.loads(read_regular(Path(path) / RUN_META, "run record", 16 << 20))
-    except (OSError, ValueError):  # missing, unreadable, not a regular file, not JSON
+        meta = json.loads(read_regular(file, "run record", MAX_META_BYTES))
+    except (OSError, ValueError):  # missing, unreadable, not a regular file, too big, not JSON
         return {}
     return meta if isinstance(meta, dict) else {}
 

@@ -10,6 +10,7 @@ suite checks that). The model factories are hand-written sources, not generated:
     nan_weights.py:make / make_inf a NaN in fc1.weight / an Inf in fc2.weight
     nan_activations.py:make        finite weights, NaN activations (sqrt of a negative)
     constant_weights.py:make       fc1.weight one constant, fc2.weight all zeros
+    markdown_names.py:make         a valid MLP whose first layer is named ![x](http://host/x)
 
 Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids in 0..3):
     good.npz                       24 labelled samples (the valid reference, and a fuzzing seed)
@@ -31,11 +32,11 @@ Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids
     no_labels.npz                  inputs only: no task metric, no max-drop budget
     map_other_model.json           a valid precision map made for tiny.make_other()
     map_unknown_format.json        a precision map naming format "fp4_e2m1"
+    map_yaml_aliases.yaml          a 9-level YAML alias bomb (a few hundred bytes, 10^9 values expanded)
     bad_labels.npz                 good.npz with two labels outside the 4 classes (99 and -1)
     fp8_inputs.safetensors         good.npz's inputs stored as float8_e4m3fn (and its labels)
     map_notes_number.json          a map whose "notes" is the number 5
     map_percentile_text.json       a map whose quant.percentile is the string "abc"
-    map_alias_bomb.yaml            a YAML "billion laughs": a few hundred bytes that expand to gigabytes
 The misbehaving models of hostile.py are hand-written too.
 
 Too big to commit, written at test time by `zip_bomb` below: an .npz of a few MB whose arrays
@@ -109,16 +110,6 @@ def _map(model: torch.nn.Module, layers: dict) -> str:
     return json.dumps(payload, indent=2) + "\n"
 
 
-def _alias_bomb() -> bytes:
-    """Nine levels of nine aliases each: 9**9 strings once expanded, from a few hundred bytes."""
-    lines = ["schema: quantlens.precision-map/2", 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for level in range(1, 9):
-        refs = ", ".join([f"*a{level - 1}"] * 9)
-        lines.append(f"a{level}: &a{level} [{refs}]")
-    lines.append("layers: {fc1: {weight: *a8}}")
-    return ("\n".join(lines) + "\n").encode()
-
-
 def corpus() -> dict[str, bytes]:
     """File name -> content."""
     inputs, labels = _good_samples()
@@ -164,8 +155,8 @@ def corpus() -> dict[str, bytes]:
         "map_notes_number.json": json.dumps({**json.loads(_map(tiny.make(), {"fc1": {"weight": "int8"}})),
                                              "notes": 5}, indent=2).encode() + b"\n",
         "map_percentile_text.json": json.dumps(percentile_text, indent=2).encode() + b"\n",
-        "map_alias_bomb.yaml": _alias_bomb(),
     }
+    files["map_yaml_aliases.yaml"] = _alias_bomb().encode()
     return files
 
 
@@ -222,6 +213,13 @@ def zip_bomb(path: str | Path, rows: int = 3 << 25, features: int = tiny.IN_FEAT
                                            start, 0))
     Path(path).write_bytes(out.getvalue())
     return Path(path)
+def _alias_bomb(levels: int = 9) -> str:
+    """Each anchor lists the previous one ten times: 10**levels strings once expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels + 1):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]")
+    lines.append(f"layers: *a{levels}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
