@@ -94,8 +94,13 @@ class Sweep:
         self.config = config or AnalysisConfig()
         self.progress = progress
         self.should_stop = should_stop
-        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device,
-                                   cache_bytes=self.config.cache_bytes)
+        cache_bytes = self.config.cache_bytes
+        if self.config.output_metrics == "estimated":
+            # The estimate holds, per chunk, the FP32 cache, one forward's autograd state and K output
+            # gradients of every analysed layer: chunks shrink so all of it stays within the bound
+            # (on a GPU too, where the simulator also caps chunks at half the free memory).
+            cache_bytes = max(1 << 16, cache_bytes // (2 + self.config.estimate_projections))
+        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device, cache_bytes=cache_bytes)
         if self.config.layers is not None:
             unknown = set(self.config.layers) - set(self.sim.layer_names)
             if unknown:

@@ -179,11 +179,41 @@ def rank_agreement() -> list[dict]:
     return rows
 
 
+def map_quality() -> list[dict]:
+    """Maps suggested from an estimated table vs from an exact one, same budgets, both measured."""
+    import math
+
+    import sample_models as sm
+    from analysis.allocate import build_problem, parse_budget, suggest
+    from analysis.evaluate import Evaluator
+    from analysis.loading import load_data
+
+    rows = []
+    for name in ("mlp", "cnn"):
+        model, data = sm.load_model(name), load_data(f"sample:{name}")
+        base = dict(weight_formats=("int8", "int4", "int2"), act_formats=(), targets=("weights",), num_samples=256)
+        tables = {mode: Sweep(model, data, AnalysisConfig(**base, output_metrics=mode)).run()
+                  for mode in ("exact", "estimated")}
+        evaluator = Evaluator(model, data)
+        signal = float(evaluator.sim.forward(data.inputs[:256], {}).double().pow(2).mean())
+        for bits in (3, 4, 5, 6):
+            row = {"model": f"sample {name}", "budget": f"avg-bits={bits}"}
+            for mode, table in tables.items():
+                choice = suggest(build_problem(table), parse_budget(f"avg-bits={bits}"), measure=evaluator.measure)
+                noise = evaluator.measure(build_problem(table).assignment(choice.picks))["noise"]
+                row[f"{mode}_db"] = round(10 * math.log10(signal / noise), 2) if noise > 0 else 100.0
+            row["difference_db"] = round(row["estimated_db"] - row["exact_db"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-rank", action="store_true")
+    parser.add_argument("--skip-maps", action="store_true")
     parser.add_argument("--naive-process", nargs=4, metavar=("MODEL", "WEIGHTS", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_process:
@@ -197,6 +227,8 @@ def main() -> None:
             print(f"  {name:<32} {min(values):6.1f} s   {min(values) / naive:.2f}x naive")
     if not args.skip_rank:
         rank_agreement()
+    if not args.skip_maps:
+        map_quality()
 
 
 if __name__ == "__main__":
