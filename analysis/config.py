@@ -26,6 +26,9 @@ TARGETS = ("weights", "activations", "both")
 OUTPUT_METRICS = ("exact", "estimated", "none")
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
 QUANT_SCHEMA = "quantlens.quant-config/1"
+# The most data a load reads into memory at once (a zip bomb or an endless generator is refused
+# before it gets there); `analysis.loading.load_data(max_bytes=...)` takes another bound.
+MAX_DATA_BYTES = 2 << 30
 
 
 class ConfigError(ValueError):

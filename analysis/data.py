@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 TASKS = ("classification", "language-model", "other")
+IGNORE_INDEX = -100  # torch's cross-entropy skips these token labels (padding); perplexity does too
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,23 @@ def infer_task(labels: torch.Tensor | None) -> str:
     if labels.dim() == 2:
         return "language-model"
     return "other"
+
+
+def check_labels(data: Dataset, output: torch.Tensor) -> None:
+    """ValueError (one line) when class-id labels fall outside the model's output: `output` is the
+    model's logits on any samples ([..., C] for C classes or vocabulary entries). Out-of-range ids
+    would be scored as always wrong (accuracy) or crash the loss (cross-entropy)."""
+    if data.labels is None or data.task not in ("classification", "language-model") or output.dim() == 0:
+        return
+    classes = int(output.shape[-1])
+    labels = data.labels
+    outside = (labels < 0) | (labels >= classes)
+    if data.task == "language-model":  # cross-entropy's ignore_index: padding, not scored
+        outside &= labels != IGNORE_INDEX
+    bad = labels[outside]
+    if bad.numel():
+        shown = ", ".join(str(int(v)) for v in torch.unique(bad)[:3]) + (", ..." if torch.unique(bad).numel() > 3 else "")
+        what = "classes" if data.task == "classification" else "vocabulary entries"
+        raise ValueError(
+            f"data set {data.name!r} has {bad.numel()} label(s) outside the model's {classes} {what} "
+            f"(ids 0..{classes - 1}): {shown}; fix the labels, or pass --task other if they are not class ids")

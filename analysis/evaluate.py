@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from analysis import costs
-from analysis.data import Dataset
+from analysis.data import Dataset, check_labels
 from analysis.formats import Format
 from analysis.metrics import ErrorAccumulator, ErrorStats, accuracy, perplexity
 from analysis.precision_map import PrecisionMap, uniform_map
@@ -85,6 +85,7 @@ class Evaluator:
         started = time.perf_counter()
         self.reference = self.sim.forward(self.evaluation.inputs, {})
         self.fp32_seconds = time.perf_counter() - started
+        check_labels(self.evaluation, self.reference)  # before any metric is computed with them
         self.metric_name, self.fp32_metric = task_metric(self.evaluation.task, self.reference,
                                                          _on(self.evaluation.labels, self.reference))
         self._calibration_reference: torch.Tensor | None = None
@@ -131,6 +132,15 @@ class Evaluator:
             result["metric"] = value
             result["drop"] = metric_drop(self.metric_name, self.fp32_metric, value)
         return result
+
+
+def check_trained(model: torch.nn.Module, lr: float) -> None:
+    """ValueError (one line) when training left a parameter non-finite: the optimisation diverged,
+    which at a valid start is the learning rate's doing, not the model's or the data's."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise ValueError(f"fine-tuning diverged: parameter {name} became NaN/Inf during training with learning "
+                             f"rate {lr:g}; lower --lr (the default is 1e-4)")
 
 
 def _on(labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

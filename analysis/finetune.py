@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from analysis.calibration import CALIBRATION_METHODS
-from analysis.data import Dataset
-from analysis.evaluate import Evaluator
+from analysis.data import Dataset, check_labels
+from analysis.evaluate import Evaluator, check_trained
 from analysis.formats import Format, fake_quantize_ste, parse_format
 from analysis.graph import primary_output
 from analysis.layers import FunctionSite, ModuleSite
@@ -164,6 +164,7 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                     inserted += 1
     gm.recompile()
 
+    check_labels(train, before_eval.reference)
     targets = _distillation_targets(train, before_eval)
     loss_name = "cross-entropy" if targets is None else "mse-to-fp32"
     curve: list[float] = []
@@ -193,6 +194,7 @@ def finetune_qat(model: nn.Module, pmap: PrecisionMap, train: Dataset, calibrati
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                check_trained(gm, lr)
                 total += float(loss.detach()) * len(index)
                 count += len(index)
                 steps += 1

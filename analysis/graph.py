@@ -12,10 +12,11 @@ silently overwrite a cached FP32 activation that later trials read.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
@@ -76,9 +77,13 @@ def prepare_model(
     mask by `x.shape[1]`) fall back to torch.export with a dynamic batch dimension when
     `example_inputs` are given.
 
-    share_weights: the copy reuses the caller's parameter and buffer tensors instead of duplicating
-    them (a 100M-parameter model then costs its size once, not twice). Only for callers that never
-    write to weights, such as the sweep; fine-tuning must not share.
+    share_weights: the copy reuses the caller's parameter tensors instead of duplicating them (a
+    100M-parameter model then costs its size once, not twice). Only for callers that never write to
+    weights, such as the sweep; fine-tuning must not share. Buffers are always copied: a forward
+    may write to them (a counter, a cache), and the caller's model must not change.
+
+    The copy is put in eval mode whatever mode the caller's model is in (dropout off, BatchNorm on
+    its running statistics); the caller's model keeps its mode.
     """
     if isinstance(model, torch.export.ExportedProgram):
         return _prepare_exported(model)
@@ -86,9 +91,10 @@ def prepare_model(
         raise ModelPreparationError(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
         )
+    check_names(model)
     memo: dict[int, object] = {}
     if share_weights:
-        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        memo = {id(t): t for t in model.parameters()}
     private = copy.deepcopy(model, memo).eval()
     hf_config = getattr(private, "config", None)
     if getattr(hf_config, "use_cache", False) is True:
@@ -123,6 +129,44 @@ def prepare_model(
     return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
 
 
+# Characters torch.fx cannot put into the Python it generates from module names (it quotes them).
+_UNTRACEABLE = ('"', "\\")
+
+
+def check_names(model: nn.Module) -> None:
+    """ModelPreparationError (one line) for a module, parameter or buffer name tracing cannot handle."""
+    names = [name for name, _ in model.named_modules()]
+    names += [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    for name in names:
+        bad = [c for c in name if c in _UNTRACEABLE or ord(c) < 32]
+        if bad:
+            raise ModelPreparationError(
+                f"the model has a submodule or tensor named {name!r}: its character {bad[0]!r} breaks the code "
+                "torch.fx and torch.export generate; rename it (letters, digits, _ and - are safe)")
+
+
+@contextlib.contextmanager
+def unchanged(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the caller's own module for a moment without changing it: in eval mode, and with every
+    buffer and training flag restored afterwards (a forward may update a counter, a cache or
+    BatchNorm statistics in place, or replace a buffer)."""
+    modes = [(m, m.training) for m in module.modules()]
+    saved = [(owner, name, buffer, None if buffer is None else buffer.detach().clone())
+             for owner in module.modules() for name, buffer in owner._buffers.items()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for owner, name, buffer, value in saved:
+                if buffer is not None and buffer.shape == value.shape:
+                    buffer.copy_(value)  # written in place: the same tensor, as the caller's references expect
+                owner._buffers[name] = buffer  # replaced by the forward: the original goes back
+        for m, training in modes:
+            m.training = training
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -132,6 +176,10 @@ def _prepare_exported(program: torch.export.ExportedProgram) -> PreparedModel:
     # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
     # the batch size used at export time; we run other batch sizes (chunks), so they go.
     graph_module = program.module()
+    for owner in graph_module.modules():  # the program's own buffers must not see a forward's writes
+        for name, buffer in list(owner._buffers.items()):
+            if buffer is not None:
+                owner._buffers[name] = buffer.clone()
     for node in list(graph_module.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph_module.graph.erase_node(node)
@@ -272,6 +320,16 @@ def primary_output(value: Any) -> torch.Tensor:
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf
     raise ModelPreparationError("the model returns no floating-point tensor to compare")
+
+
+def check_batch_output(output: torch.Tensor, batch: int) -> None:
+    """ModelPreparationError (one line) unless `output` has one row per input sample (dimension 0):
+    per-sample errors and metrics are computed along it."""
+    if output.dim() == 0 or output.shape[0] != batch:
+        shape = "a scalar" if output.dim() == 0 else f"shape {tuple(output.shape)}"
+        raise ModelPreparationError(
+            f"the model's output for a batch of {batch} sample(s) is {shape}, not one row per sample; return "
+            "outputs with the batch along dimension 0 (e.g. logits [N, classes]), not a sum or a single value")
 
 
 def tensor_bytes(values: Iterable[Any]) -> int:

@@ -114,8 +114,13 @@ class PrecisionMap:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> Path:
+        """Write the map (YAML for .yaml/.yml, else JSON) atomically; see `runstore.write_output`
+        for the checks a command runs first."""
+        from analysis.runstore import write_atomic
+
         path = Path(path)
-        path.write_text(self.dumps("yaml" if path.suffix in (".yaml", ".yml") else "json"))
+        text = self.dumps("yaml" if path.suffix in (".yaml", ".yml") else "json")
+        write_atomic(path, lambda tmp: tmp.write_text(text))
         return path
 
     def validate(self, layer_names: list[str], fingerprint: str | None = None) -> None:
@@ -223,7 +228,13 @@ def load_map(path: str | Path) -> PrecisionMap:
     size = path.stat().st_size
     if size > MAX_MAP_BYTES:
         raise MapError(f"precision map {path} is {size >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
-    return loads_map(path.read_bytes(), str(path), yaml_text=path.suffix in (".yaml", ".yml"))
+    from analysis.runstore import FileSafetyError, read_regular
+
+    try:
+        text = read_regular(path, "precision map", MAX_MAP_BYTES)
+    except FileSafetyError as exc:  # swapped for a FIFO or device since the checks above
+        raise MapError(str(exc)) from None
+    return loads_map(text, str(path), yaml_text=path.suffix in (".yaml", ".yml"))
 
 
 def loads_map(data: bytes | str, source: str, yaml_text: bool = False) -> PrecisionMap:

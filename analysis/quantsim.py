@@ -14,6 +14,7 @@ float.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -27,7 +28,10 @@ from analysis.device import free_memory_bytes, resolve_device
 from analysis.formats import (
     Format, check_finite, dynamic_quantize, from_rows, quantize_with_range, scale_and_zero_point, to_rows,
 )
-from analysis.graph import PreparedModel, capture, load_args, prepare_model, primary_output, rerun, tensor_bytes
+from analysis.graph import (
+    ModelPreparationError, PreparedModel, capture, check_batch_output, load_args, prepare_model, primary_output, rerun,
+    tensor_bytes,
+)
 from analysis.layers import ActFn, Layer, LayerTable, ModuleSite, Site, discover_layers
 from analysis.sites import compose_override
 
@@ -104,6 +108,26 @@ def per_token(site: Site) -> bool:
     return not (isinstance(site, ModuleSite) and not isinstance(site.module, torch.nn.Linear) and not site.is_embedding)
 
 
+# Two FP32 runs of a deterministic model agree bit for bit on a CPU and to ~120 dB or more on a GPU
+# (non-deterministic reductions); dropout or noise in forward gives a few dB.
+DETERMINISM_DB = 60.0
+
+
+def run_to_run_sqnr_db(first: torch.Tensor, second: torch.Tensor) -> float:
+    """SQNR (dB) of `second` against `first`: inf when identical (NaN in the same places counts as
+    the same), -inf when they differ in where they are finite."""
+    first, second = first.detach().cpu(), second.detach().cpu()  # float64 sums (MPS has no float64)
+    finite = torch.isfinite(first)
+    if not torch.equal(finite, torch.isfinite(second)):
+        return float("-inf")
+    a, b = first[finite].double(), second[finite].double()
+    noise = float(((a - b) ** 2).sum())
+    if noise == 0.0:
+        return float("inf")
+    signal = float((a ** 2).sum())
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
 class QuantSim:
     """A prepared model with calibrated quantizers; runs under any assignment. Never writes the
     caller's model: it works on a private traced copy that shares the caller's weight tensors
@@ -132,6 +156,7 @@ class QuantSim:
         self._weight_lru: OrderedDict[tuple[str, Format], torch.Tensor] = OrderedDict()
         self._weight_lru_bytes = 0
         self._chunk_cache: tuple[int, dict] | None = None
+        self._check_forward()
         self.chunk_size = self._plan_chunks()
 
     def _moves(self, model: Any) -> bool:
@@ -175,6 +200,21 @@ class QuantSim:
             by_tensor.setdefault(id(param), name)
         return {layer.name: by_tensor.get(id(self.table.weight(layer.name)), guess_param_name(layer.name))
                 for layer in self.table.layers}
+
+    def _check_forward(self) -> None:
+        """The FP32 model must give one output row per sample, and the same output twice for the
+        same input: quantization error is measured against that output, so a random one (dropout
+        forced on, noise, sampling) would be reported as error, or hide it."""
+        n = min(2, len(self.data))
+        first = self.output_of(capture(self.prepared, (self._inputs(0, n),)))
+        check_batch_output(first, n)
+        second = self.output_of(capture(self.prepared, (self._inputs(0, n),)))
+        agreement = run_to_run_sqnr_db(first, second)
+        if agreement < DETERMINISM_DB:
+            raise ModelPreparationError(
+                f"two FP32 runs of the model on the same input disagree ({agreement:.1f} dB SQNR between them): its "
+                "forward is random even in eval mode (dropout with training=True, added noise, sampling), so "
+                "quantization error cannot be told from that randomness; make forward deterministic in eval mode")
 
     # chunks ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis import charts
+from analysis import charts, runstore
 from analysis.results import AnalysisResult
 
 DEFAULT_TOP_LAYERS = 12  # layers that get histogram sections (each adds ~4 small figures)
@@ -84,7 +84,9 @@ def write_report(result: AnalysisResult, path: str | Path, title: str | None = N
     if path.suffix.lower() not in (".html", ".htm"):
         path = path / "report.html" if path.is_dir() else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(result, title, top_layers=top_layers), encoding="utf-8")
+    page = render_report(result, title, top_layers=top_layers)
+    # Atomic: a full disk leaves the previous report (or none), never a truncated one that looks whole.
+    runstore.write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -310,8 +310,10 @@ def load_analysis(path: str | Path) -> AnalysisResult:
         path = path / "analysis.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; point at the --out directory of `quantlens analyze`")
+    from analysis.runstore import read_regular
+
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(read_regular(path, "analysis"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run the analysis") from None
     return AnalysisResult.from_json_dict(payload)

@@ -13,6 +13,11 @@ Layout of an output directory:
 same bytes a clean run writes, because trials are stored losslessly (JSON floats round-trip) and
 reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
 crash mid-write leaves the previous version, never half a file.
+
+The folder is locked while a run writes into it (a second analysis into the same --out is refused,
+not mixed in), everything is validated before the first byte is written, and a folder that is not
+a run (no run.json or meta.json of quantlens') holding files of those names is refused unless
+`force` (see `check_run_folder`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from analysis.runstore import Inputs
 from analysis.sweep import AnalysisCancelled, Sweep
 
 RUN_SCHEMA = "quantlens.run/1"
+# What a run folder holds (report.html: the CLI's report); trials.jsonl is appended, so it is
+# quantlens' own exactly when run.json is.
+RUN_FILES = ("run.json", "analysis.json", "layers.csv", "report.html", runstore.RUN_META)
+TRIALS_FILE = "trials.jsonl"
 
 
 class ResumeError(ValueError):
@@ -51,22 +60,57 @@ def analyze_to_directory(
     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[TrialResult], None] | None = None,
     model_spec: str | None = None, data_spec: str | None = None, weights: str | None = None,
-    inputs: Inputs | None = None,
+    inputs: Inputs | None = None, force: bool = False,
 ) -> AnalysisResult:
     """Run the sweep, streaming each finished trial to `out/trials.jsonl`, then write the final files.
 
     `inputs` (specs of the model and data, recorded in meta.json) lets the run be resumed or
-    evaluated from another surface; model_spec/data_spec/weights default to its specs."""
+    evaluated from another surface; model_spec/data_spec/weights default to its specs. `force`
+    replaces files in `out` that quantlens did not write."""
     if inputs is not None:
         model_spec, data_spec = model_spec or inputs.model_spec, data_spec or inputs.data_spec
         weights = weights or inputs.weights
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"--out {out} is a file, not a folder; name a folder for the run's files")
     out.mkdir(parents=True, exist_ok=True)
+    with runstore.locked(out, f"the run folder {out}"):
+        return _analyze_locked(model, data, config, out, resume, progress, should_stop, on_result,
+                               model_spec, data_spec, weights, inputs, force)
+
+
+def check_run_folder(out: str | Path, *, force: bool = False, inputs: tuple = ()) -> None:
+    """Refuse (one line) a fresh run into `out` where a file of a run's name exists that quantlens
+    did not write, unless `force`; `inputs` are files the run reads (never written over)."""
+    out = Path(out)
+    ours = is_run_folder(out)  # its files are quantlens' own: a re-run replaces them
+    for name in (*RUN_FILES, TRIALS_FILE):  # a directory, FIFO or one of the inputs is refused even so
+        runstore.check_writable(out / name, force=force or ours, inputs=inputs)
+
+
+def is_run_folder(out: str | Path) -> bool:
+    """Whether `out` holds a quantlens run: a run.json or meta.json that quantlens wrote (by schema)."""
+    out = Path(out)
+    if runstore.read_meta(out).get("schema") in (runstore.META_SCHEMA, "quantlens.dashboard-run/1"):
+        return True
+    try:
+        header = json.loads(runstore.read_regular(out / "run.json", "run header", 16 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("schema") == RUN_SCHEMA
+
+
+def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path, resume: bool,
+                    progress: ProgressFn | None, should_stop: Callable[[], bool] | None,
+                    on_result: Callable[[TrialResult], None] | None, model_spec: str | None,
+                    data_spec: str | None, weights: str | None, inputs: Inputs | None,
+                    force: bool) -> AnalysisResult:
     current = runstore.read_run(out)
     if current is not None and current.foreign:  # two writers would interleave their trials
         raise ResumeError(f"{out} is being analysed by process {current.pid} on {current.host}; "
                           "wait for it to finish, or use another --out directory")
     sweep = Sweep(model, data, config, progress=progress, should_stop=should_stop)
+    sweep.check_runnable()  # everything is validated before the first byte is written
     header = {
         "schema": RUN_SCHEMA,
         "config": _jsonable(_result_config(config)),
@@ -82,7 +126,12 @@ def analyze_to_directory(
     if resume and not run_file.exists():
         raise ResumeError(f"nothing to resume in {out}: no run.json there; drop --resume to start a new run")
     if resume:
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(runstore.read_regular(run_file, "run header", 16 << 20))
+        except json.JSONDecodeError:
+            raise ResumeError(f"{run_file} is not valid JSON; drop --resume to start over") from None
+        if not isinstance(previous, dict):
+            raise ResumeError(f"{run_file} is not a quantlens run header; drop --resume to start over")
         for key in ("config", "model_fingerprint", "data_fingerprint"):
             if previous.get(key) != header[key]:
                 raise ResumeError(
@@ -96,8 +145,9 @@ def analyze_to_directory(
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
             "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values())))
     else:
+        check_run_folder(out, force=force)
         runstore.write_json_atomic(run_file, header)
-        trials_file.write_text("")
+        runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
     _mark_started(out, config, resume, inputs, provenance)
     started = time.time()
     try:
@@ -178,7 +228,7 @@ def _read_trials(path: Path) -> list[TrialResult]:
     trials = []
     if not path.exists():
         return trials
-    for line in path.read_text().splitlines():
+    for line in runstore.read_regular(path, "trials file").splitlines():
         try:
             trials.append(_trial(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError):

@@ -18,15 +18,30 @@ Dashboard run folders from before the store moved here (meta.json schema
 "quantlens.dashboard-run/1") have the same fields and open unchanged.
 
 The store never imports Streamlit: the dashboard passes its store folder (QUANTLENS_RUNS_DIR) in.
+
+Files on disk, read and written the same way everywhere (the CLI, the run store, reports, maps):
+- `write_atomic` writes a temp file and renames it over the target (never half a file, a full disk
+  names the file);
+- `write_output` (what the CLI writes its single-file outputs with) also runs `check_writable`
+  first, which refuses to replace a file quantlens did not write (or that was edited since it did)
+  unless forced and never lets an output replace one of the command's own inputs, and records the
+  new file's sha256 in its folder's `.quantlens-files.json`. A run folder's own files are
+  recognised by the folder's run record instead (`analysis.runs.check_run_folder`);
+- `read_regular` reads only regular files of bounded size (a FIFO, /dev/zero or a 50 GB file named
+  like a run's file is refused with one line instead of hanging or filling memory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +52,171 @@ RUN_META = "meta.json"
 MAX_META_BYTES = 1 << 20  # a few hundred bytes in practice
 META_SCHEMA = "quantlens.run-meta/1"
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
+MANIFEST = ".quantlens-files.json"  # per folder: the sha256 of every file quantlens wrote there
+MANIFEST_SCHEMA = "quantlens.files/1"
+LOCK = ".quantlens.lock"
+MAX_READ_BYTES = 1 << 30  # a run's own files (analysis.json of a big model is tens of MB)
+
+
+class FileSafetyError(ValueError):
+    """A file that must not be read (not a regular file, too big) or written (not ours, an input)."""
+
+
+# --- files: read bounded, write atomically, never over what is not ours ---------------------------------
+
+
+def read_regular(path: str | Path, what: str = "file", max_bytes: int = MAX_READ_BYTES) -> str:
+    """The text of `path`, which must be a regular file of at most `max_bytes` (FileNotFoundError
+    if missing). Opened without blocking and checked on the open descriptor, so a FIFO or device
+    swapped in after a check cannot hang the read."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FileSafetyError(f"cannot read {what} {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileSafetyError(f"{what} {path} is not a regular file (a FIFO, device or socket); "
+                                  "point at the file itself")
+        if info.st_size > max_bytes:
+            raise FileSafetyError(f"{what} {path} is {info.st_size >> 20} MiB, more than the {max_bytes >> 20} MiB "
+                                  "such a file can be; it is not one quantlens wrote")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileSafetyError(f"{what} {path} grew past {max_bytes >> 20} MiB while being read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileSafetyError(f"{what} {path} is not UTF-8 text; it is not one quantlens wrote") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    try:
+        payload = json.loads(read_regular(folder / MANIFEST, "manifest", 16 << 20))
+    except (OSError, ValueError):
+        return {}
+    files = payload.get("files") if isinstance(payload, dict) else None
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def _record(path: Path, digest: str) -> None:
+    """Remember that quantlens wrote `path` with this content (best effort: a folder we cannot
+    write the manifest into only means the file is not recognised as ours later)."""
+    folder = path.parent
+    files = {**_manifest(folder), path.name: digest}
+    tmp = folder / f".{MANIFEST}.{uuid.uuid4().hex[:6]}"
+    try:
+        tmp.write_text(json.dumps({"schema": MANIFEST_SCHEMA, "files": files}, indent=1))
+        os.replace(tmp, folder / MANIFEST)
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_written(path: str | Path) -> None:
+    """Record a file quantlens just wrote by other means (a toolchain's own save) as its own."""
+    path = Path(path)
+    if path.is_file():
+        _record(path, sha256_file(path))
+
+
+def written_by_quantlens(path: str | Path) -> bool:
+    """Whether quantlens wrote `path` and nobody changed it since (its sha256 is the one recorded)."""
+    path = Path(path)
+    recorded = _manifest(path.parent).get(path.name)
+    try:
+        return recorded is not None and path.is_file() and sha256_file(path) == recorded
+    except OSError:
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_writable(path: str | Path, *, force: bool = False, inputs: Collection[str | Path | None] = (),
+                   flag: str = "--force") -> None:
+    """Refuse (one line) to write `path` over one of `inputs`, over a directory or special file, or
+    over a file quantlens did not write (or that was edited since) unless `force`."""
+    path = Path(path)
+    for given in inputs:
+        if given and _same_file(path, Path(given)):
+            raise FileSafetyError(f"{path} is also an input of this command: writing it would destroy the input; "
+                                  "write the output to another file")
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise FileSafetyError(f"{path} is a directory; name a file to write")
+    if not path.is_file():
+        raise FileSafetyError(f"{path} is not a regular file (a FIFO, device or dangling link); name another output")
+    if not force and not written_by_quantlens(path):
+        raise FileSafetyError(f"{path} already exists and was not written by quantlens (or was edited since); "
+                              f"pass {flag} to overwrite it, or choose another output")
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then rename tmp over `path`: a reader, or a crash mid-write, sees the old file
+    or the new one, never half of one (the rename is atomic within a folder). A failed write (full
+    disk, no permission) leaves the old file and raises one line naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
+        raise FileSafetyError(f"cannot write {path}: {reason}; the previous version (if any) is unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_output(path: str | Path, write: Callable[[Path], Any], *, force: bool = False,
+                 inputs: Collection[str | Path | None] = ()) -> Path:
+    """`check_writable`, then `write_atomic` (creating the folder), then `record_written`: how a
+    command writes a single-file output the user names."""
+    path = Path(path)
+    check_writable(path, force=force, inputs=inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, write)
+    record_written(path)
+    return path
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path, what: str = "this folder"):
+    """Hold an exclusive lock on `folder` for the block; a second holder (any process, or another
+    open in this one) is refused at once with one line instead of interleaving its writes."""
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; the meta.json owner check still applies
+        yield
+        return
+    handle = open(folder / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FileSafetyError(f"{what} is in use by another quantlens process; wait for it to finish, "
+                                  "or use another folder") from None
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 @dataclass(frozen=True)
@@ -150,17 +330,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:32] or "run"
 
 
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)`, then rename tmp over `path`: a reader, or a crash mid-write, sees the old file
-    or the new one, never half of one (the rename is atomic within a folder)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
 
@@ -170,10 +339,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     would hang the reader, a huge file exhaust it: both count as unreadable)."""
     file = Path(path) / RUN_META
     try:
-        if not file.is_file() or file.stat().st_size > MAX_META_BYTES:
-            return {}
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads(read_regular(file, "run record", MAX_META_BYTES))
+    except (OSError, ValueError):  # missing, unreadable, not a regular file, too big, not JSON
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -257,8 +424,8 @@ def read_run(path: str | Path, own_jobs: Collection[str] | None = None) -> RunIn
     config = meta.get("config") or {}
     if not config and has_header:  # a folder written by `quantlens analyze --out` before meta.json
         try:
-            config = json.loads((path / "run.json").read_text()).get("config", {})
-        except (OSError, json.JSONDecodeError, AttributeError):
+            config = json.loads(read_regular(path / "run.json", "run header", 16 << 20)).get("config", {})
+        except (OSError, ValueError, AttributeError):
             config = {}
     try:
         created = float(meta.get("created") or (path / "run.json" if has_header else path).stat().st_mtime)

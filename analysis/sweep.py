@@ -119,15 +119,19 @@ class Sweep:
     def plan(self) -> list[Trial]:
         return plan_trials(self.layers, self.config)
 
-    def run(self, on_result: Callable[[TrialResult], None] | None = None,
-            skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
+    def check_runnable(self) -> None:
+        """ValueError (one line) when `run` would have nothing to do: no formats, or no layers."""
         if not self.config.weight_formats and not self.config.act_formats:
             raise ValueError("nothing to sweep: give at least one weight or activation format")
-        sim = self.sim
         if not self.layers:
-            skipped = ", ".join(f"{s.name} ({s.kind})" for s in sim.table.skipped[:4]) or "none"
+            skipped = ", ".join(f"{s.name} ({s.kind})" for s in self.sim.table.skipped[:4]) or "none"
             raise ValueError(f"the model has no quantizable layers (Linear, Conv, Embedding, attention projections); "
                              f"modules with weights that were skipped: {skipped}")
+
+    def run(self, on_result: Callable[[TrialResult], None] | None = None,
+            skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
+        self.check_runnable()
+        sim = self.sim
         started = time.perf_counter()
         layers = self.layers
         trials = [t for t in self.plan() if not skip or t.key not in skip]

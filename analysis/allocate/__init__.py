@@ -28,7 +28,9 @@ from analysis.allocate.knapsack import extreme_picks, k_best, solve
 from analysis.allocate.problem import (
     BUDGET_KINDS, COST_KINDS, Budget, BudgetError, Choice, Problem, build_problem, finish_map, parse_budget,
 )
-from analysis.allocate.search import FrontPoint, MeasureFn, Suggestion, pareto_front, suggest, uniform_points
+from analysis.allocate.search import (
+    MAX_FRONT_POINTS, FrontPoint, MeasureFn, Suggestion, check_front_points, pareto_front, suggest, uniform_points,
+)
 
 # Private, but the tests check the cost model and the monotone scores through them, as they did
 # when the allocator was one module.
@@ -37,5 +39,6 @@ from analysis.allocate.problem import _choice, _monotone  # noqa: F401
 __all__ = [
     "BUDGET_KINDS", "COST_KINDS", "Budget", "BudgetError", "Choice", "Problem", "build_problem", "finish_map",
     "parse_budget", "extreme_picks", "k_best", "solve", "FrontPoint", "MeasureFn", "Suggestion", "pareto_front",
+    "MAX_FRONT_POINTS", "check_front_points",
     "suggest", "uniform_points",
 ]

@@ -42,6 +42,7 @@ BUDGET_KINDS = {
     "min-sqnr": "floor on the model-output SQNR in dB",
 }
 COST_KINDS = ("avg-bits", "size-kb", "bops")
+MAX_SQNR_BUDGET_DB = 1000.0  # 10**(dB/10) overflows a float past ~3080 dB; anything beyond 100 is unmeetable anyway
 
 
 class BudgetError(ValueError):
@@ -64,9 +65,15 @@ def parse_budget(text: str) -> Budget:
     kind, value_text = match.groups()
     if kind not in BUDGET_KINDS:
         raise BudgetError(f"unknown budget kind {kind!r}; use one of {', '.join(BUDGET_KINDS)}")
-    value = float(value_text)
+    try:
+        value = float(value_text)
+    except ValueError:
+        raise BudgetError(f"cannot read the number in budget {text!r}; write KIND=VALUE, e.g. avg-bits=5.5") from None
     if not math.isfinite(value) or (kind != "min-sqnr" and value < 0):
         raise BudgetError(f"budget {text!r} needs a non-negative finite value")
+    if kind == "min-sqnr" and abs(value) > MAX_SQNR_BUDGET_DB:
+        raise BudgetError(f"budget {text!r} is out of range: an SQNR floor lies within ±{MAX_SQNR_BUDGET_DB:.0f} dB "
+                          "(measured SQNR is capped at 100 dB)")
     return Budget(kind, value)
 
 

@@ -188,9 +188,19 @@ class FrontPoint:
     map: PrecisionMap | None = None
 
 
+MAX_FRONT_POINTS = 200  # each point is an exact solve (and a model run when measured): minutes beyond this
+
+
+def check_front_points(points: int) -> None:
+    """BudgetError (one line) unless 0 <= points <= MAX_FRONT_POINTS."""
+    if isinstance(points, bool) or not isinstance(points, int) or not 0 <= points <= MAX_FRONT_POINTS:
+        raise BudgetError(f"--front-points {points} is out of range; use 0 (no front) to {MAX_FRONT_POINTS}")
+
+
 def pareto_front(problem: Problem, kind: str = "avg-bits", points: int = 12,
                  measure: MeasureFn | None = None) -> list[FrontPoint]:
     """Suggested maps over a range of budgets (exact at each), cheapest to most precise."""
+    check_front_points(points)
     low = problem.totals(extreme_picks(problem, kind, cheapest=True))[kind]
     high = problem.totals(extreme_picks(problem, kind, cheapest=False))[kind]
     seen: set[tuple[int, ...]] = set()

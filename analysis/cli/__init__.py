@@ -28,13 +28,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("quantlens: interrupted; finished trials are saved — rerun with --resume to continue", file=sys.stderr)
+        print(f"quantlens: {_interrupted(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 — the one place every error becomes one line
         if args.debug:
             raise
         print(f"quantlens: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _interrupted(args) -> str:
+    """What an interrupt leaves behind: only `analyze` keeps partial work (and has --resume)."""
+    if args.command == "analyze":
+        return (f"interrupted; the finished trials are saved in {args.out} — rerun the same command with "
+                "--resume to continue")
+    return (f"interrupted; `{args.command}` has no --resume: run it again (its outputs are only ever "
+            "replaced whole, never left half-written)")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -20,15 +20,39 @@ class CLIError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
+MAX_CACHE_MB = 1 << 24  # 16 TiB: beyond any machine; larger numbers are typos
+
+
 def _load(args: argparse.Namespace, split: str = "calibration"):
     if args.model is None:
         raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
     from analysis.loading import check_compatible, load_data, load_model
 
     model = load_model(args.model, args.weights)
-    data = load_data(args.data, split=split, task=args.task)
+    data = load_data(args.data, split=split, task=args.task, max_samples=args.samples)
     check_compatible(model, data)
     return model, data
+
+
+def _files_read(*specs: str | None) -> tuple[str, ...]:
+    """The files a command reads, from its specs ("file.py:function" reads file.py; samples none):
+    an output is never written over one of them."""
+    files = []
+    for spec in specs:
+        if spec and not str(spec).startswith("sample:"):
+            head, sep, _ = str(spec).rpartition(":")
+            files.append(head if sep and head.endswith(".py") else str(spec))
+    return tuple(files)
+
+
+def _check_output(path: str | Path, args: argparse.Namespace, *inputs: str | None) -> Path:
+    """Refuse, before any work, an output that would replace an input or a file quantlens did not
+    write (unless --force)."""
+    from analysis.runstore import check_writable
+
+    path = Path(path)
+    check_writable(path, force=getattr(args, "force", False), inputs=_files_read(*inputs))
+    return path
 
 
 def _progress_bar(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
@@ -53,9 +77,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.config import AnalysisConfig
     from analysis.runstore import Inputs
 
+    from analysis.runs import check_run_folder
+
     args.samples = 256 if args.samples is None else args.samples
     if args.samples < 1:
         raise CLIError("--samples must be at least 1")
+    if not 1 <= args.cache_mb <= MAX_CACHE_MB:
+        raise CLIError(f"--cache-mb {args.cache_mb} is out of range; use 1 to {MAX_CACHE_MB} (MiB)")
     if args.low_memory:
         from analysis.memory import return_freed_memory_to_the_os
 
@@ -79,13 +107,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_mb * 1024 * 1024,
         device=args.device,
     )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; name a folder for the run's files")
+    if not args.resume:  # refused before the model is even loaded
+        check_run_folder(out, force=args.force, inputs=_files_read(args.model, args.weights, args.data))
     model, data = _load(args)
     progress, close = _progress_bar(args.quiet)
-    out = Path(args.out)
     try:
         # The inputs go into the run's meta.json: the dashboard can then resume or evaluate this run.
         inputs = Inputs(args.model, args.data, weights=args.weights, task=args.task, label=args.model)
-        result = analyze_to_directory(model, data, config, out, resume=args.resume, progress=progress, inputs=inputs)
+        result = analyze_to_directory(model, data, config, out, resume=args.resume, progress=progress, inputs=inputs,
+                                      force=args.force)
     finally:
         close()
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")
@@ -135,7 +168,7 @@ def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, c
     from analysis.evaluate import Evaluator
     from analysis.loading import check_compatible, load_data
 
-    calibration = load_data(data_spec, split="calibration", task=task)
+    calibration = load_data(data_spec, split="calibration", task=task, max_samples=config.num_samples)
     check_compatible(model, calibration)
     spec, split = _eval_spec(data_spec, eval_spec)
     evaluation = load_data(spec, split=split, task=task) if spec else calibration
@@ -149,7 +182,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from analysis.provenance import Provenance, check_model, weights_to_load
     from analysis.results import load_analysis
 
+    from analysis.allocate import check_front_points
+
     budget = parse_budget(args.budget)
+    check_front_points(args.front_points)
+    out = Path(args.out) if args.out else Path(args.analysis) / "map.json"
+    analysis_files = [str(Path(args.analysis) / name) for name in ("analysis.json", "run.json", "trials.jsonl",
+                                                                 "layers.csv", "report.html", "meta.json")]
+    read = (args.analysis, *analysis_files, args.eval_data, args.weights)
+    _check_output(out, args, *read)  # before any model runs: a hand-edited map is not replaced
+    if args.front_points > 0:
+        _check_output(_front_path(out), args, *read)
     result = load_analysis(args.analysis)
     problem = build_problem(result, allow_fp32=not args.no_fp32)
     quant = QuantConfig.from_dict(result.config["quant"], f"{args.analysis}: quant")
@@ -168,9 +211,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     measure = evaluator.measure if evaluator else None
     suggestion = suggest(problem, budget, measure=measure, fingerprint=provenance.model_fingerprint,
                          provenance=provenance.to_dict())
-    out = Path(args.out) if args.out else Path(args.analysis) / "map.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suggestion.map.save(out)
+    from analysis.runstore import write_output
+
+    text = suggestion.map.dumps("yaml" if out.suffix in (".yaml", ".yml") else "json")
+    write_output(out, lambda tmp: tmp.write_text(text), force=True)  # checked before the search
     totals = suggestion.totals
     print(f"map for {budget}: avg weight bits {totals['avg-bits']:.2f}, {totals['size-kb']:.1f} KiB, "
           f"{totals['bops']:.3g} BOPs; predicted output SQNR {suggestion.predicted_sqnr_db:.1f} dB -> {out}")
@@ -186,16 +230,22 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         front = pareto_front(problem, budget.kind if budget.kind in ("avg-bits", "size-kb", "bops") else "avg-bits",
                              args.front_points, measure)
         rows = front + uniform_points(problem, measure)
-        _write_front(rows, out.with_name(out.stem + "_front.csv"))
+        _write_front(rows, _front_path(out))
     return 0
+
+
+def _front_path(map_path: Path) -> Path:
+    return map_path.with_name(map_path.stem + "_front.csv")
 
 
 def _write_front(points, path: Path) -> None:
     import pandas as pd
 
+    from analysis.runstore import write_output
+
     frame = pd.DataFrame([{"label": p.label, **p.costs, "predicted_sqnr_db": p.predicted_sqnr_db,
                            "measured_sqnr_db": p.measured_sqnr_db, "metric": p.metric} for p in points])
-    frame.to_csv(path, index=False)
+    write_output(path, lambda tmp: frame.to_csv(tmp, index=False), force=True)  # checked before the search
     print(f"Pareto front ({len(points)} points, uniform baselines included) -> {path}")
     with pd.option_context("display.width", 120, "display.max_columns", 10, "display.float_format", "{:.4g}".format):
         print(frame.drop(columns=["bops"]).to_string(index=False))
@@ -232,6 +282,8 @@ def _quant_for(pmap, samples: int | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis.precision_map import load_map
 
+    if args.out:
+        _check_output(args.out, args, args.map, args.model, args.weights, args.data, args.eval_data)
     pmap = load_map(args.map) if args.map else None
     model = _map_model(args, pmap, f"the map {args.map}")
     config = _quant_for(pmap, args.samples)
@@ -251,7 +303,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("note: the evaluation data has no labels, so no task metric (accuracy / perplexity) was computed; "
               "pass labelled --eval-data for it")
     if args.out:
-        Path(args.out).write_text(json.dumps([e.to_dict() for e in evaluations], indent=1, default=str))
+        from analysis.runstore import write_output
+
+        text = json.dumps([e.to_dict() for e in evaluations], indent=1, default=str)
+        write_output(args.out, lambda tmp: tmp.write_text(text), force=True)  # checked before the run
         print(f"-> {args.out}")
     return 0
 
@@ -280,16 +335,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from analysis.loading import check_compatible, load_data
     from analysis.precision_map import load_map
 
+    from analysis.runstore import write_output
+
+    _check_output(args.out, args, args.map, args.model, args.weights, args.data, args.train_data, args.eval_data)
     pmap = load_map(args.map)
     model = _map_model(args, pmap, f"the map {args.map}")
-    calibration = load_data(args.data, split="calibration", task=args.task).take(_quant_for(pmap, args.samples).num_samples)
+    samples = _quant_for(pmap, args.samples).num_samples
+    calibration = load_data(args.data, split="calibration", task=args.task, max_samples=samples)
     check_compatible(model, calibration)
     train = load_data(args.train_data, task=args.task) if args.train_data else calibration
     spec, split = _eval_spec(args.data, args.eval_data)
     evaluation = load_data(spec, split=split, task=args.task)
     tuned, report = finetune_qat(model, pmap, train, calibration, evaluation=evaluation, epochs=args.epochs,
                                  lr=args.lr, batch_size=args.batch_size)
-    save_model(tuned, args.out)
+    write_output(args.out, lambda tmp: save_model(tuned, str(tmp)), force=True)  # checked before training
     print(f"{report.get('metric', 'metric')}: before {report['before']:.3f}, after {report['after']:.3f} "
           f"({args.epochs} epochs) -> {args.out}")
     return 0
@@ -304,7 +363,7 @@ def cmd_remedies(args: argparse.Namespace) -> int:
     if args.model is None:
         raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
     model = load_model(args.model, args.weights)
-    calibration = load_data(args.data, split="calibration", task=args.task).take(args.samples)
+    calibration = load_data(args.data, split="calibration", task=args.task, max_samples=args.samples)
     check_compatible(model, calibration)
     spec, split = _eval_spec(args.data, args.eval_data)
     evaluation = load_data(spec, split=split, task=args.task)
@@ -318,9 +377,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from analysis.export import export_map, registry
     from analysis.loading import load_data
     from analysis.precision_map import load_map
+    from analysis.runstore import record_written
 
     from analysis.provenance import Provenance
 
+    _check_output(args.out, args, args.map, args.model, args.weights, args.data)
     pmap = load_map(args.map)
     recorded = Provenance.from_dict(pmap.provenance)
     target = registry.get(args.to)
@@ -328,13 +389,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = (_map_model(args, pmap, f"the map {args.map}")
              if target.uses_model and (args.model or recorded.model_spec) else None)
     data_spec = args.data or (recorded.data_spec if target.uses_calibration else None)
-    calibration = load_data(data_spec, split="calibration") if data_spec else None
+    calibration = load_data(data_spec, split="calibration", max_samples=pmap.quant.num_samples) if data_spec else None
     path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
+    record_written(path)  # a later export may replace it without --force
     print(f"wrote {args.to} -> {path}")
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port} is not a TCP port; use 1 to 65535 (default 8501)")
     from dashboard.launch import main as launch
 
     return launch(port=args.port, address=args.address, allow_hosts=args.allow_host)

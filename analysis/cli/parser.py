@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.add_argument("--out", required=True, help="output directory (layers.csv, analysis.json, report.html)")
+    analyze.add_argument("--force", action="store_true",
+                         help="replace files in --out that quantlens did not write (by default they are never overwritten)")
     analyze.set_defaults(func=cmd_analyze)
 
     suggest = sub.add_parser("suggest", help="mixed-precision map under a budget, with the Pareto front")
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--no-measure", action="store_true", help="trust the additive prediction; no model runs")
     suggest.add_argument("--eval-data", help="labelled data for max-drop and the front's task metric (default: the sample's evaluation split)")
     suggest.add_argument("--weights", help="weights for a file.py:factory model, as given to analyze")
-    suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none)")
+    suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none; at most 200)")
+    suggest.add_argument("--force", action="store_true",
+                         help="replace a map (or front CSV) that quantlens did not write or that was edited since")
     suggest.set_defaults(func=cmd_suggest)
 
     evaluate = sub.add_parser("evaluate", help="apply a map (or uniform baselines) and measure it")
@@ -91,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-data", help="labelled evaluation data (default: the sample's evaluation split, else --data)")
     evaluate.add_argument("--real", action="store_true", help="also run on real low-precision kernels (torchao)")
     evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.add_argument("--force", action="store_true",
+                         help="replace an --out file that quantlens did not write")
     evaluate.set_defaults(func=cmd_evaluate)
 
     finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map (straight-through estimator)")
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=64)
     finetune.add_argument("--out", required=True, help="write the fine-tuned weights (.safetensors)")
+    finetune.add_argument("--force", action="store_true",
+                         help="replace an --out file that quantlens did not write")
     finetune.set_defaults(func=cmd_finetune)
 
     remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
@@ -121,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", help="weights for a file.py:factory model")
     export.add_argument("--data", help=f"calibration data ({exports.need_text('calibration')})")
     export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--force", action="store_true",
+                         help="replace an --out file that quantlens did not write")
     export.set_defaults(func=cmd_export)
 
     dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")

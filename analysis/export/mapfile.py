@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis import runstore
 from analysis.export.registry import Target, register
 
 if TYPE_CHECKING:
@@ -12,12 +13,14 @@ if TYPE_CHECKING:
 
 
 def _export_json(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
-    out_path.write_text(pmap.dumps("json"))
+    text = pmap.dumps("json")
+    runstore.write_atomic(out_path, lambda tmp: tmp.write_text(text))
     return out_path
 
 
 def _export_yaml(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
-    out_path.write_text(pmap.dumps("yaml"))
+    text = pmap.dumps("yaml")
+    runstore.write_atomic(out_path, lambda tmp: tmp.write_text(text))
     return out_path
 
 

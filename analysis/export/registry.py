@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from analysis import runstore
+
 if TYPE_CHECKING:
     from analysis.precision_map import PrecisionMap
 
@@ -112,7 +114,8 @@ def need_text(need: str) -> str:
 
 def write_json(data: Any, out_path: Path) -> Path:
     """The one JSON layout every JSON target writes (indent 2, key order as built)."""
-    out_path.write_text(json.dumps(data, indent=2))
+    text = json.dumps(data, indent=2)
+    runstore.write_atomic(out_path, lambda tmp: tmp.write_text(text))
     return out_path
 
 

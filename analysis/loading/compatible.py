@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import Dataset
+from ..data import Dataset, check_labels
+from ..graph import check_batch_output, unchanged
 from .errors import LoadError, _dtype, _first_line, _shape
 
 
@@ -18,7 +20,10 @@ def check_compatible(model: nn.Module | torch.export.ExportedProgram, data: Data
     sample = data.inputs[:1]
     described = f"input of shape {_shape(sample.shape)} dtype {_dtype(sample.dtype)} from {data.name}"
     try:
-        with torch.inference_mode():
+        # The caller's model itself: in eval mode, with its buffers and mode restored afterwards (a
+        # program's module() is a fresh copy each time, and refuses eval()).
+        guard = contextlib.nullcontext() if isinstance(model, torch.export.ExportedProgram) else unchanged(module)
+        with guard, torch.inference_mode():
             output = module(sample)
     except Exception as exc:
         hint = "check that the data matches the model's expected input"
@@ -36,6 +41,11 @@ def check_compatible(model: nn.Module | torch.export.ExportedProgram, data: Data
             f"the model's output on the data has no floating-point tensor (it returned a {type(output).__name__}); "
             f"the analysis compares floating-point outputs such as logits"
         )
+    try:
+        check_batch_output(first, len(sample))
+        check_labels(data, first)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
     bad = int((~torch.isfinite(first)).sum())
     if bad:
         nan = int(torch.isnan(first).sum())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import MAX_DATA_BYTES
 from ..data import TASKS, Dataset, infer_task
 from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
 from .tensor_files import _safetensors_load, _torch_load
@@ -24,32 +27,42 @@ _DATA_FORMS = (
 )
 
 
-def load_data(spec: str, split: str = "calibration", task: str | None = None) -> Dataset:
+def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
+              max_samples: int | None = None, max_bytes: int = MAX_DATA_BYTES) -> Dataset:
     """Load the data set `spec` names ("sample:<name>", a .npz/.pt/.safetensors file or "file.py:function").
 
     `split` ("calibration" or "evaluation") only applies to samples; a user's file is one set and the
     caller takes the first N samples. `task` defaults to the sample's task or `infer_task(labels)`.
+
+    `max_samples`: only the first N samples are read (a .npz reads just those rows out of the zip,
+    a `file.py:function` generator is stopped after them). `max_bytes` bounds what is read into
+    memory: an .npz whose arrays declare more (a zip bomb), or a generator that yields more, is
+    refused with one line before the memory is used.
     """
     spec = str(spec).strip()
     if task is not None and task not in TASKS:
         raise LoadError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise LoadError(f"the number of samples to read must be a positive integer, not {max_samples!r}")
+    limit = _Limit(max_samples, max_bytes)
     if not spec:
         raise LoadError(f"no data given; {_DATA_FORMS}")
 
     if spec.startswith("sample:"):
         name = spec.removeprefix("sample:")
         inputs, labels, sample_task = _load_sample_split(name, split)
-        return _finish(inputs, labels, task or sample_task, f"{name}/{split}", spec)
+        return _finish(*limit.rows(inputs, labels), task or sample_task, f"{name}/{split}", spec)
 
     function = _split_callable_spec(spec)
     if function is not None:
-        inputs, labels = _data_from_function(spec, *function)
+        inputs, labels = _data_from_function(spec, *function, limit)
         return _finish(inputs, labels, task, f"{Path(function[0]).name}:{function[1]}", spec)
 
     path = _existing_file(spec, "data file", _DATA_FORMS)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        tensors = _read_npz(path, spec)
+        tensors = _read_npz(path, spec, limit)
     elif suffix in (".pt", ".pth"):
         obj = _torch_load(path, spec, "data dict", _SAVE_DATA)
         if not isinstance(obj, Mapping):
@@ -64,7 +77,32 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None) ->
     inputs, labels = _split_keys(tensors, spec)
     inputs = _as_tensor(inputs, "inputs", spec)
     labels = None if labels is None else _as_tensor(labels, "labels", spec)
-    return _finish(inputs, labels, task, path.name, spec)
+    return _finish(*limit.rows(inputs, labels), task, path.name, spec)
+
+
+class _Limit:
+    """How many samples, and how many bytes, a load may read."""
+
+    def __init__(self, samples: int | None, max_bytes: int) -> None:
+        self.samples, self.max_bytes = samples, max_bytes
+
+    def rows(self, inputs: Any, labels: Any) -> tuple[Any, Any]:
+        """The first `samples` rows of inputs and labels (labels are cut only where they pair up)."""
+        if self.samples is None or getattr(inputs, "ndim", 0) == 0:
+            return inputs, labels
+        if labels is not None and getattr(labels, "ndim", 0) and len(labels) == len(inputs):
+            labels = labels[: self.samples]
+        return inputs[: self.samples], labels
+
+    def too_big(self, shown: str, what: str, size: int, fix: str) -> LoadError:
+        return LoadError(
+            f"{shown}: {what} need {_size(size)} in memory, over the {_size(self.max_bytes)} limit on data read "
+            f"at once; {fix}"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _load_sample_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -86,52 +124,91 @@ def _load_sample_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tenso
     return tensors["inputs"], tensors.get("labels"), sample_task
 
 
-def _read_npz(path: Path, shown: str) -> dict[str, Any]:
+def _read_npz(path: Path, shown: str, limit: _Limit) -> dict[str, Any]:
+    """The arrays of an .npz, reading only what is needed: each member's .npy header is parsed out
+    of the zip first, its declared size checked against the zip entry and the memory limit, and only
+    the first `limit.samples` rows are decompressed (np.load would inflate every array whole)."""
     try:
         with path.open("rb") as handle:
             head = handle.read(6)
     except OSError as exc:
         raise LoadError(f"cannot read {shown}: {_first_line(exc)}") from None
-    # np.load reads anything that is neither a zip nor a .npy header as a pickle, so a text file (or
-    # random bytes) would be refused as "pickled data"; only a real pickle (protocol >= 2) is called one.
-    if head and not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY", b"\x80")):
+    # A pickle renamed to .npz is refused (pickles can run code); a bare .npy is one array, not an
+    # archive; anything else that is not a zip is a file of another kind.
+    if head.startswith(b"\x80"):
+        raise LoadError(
+            f"{shown} holds pickled data, which is refused because pickles can run code; {_SAVE_DATA}"
+        )
+    if head.startswith(b"\x93NUMPY"):
+        raise LoadError(f"{shown} holds a single array, not a .npz archive with key 'inputs'; {_SAVE_DATA}")
+    if head and not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "bytes"
         raise LoadError(
             f"{shown} is not a .npz archive (it starts with {kind}, not a zip header: a file of another kind, "
             f"or corrupt); {_SAVE_DATA}"
         )
     try:
-        archive = np.load(path, allow_pickle=False)
-    except ValueError as exc:  # a pickle renamed to .npz: refused, since pickles can run code
-        raise LoadError(
-            f"{shown} holds pickled data ({_first_line(exc, 120)}), which is refused because pickles can run code; "
-            f"{_SAVE_DATA}"
-        ) from None
-    except Exception as exc:
+        archive = zipfile.ZipFile(path)
+    except Exception as exc:  # BadZipFile, a truncated central directory, ...
         raise LoadError(
             f"{shown} is not a readable .npz archive ({_first_line(exc, 160)}); it may be truncated or corrupt"
         ) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise LoadError(f"{shown} holds a single array, not a .npz archive with key 'inputs'; {_SAVE_DATA}")
-    tensors: dict[str, Any] = {}
     with archive:
-        for key in archive.files:
-            try:
-                tensors[key] = archive[key]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
-                    raise LoadError(
-                        f"{shown} stores {key!r} as a pickled object array, which is refused because pickles "
-                        f"can run code; store numeric arrays, "
-                        f"e.g. np.savez(path, {key}=np.asarray(x, dtype=np.float32))"
-                    ) from None
-                raise LoadError(f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)})") from None
-            except Exception as exc:
-                raise LoadError(
-                    f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)}); "
-                    f"the file may be truncated or corrupt"
-                ) from None
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        _split_keys(members, shown)  # refuses unknown keys before anything is decompressed
+        budget = limit.max_bytes
+        tensors: dict[str, Any] = {}
+        for key in _DATA_KEYS:
+            if key in members:
+                tensors[key] = _read_npy_member(archive, members[key], key, shown, limit, budget)
+                budget -= tensors[key].nbytes
     return tensors
+
+
+_READ_CHUNK = 16 << 20
+
+
+def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, shown: str, limit: _Limit,
+                     budget: int) -> np.ndarray:
+    corrupt = "the file may be truncated or corrupt"
+    try:
+        with archive.open(info) as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(stream)
+            if dtype.hasobject:
+                raise LoadError(
+                    f"{shown} stores {key!r} as a pickled object array, which is refused because pickles "
+                    f"can run code; store numeric arrays, e.g. np.savez(path, {key}=np.asarray(x, dtype=np.float32))"
+                )
+            declared = math.prod(shape) * dtype.itemsize
+            if info.file_size != stream.tell() + declared:
+                raise LoadError(
+                    f"{shown}: array {key!r} declares shape {_shape(shape)} of {dtype} ({declared} bytes) but its "
+                    f"zip entry holds {info.file_size - stream.tell()} bytes; {corrupt}"
+                )
+            rows = shape[0] if shape else 1
+            take = rows if limit.samples is None or not shape else min(rows, limit.samples)
+            if fortran and len(shape) > 1:
+                take = rows  # column-major rows are not contiguous: the whole array is read, then cut
+            shape_read = (take, *shape[1:]) if shape else ()
+            need = math.prod(shape_read) * dtype.itemsize
+            if need > budget:
+                raise limit.too_big(shown, f"{take} samples of {key!r} ({_shape(shape_read)} {dtype})", need,
+                                    "pass --samples N (only the first N samples are read) or split the file")
+            raw = np.empty(need, dtype=np.uint8)
+            view, done = memoryview(raw), 0
+            while done < need:
+                got = stream.readinto(view[done: done + _READ_CHUNK])
+                if not got:
+                    raise LoadError(f"{shown}: array {key!r} ends after {done} of {need} bytes; {corrupt}")
+                done += got
+    except LoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — bad headers, inflate errors, encrypted or unknown compression
+        raise LoadError(f"{shown}: array {key!r} cannot be read ({_first_line(exc, 160)}); {corrupt}") from None
+    array = raw.view(dtype).reshape(shape_read, order="F" if fortran else "C")
+    return array[: limit.samples] if limit.samples is not None and shape else array
 
 
 def _split_keys(tensors: Mapping[str, Any], shown: str) -> tuple[Any, Any]:
@@ -164,14 +241,22 @@ def _as_tensor(value: Any, what: str, shown: str) -> torch.Tensor:
         tensor = value.detach().cpu()
     else:
         raise LoadError(f"{shown}: {what} is a {type(value).__name__}, not a tensor or array")
-    if tensor.dtype == torch.float64:
+    if tensor.dtype == torch.float64 or tensor.dtype in _FLOAT8:
+        # float64: the models run in fp32. float8: torch computes almost nothing in it (not even
+        # isfinite); float32 holds every float8 value exactly.
         tensor = tensor.to(torch.float32)
     return tensor
 
 
-def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+_FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                                                    "float8_e8m0fnu") if hasattr(torch, name))
+
+
+def _data_from_function(spec: str, file_text: str, attr: str,
+                        limit: _Limit) -> tuple[torch.Tensor, torch.Tensor | None]:
     inputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    samples = held = 0
     with _user_callable(spec, file_text, attr, "function", _DATA_FORMS) as function:
         try:
             result = function()
@@ -195,6 +280,16 @@ def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Ten
                 inputs.append(x)
                 if y is not None:
                     labels.append(y)
+                samples += len(x)
+                held += x.nbytes + (0 if y is None else y.nbytes)
+                if limit.samples is not None and samples >= limit.samples:
+                    break  # an endless generator stops here; it is closed below
+                if held > limit.max_bytes:
+                    raise limit.too_big(spec, f"the {samples} samples {attr}() yielded so far", held,
+                                        "pass --samples N (reading stops after N samples) or yield fewer batches")
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()
         except LoadError:
             raise
         except SystemExit:  # not an Exception: it would end the CLI or the dashboard's server
@@ -205,7 +300,7 @@ def _data_from_function(spec: str, file_text: str, attr: str) -> tuple[torch.Ten
             ) from None
     if not inputs:
         raise LoadError(f"{spec} has no samples: {attr}() produced no batches")
-    return _concat(inputs, "inputs", spec), (_concat(labels, "labels", spec) if labels else None)
+    return limit.rows(_concat(inputs, "inputs", spec), _concat(labels, "labels", spec) if labels else None)
 
 
 def _parse_batch(batch: Any, index: int, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -33,13 +33,23 @@ Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids
     map_other_model.json           a valid precision map made for tiny.make_other()
     map_unknown_format.json        a precision map naming format "fp4_e2m1"
     map_yaml_aliases.yaml          a 9-level YAML alias bomb (a few hundred bytes, 10^9 values expanded)
+    bad_labels.npz                 good.npz with two labels outside the 4 classes (99 and -1)
+    fp8_inputs.safetensors         good.npz's inputs stored as float8_e4m3fn (and its labels)
+    map_notes_number.json          a map whose "notes" is the number 5
+    map_percentile_text.json       a map whose quant.percentile is the string "abc"
+The misbehaving models of hostile.py are hand-written too.
+
+Too big to commit, written at test time by `zip_bomb` below: an .npz of a few MB whose arrays
+decompress to gigabytes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +116,13 @@ def corpus() -> dict[str, bytes]:
     state = {k: v.contiguous() for k, v in tiny.make().state_dict().items()}
     weights = safetensors_bytes(state)
     good = _npz(inputs=inputs, labels=labels)
+    bad_labels = labels.copy()
+    bad_labels[0], bad_labels[1] = 99, -1
+    quant = {"schema": "quantlens.quant-config/1", "weight_calibration": "mse", "act_calibration": "percentile",
+             "percentile": "abc", "granularity": None, "dynamic_activations": False, "fold_batchnorm": True,
+             "num_samples": 24, "seed": 0}
+    percentile_text = {"schema": "quantlens.precision-map/2", "model": None, "quant": quant,
+                       "default": {"weight": "fp32"}, "layers": {"fc1": {"weight": "int8"}}}
     nan_inputs = inputs.copy()
     nan_inputs[2, 3] = np.nan
     nan_inputs[5, 0] = np.inf
@@ -132,11 +149,70 @@ def corpus() -> dict[str, bytes]:
         "no_labels.npz": _npz(inputs=inputs),
         "map_other_model.json": _map(tiny.make_other(), {"fc1": {"weight": "int8"}, "fc2": {"weight": "int4"}}).encode(),
         "map_unknown_format.json": _map(tiny.make(), {"fc1": {"weight": "fp4_e2m1"}}).encode(),
+        "bad_labels.npz": _npz(inputs=inputs, labels=bad_labels),
+        "fp8_inputs.safetensors": safetensors_bytes({"inputs": torch.from_numpy(inputs).to(torch.float8_e4m3fn),
+                                                     "labels": torch.from_numpy(labels)}),
+        "map_notes_number.json": json.dumps({**json.loads(_map(tiny.make(), {"fc1": {"weight": "int8"}})),
+                                             "notes": 5}, indent=2).encode() + b"\n",
+        "map_percentile_text.json": json.dumps(percentile_text, indent=2).encode() + b"\n",
     }
     files["map_yaml_aliases.yaml"] = _alias_bomb().encode()
     return files
 
 
+def _crc32_after_zeros(crc: int, count: int) -> int:
+    """zlib.crc32(bytes(count), crc) in microseconds instead of seconds per GiB. Zero bytes move the
+    inner CRC register linearly (register' = M·register over GF(2), M one byte's shift), and
+    zlib.crc32 inverts the register before and after: so apply M**count to ~crc, squaring M."""
+    def apply(matrix: list[int], vector: int) -> int:
+        out = 0
+        for bit, column in enumerate(matrix):
+            if vector >> bit & 1:
+                out ^= column
+        return out
+
+    mask = 0xFFFFFFFF
+    matrix = [~zlib.crc32(b"\0", ~(1 << bit) & mask) & mask for bit in range(32)]  # M: columns M·e_bit
+    register = ~crc & mask
+    while count:
+        if count & 1:
+            register = apply(matrix, register)
+        matrix = [apply(matrix, column) for column in matrix]
+        count >>= 1
+    return ~register & mask
+
+
+def zip_bomb(path: str | Path, rows: int = 3 << 25, features: int = tiny.IN_FEATURES) -> Path:
+    """An .npz whose `inputs` ([rows, features] float32 zeros: 3 GiB by default) and `labels`
+    ([rows] int64 zeros) are a few MB on disk. Written without ever holding the arrays: one
+    deflated block of zeros is repeated (full flushes make the blocks identical)."""
+    chunk = np.zeros(16 << 20, np.uint8).tobytes()
+    members = []
+    for name, dtype, shape in (("inputs", "<f4", (rows, features)), ("labels", "<i8", (rows,))):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        assert size % len(chunk) == 0, "rows must make whole 16 MiB chunks"
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        first = deflate.compress(header.getvalue()) + deflate.flush(zlib.Z_FULL_FLUSH)
+        block = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+        assert deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH) == block
+        crc = _crc32_after_zeros(zlib.crc32(header.getvalue()), size)
+        data = first + block * (size // len(chunk)) + deflate.flush()
+        members.append((f"{name}.npy".encode(), crc, data, len(header.getvalue()) + size))
+    out, central = io.BytesIO(), io.BytesIO()
+    for name, crc, data, size in members:
+        offset = out.tell()
+        fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x5821, crc, len(data), size)  # version, flags, deflate, date
+        out.write(b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name + data)
+        central.write(b"PK\x01\x02" + struct.pack("<H", 20) + fields
+                      + struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0o644 << 16, offset) + name)
+    start = out.tell()
+    out.write(central.getvalue())
+    out.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(central.getvalue()),
+                                           start, 0))
+    Path(path).write_bytes(out.getvalue())
+    return Path(path)
 def _alias_bomb(levels: int = 9) -> str:
     """Each anchor lists the previous one ten times: 10**levels strings once expanded."""
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
