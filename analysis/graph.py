@@ -175,6 +175,13 @@ def _first_line(exc: BaseException) -> str:
 def _prepare_exported(program: torch.export.ExportedProgram) -> PreparedModel:
     # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
     # the batch size used at export time; we run other batch sizes (chunks), so they go.
+    # Functionalised first: in-place updates (slice assignment, copy_, masked_fill_) become
+    # out-of-place operations whose users read the updated value. Rewriting them one by one (as for
+    # fx graphs) would leave later readers with the value from before the update.
+    try:
+        program = program.run_decompositions({})
+    except Exception:  # noqa: BLE001 — an unfunctionalisable program runs as exported; the faithfulness check guards it
+        pass
     graph_module = program.module()
     for owner in graph_module.modules():  # the program's own buffers must not see a forward's writes
         for name, buffer in list(owner._buffers.items()):

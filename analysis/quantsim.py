@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from analysis.formats import (
 )
 from analysis.graph import (
     ModelPreparationError, PreparedModel, capture, check_batch_output, load_args, prepare_model, primary_output, rerun,
-    tensor_bytes,
+    tensor_bytes, unchanged,
 )
 from analysis.layers import ActFn, Layer, LayerTable, ModuleSite, Site, discover_layers
 from analysis.sites import compose_override
@@ -111,6 +112,14 @@ def per_token(site: Site) -> bool:
 # Two FP32 runs of a deterministic model agree bit for bit on a CPU and to ~120 dB or more on a GPU
 # (non-deterministic reductions); dropout or noise in forward gives a few dB.
 DETERMINISM_DB = 60.0
+# The prepared graph against the user's own eager model on the same batch: BatchNorm folding and a
+# different operation order cost float rounding (≥ 100 dB in float32); a graph that lost part of
+# forward (an in-place update, a data-dependent branch) is off by tens of dB.
+FAITHFUL_DB = 60.0
+
+
+class QuantlensWarning(UserWarning):
+    """Something the numbers should be read with (the CLI prints it as one line)."""
 
 
 def run_to_run_sqnr_db(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -215,6 +224,36 @@ class QuantSim:
                 f"two FP32 runs of the model on the same input disagree ({agreement:.1f} dB SQNR between them): its "
                 "forward is random even in eval mode (dropout with training=True, added noise, sampling), so "
                 "quantization error cannot be told from that randomness; make forward deterministic in eval mode")
+        self._check_faithful(first, n)
+        if self._constant_output(first, self.data.inputs[:n]):
+            warnings.warn(
+                "the model's output is the same for every input checked (a constant or all-zero output: an "
+                "untrained or zero-initialised head?): every trial will read near 100 dB; check the model and "
+                "weights", QuantlensWarning, stacklevel=2)
+
+    def _check_faithful(self, traced: torch.Tensor, n: int) -> None:
+        """What runs must be the user's model: the prepared graph's FP32 output against the user's
+        own forward (on the private copy, every buffer and mode restored) on the same batch."""
+        eager = self.prepared.eager
+        if not isinstance(eager, torch.nn.Module):
+            return  # a torch.export program is already the graph that runs
+        first_param = next(iter(eager.parameters()), None)
+        where = first_param.device if first_param is not None else torch.device("cpu")
+        with unchanged(eager), torch.inference_mode():
+            real = primary_output(eager(self.data.inputs[:n].to(where)))
+        agreement = run_to_run_sqnr_db(real.float(), traced.to(real.device).float())
+        if agreement < FAITHFUL_DB:
+            raise ModelPreparationError(
+                f"the traced model ({self.prepared.source}) computes something other than your model: their FP32 "
+                f"outputs differ ({agreement:.1f} dB SQNR) on the first batch, so its numbers would be wrong; this "
+                "happens when forward updates tensors in place or branches on data — refusing rather than reporting "
+                "them (export the model with torch.export and pass the .pt2, or make those steps out of place)")
+
+    @staticmethod
+    def _constant_output(output: torch.Tensor, inputs: torch.Tensor) -> bool:
+        """Different inputs, identical outputs."""
+        return (output.shape[0] >= 2 and not torch.equal(inputs[0], inputs[1])
+                and bool((output == output[:1]).all()))
 
     # chunks ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ shows it when you do want one). That rule lives here, in `main`, the one place e
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Sequence
 
 from analysis.cli.commands import CLIError
@@ -26,7 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"quantlens: {_interrupted(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -35,6 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quantlens: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """quantlens' own warnings as one line; other libraries' as Python shows them."""
+    from analysis.quantsim import QuantlensWarning
+
+    if issubclass(category, QuantlensWarning):
+        print(f"quantlens: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
 def _interrupted(args) -> str:

@@ -1,0 +1,107 @@
+"""What runs is the user's model: in-place updates keep their meaning, a graph that would compute
+something else is refused, and an output that ignores its input is flagged."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.cli import main
+from analysis.config import QuantConfig
+from analysis.data import Dataset
+from analysis.formats import parse_format
+from analysis.graph import ModelPreparationError
+from analysis.quantsim import QuantlensWarning, QuantSim, quantize_weight
+from analysis.sweep import AnalysisConfig, Sweep
+
+
+class SliceAssign(nn.Module):
+    """Slice assignment, masked_fill_ and copy_ on an intermediate (what T5's masks do): fx cannot
+    trace the assignment, torch.export can, and its readers must see the updated value."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, 0] = 0.0
+        h.masked_fill_(h < -0.5, -0.5)
+        g = torch.empty_like(h)
+        g.copy_(h * 2)
+        return self.b(g + h)
+
+
+def data(n=16):
+    torch.manual_seed(1)
+    return Dataset(torch.randn(n, 6), None, "other", "synthetic")
+
+
+def test_in_place_updates_keep_their_meaning():
+    model, d = SliceAssign().eval(), data()
+    sweep = Sweep(model, d, AnalysisConfig(weight_formats=("int4",), act_formats=(), targets=("weights",),
+                                           weight_calibration="minmax", num_samples=len(d)))
+    result = sweep.run()
+    reference = model(d.inputs).detach().double()
+    for trial in result.trials:
+        quantized = copy.deepcopy(model)
+        weight = getattr(quantized, trial.layer).weight
+        q, _, _ = quantize_weight(weight, parse_format("int4"), 0, "minmax", 99.99)
+        with torch.no_grad():
+            weight.copy_(q)
+        out = quantized(d.inputs).detach().double()
+        naive = 10 * math.log10(float(reference.pow(2).sum() / (reference - out).pow(2).sum()))
+        assert trial.output.sqnr_db == pytest.approx(naive, abs=0.01), trial.layer
+
+
+def test_a_graph_that_computes_something_else_is_refused(monkeypatch):
+    """Break the prepared graph on purpose (drop the functionalisation that keeps in-place updates
+    right): the comparison with the user's own forward must refuse it."""
+    import analysis.graph as graph
+
+    original = graph.torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(graph.torch.export.ExportedProgram, "run_decompositions", lambda self, *a, **k: self)
+    try:
+        with pytest.raises(ModelPreparationError, match="computes something other than your model"):
+            QuantSim(SliceAssign().eval(), data(), QuantConfig(num_samples=16))
+    finally:
+        monkeypatch.setattr(graph.torch.export.ExportedProgram, "run_decompositions", original)
+
+
+class ZeroHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_constant_output_is_flagged(tmp_path, capsys):
+    with pytest.warns(QuantlensWarning, match="same for every input"):
+        QuantSim(ZeroHead().eval(), data(), QuantConfig(num_samples=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantlensWarning)
+        QuantSim(SliceAssign().eval(), data(), QuantConfig(num_samples=16))  # a normal model: no warning
+        QuantSim(ZeroHead().eval(), Dataset(torch.ones(4, 6), None, "other", "same"), QuantConfig(num_samples=4))
+
+    factory = tmp_path / "zero.py"
+    factory.write_text("import torch\nfrom torch import nn\n\n\ndef build():\n"
+                       "    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))\n"
+                       "    nn.init.zeros_(m[2].weight)\n    nn.init.zeros_(m[2].bias)\n    return m\n")
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", inputs=np.random.default_rng(0).normal(size=(16, 6)).astype("float32"))
+    assert main(["analyze", f"{factory}:build", "--data", str(tmp_path / "x.npz"), "--act-formats", "none",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "quantlens: warning: the model's output is the same for every input" in err
+    assert len([line for line in err.splitlines() if "same for every input" in line]) == 1
