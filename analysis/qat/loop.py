@@ -243,10 +243,14 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     best = history[0]
     best_trained: tuple[EpochRecord, dict[str, torch.Tensor]] | None = None
     stopped = "completed"
-    label = "val " + ("accuracy" if labelled and split.validation.task == "classification" else
-                      "perplexity" if labelled else "MSE")
+    loss_label = "KL" if distill and logits else "MSE" if distill else "CE"
+
+    def describe(record: EpochRecord) -> str:
+        metric = f"{_fmt(record.val_metric)} " if record.val_metric is not None else ""
+        return f"{metric}{loss_label} {_fmt(record.val_loss)}"
+
     if progress:
-        progress(0, config.epochs, f"{label} {_fmt(metric0 if labelled else loss0)} (PTQ)")
+        progress(0, config.epochs, f"val {describe(history[0])} (PTQ)")
 
     n = len(split.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -287,15 +291,16 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(index)
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    diverged = f"the weights became non-finite at epoch {epoch}"
+                    break
             graph.gm.eval()
-            state = graph.latent_state()
-            if diverged is None and not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
-                diverged = f"the weights became non-finite at epoch {epoch}"
             if diverged is not None:
                 stopped = "diverged"
                 notes.append(f"training diverged ({diverged}) with learning rate {config.lr:g}: the data and the model are "
-                             f"fine, the step is too large; kept epoch {best.epoch}, try --lr {config.lr / 10:g}")
+                             f"fine, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
                 break
+            state = graph.latent_state()
             sim = QuantSim(graph.model_with(state), calibration, quant)
             graph.use_activation_ranges(sim)  # the next epoch trains with the ranges these weights get
             metric, val_loss = score(sim)
@@ -306,8 +311,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
             if better(record, best):
                 best = record
             if progress:
-                progress(epoch, config.epochs, f"{label} {_fmt(metric if labelled else val_loss)} "
-                         f"(best {_fmt(best.val_metric if labelled else best.val_loss)} @ {best.epoch})")
+                progress(epoch, config.epochs, f"val {describe(record)}, best @ {best.epoch}")
             if config.patience and epoch - max(best.epoch, best_trained[0].epoch) >= config.patience:
                 stopped = "early stop"
                 break
@@ -322,9 +326,8 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     if kept_epoch == 0:
         if best_trained is not None and stopped != "diverged":
             notes.append(f"QAT did not beat PTQ on the validation split (best fine-tuned epoch {best_trained[0].epoch}: "
-                         f"{_fmt(best_trained[0].val_metric if labelled else best_trained[0].val_loss)} vs "
-                         f"{_fmt(metric0 if labelled else loss0)}); returning the PTQ weights unchanged "
-                         "(keep=\"last\" returns the fine-tuned ones)")
+                         f"{describe(best_trained[0])} vs {describe(history[0])}); returning the PTQ weights "
+                         "unchanged (keep=\"last\" returns the fine-tuned ones)")
         returned_model = copy.deepcopy(model)
     else:
         returned_model = _as_model(model, graph, chosen_state, notes)
