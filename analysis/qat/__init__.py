@@ -8,7 +8,14 @@ gradients, optional LSQ scales); `analysis.qat.loop` trains, validates and selec
 """
 
 from analysis.qat.loop import (
-    EpochRecord, QATError, QATResult, Split, check_labels, finetune_qat, split_train_validation, task_loss,
+    EpochRecord,
+    QATError,
+    QATResult,
+    Split,
+    check_labels,
+    finetune_qat,
+    split_train_validation,
+    task_loss,
 )
 
 __all__ = ["EpochRecord", "QATError", "QATResult", "Split", "check_labels", "finetune_qat",

@@ -20,7 +20,13 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from analysis.formats import Format, fake_quantize_ste, from_rows, scale_and_zero_point, to_rows
+from analysis.formats import (
+    Format,
+    fake_quantize_ste,
+    from_rows,
+    scale_and_zero_point,
+    to_rows,
+)
 from analysis.layers import FunctionSite, ModuleSite
 from analysis.quantsim import QuantSim, quantize_weight
 
@@ -59,12 +65,24 @@ class LSQWeight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = to_rows(weight.float(), self.fmt, self.channel_axis)
-        s = self.scale.abs().clamp_min(1e-12)
-        s = s * self.grad_scale + (s - s * self.grad_scale).detach()  # forward s, gradient scaled
+        s = _ScaleGradient.apply(self.scale.abs().clamp_min(1e-12), self.grad_scale)  # exactly s forward
         x = rows / s + self.zero_point
         rounded = x + (x.round() - x).detach()
         q = (torch.clamp(rounded, self.fmt.qmin, self.fmt.qmax) - self.zero_point) * s
         return from_rows(q, weight, self.fmt, self.channel_axis).to(weight.dtype)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward (bit for bit); the gradient multiplied by `factor` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
 
 
 class ActFakeQuant(nn.Module):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +162,8 @@ class QATResult:
 
         lines = [f"{name} on {self.evaluation_samples} held-out samples: FP32 {fmt(self.fp32)}, PTQ {fmt(self.ptq)}, "
                  f"QAT {fmt(self.qat)}" + (f" (best epoch {self.best_epoch})" if self.kept == "qat" else ""),
-                 f"trained on {self.train_samples} samples, selected on {self.validation_samples}: {self.validation_source}; "
-                 f"{len(self.history) - 1} epoch(s), {self.stopped}, {self.seconds:.1f}s"]
+                 (f"trained on {self.train_samples} samples, selected on {self.validation_samples}: "
+                  f"{self.validation_source}; {len(self.history) - 1} epoch(s), {self.stopped}, {self.seconds:.1f}s")]
         if self.recovered is not None:
             lines.append(f"QAT recovered {100 * self.recovered:.0f} % of the {self.ptq_drop:.2f}-point PTQ drop")
         lines.extend(self.notes)
