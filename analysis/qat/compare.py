@@ -9,8 +9,9 @@ back. Rows that cannot apply say why instead of a number.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -104,14 +105,13 @@ def recovery_table(model: Any, pmap: PrecisionMap, calibration: Dataset, evaluat
     per_channel = _per_channel(pmap)
     if per_channel is not None:
         remedy("per-channel weights", pmap.quant, per_channel)
-    if quantizes_inputs:
-        if isinstance(model, nn.Module):
-            smoothed, applied = _smoothed(model, pmap, calibration, base.layer_names)
-            if applied:
-                remedy("SmoothQuant (alpha 0.5)", pmap.quant, pmap, smoothed, note=f"on {', '.join(applied)}")
-            else:
-                add(_row("SmoothQuant (alpha 0.5)", None, fp32, ptq_metric, note="not applicable: no Linear or plain "
-                         "convolution with both weight and input quantized"))
+    if quantizes_inputs and isinstance(model, nn.Module):
+        smoothed, applied = _smoothed(model, pmap, calibration, base.layer_names)
+        if applied:
+            remedy("SmoothQuant (alpha 0.5)", pmap.quant, pmap, smoothed, note=f"on {', '.join(applied)}")
+        else:
+            add(_row("SmoothQuant (alpha 0.5)", None, fp32, ptq_metric, note="not applicable: no Linear or plain "
+                     "convolution with both weight and input quantized"))
     result = None
     if qat is not None:
         result = finetune_qat(model, pmap, train or calibration, calibration, evaluation=evaluation, config=qat,

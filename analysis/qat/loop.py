@@ -214,7 +214,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     distill = config.loss == "distill" or not labelled
     logits = split.train.task in LABELLED_TASKS
     targets = base_sim.forward(split.train.inputs, {}).detach().cpu() if distill else None
-    val_targets = base_sim.forward(split.validation.inputs, {}).detach().cpu()
+    val_targets = base_sim.forward(split.validation.inputs, {}).detach().cpu() if distill else None
 
     def loss_of(output: torch.Tensor, index: torch.Tensor | None, data: Dataset, teacher: torch.Tensor | None) -> torch.Tensor:
         if teacher is None:
@@ -225,7 +225,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     def score(sim: QuantSim) -> tuple[float | None, float]:
         with torch.no_grad():
             output = sim.forward(split.validation.inputs, assignment).cpu()
-        loss = float(loss_of(output, None, split.validation, val_targets if distill else None))
+        loss = float(loss_of(output, None, split.validation, val_targets))
         if labelled:
             return task_metric(split.validation.task, output, split.validation.labels)[1], loss
         return None, loss
@@ -298,8 +298,8 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
             graph.gm.eval()
             if diverged is not None:
                 stopped = "diverged"
-                notes.append(f"training diverged ({diverged}) with learning rate {config.lr:g}: the data and the model are "
-                             f"fine, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
+                notes.append(f"training diverged ({diverged}) with learning rate {config.lr:g}: the model and the data "
+                             f"evaluated fine at epoch 0, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
                 break
             state = graph.latent_state()
             sim = QuantSim(graph.model_with(state), calibration, quant)
