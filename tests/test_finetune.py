@@ -306,3 +306,18 @@ def test_remedies_find_smoothquant_and_per_channel(mlp):
 def test_remedies_reject_an_unknown_layer(mlp):
     with pytest.raises(ValueError, match="unknown layer"):
         remedies(mlp, _data("calibration", 32), None, "nope", "int8")
+
+
+def test_unfolded_batchnorm_updates_its_statistics_only_until_frozen():
+    cnn = sm.load_model("cnn")
+    data = _data("calibration", 64, "cnn")
+    pmap = PrecisionMap({n: LayerPrecision("int4", "int8") for n in ["stem.0", "pw1.0", "pw2.0", "fc"]},
+                        quant=QuantConfig(fold_batchnorm=False))
+    runs = {after: finetune_qat(cnn, pmap, data, data, config=QATConfig(epochs=1, lr=1e-3, patience=0, keep="last",
+                                                                       freeze_bn_after=after))
+            for after in (0, 1)}
+    for after, result in runs.items():
+        assert type(result.model) is type(cnn) and result.kept == "qat"
+        moved = not torch.equal(result.model.stem[1].running_mean, cnn.stem[1].running_mean)
+        assert moved == (after > 0), after  # frozen from the start: the statistics stay the trained model's
+        assert not torch.equal(result.model.stem[0].weight, cnn.stem[0].weight)

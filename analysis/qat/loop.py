@@ -302,7 +302,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
                              f"evaluated fine at epoch 0, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
                 break
             state = graph.latent_state()
-            sim = QuantSim(graph.model_with(state), calibration, quant)
+            sim = _candidate_sim(model, graph, state, calibration, quant, base_sim.layer_names)
             graph.use_activation_ranges(sim)  # the next epoch trains with the ranges these weights get
             metric, val_loss = score(sim)
             record = EpochRecord(epoch, lr_at(step), total / n, metric, val_loss, time.perf_counter() - epoch_started)
@@ -338,8 +338,8 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     qat = None
     if best_trained is not None:
         tuned_state = chosen_state if kept_epoch > 0 else best_trained[1]
-        qat = Evaluator(None, calibration, evaluation, quant,
-                        sim=QuantSim(graph.model_with(tuned_state), calibration, quant)).evaluate(pmap, "QAT")
+        qat = Evaluator(None, calibration, evaluation, quant, sim=_candidate_sim(
+            model, graph, tuned_state, calibration, quant, base_sim.layer_names)).evaluate(pmap, "QAT")
     returned = qat if kept_epoch > 0 else ptq
     if qat is not None and kept_epoch > 0 and held_out.metric_name is not None \
             and (metric_drop(held_out.metric_name, ptq.metric, qat.metric) or 0.0) > 0:
@@ -360,6 +360,18 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def _candidate_sim(model: Any, graph: TrainingGraph, state: dict[str, torch.Tensor], calibration: Dataset,
+                   quant: Any, layer_names: list[str]) -> QuantSim:
+    """The simulator a deployment of these weights gets: the model as it will be handed back (its
+    own class when the weights map onto it), prepared and calibrated afresh."""
+    sim = QuantSim(_as_model(model, graph, state, []), calibration, quant)
+    if sim.layer_names != layer_names:
+        raise QATError("the fine-tuned weights do not map back onto the model's layers "
+                       f"({', '.join(sorted(set(layer_names) ^ set(sim.layer_names))[:4])} differ); "
+                       "QAT cannot measure them the way a deployment would")
+    return sim
 
 
 def _as_model(model: Any, graph: TrainingGraph, state: dict[str, torch.Tensor], notes: list[str]) -> nn.Module:
