@@ -321,3 +321,14 @@ def test_unfolded_batchnorm_updates_its_statistics_only_until_frozen():
         moved = not torch.equal(result.model.stem[1].running_mean, cnn.stem[1].running_mean)
         assert moved == (after > 0), after  # frozen from the start: the statistics stay the trained model's
         assert not torch.equal(result.model.stem[0].weight, cnn.stem[0].weight)
+
+
+def test_finetune_cli_refuses_an_exported_program_before_training(tmp_path, capsys, mlp):
+    program = torch.export.export(mlp, (_data("calibration", 2).inputs,))
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    _w4a8().save(tmp_path / "map.json")
+    code = main(["finetune", str(tmp_path / "mlp.pt2"), "--data", "sample:mlp", "--map", str(tmp_path / "map.json"),
+                 "--quiet", "--out", str(tmp_path / "t.safetensors")])
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.err.strip().splitlines()) == 1 and "exported program" in captured.err
+    assert "held-out" not in captured.out and not (tmp_path / "t.safetensors").exists()

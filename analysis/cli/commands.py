@@ -269,10 +269,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from analysis.precision_map import load_map
     from analysis.provenance import Provenance
     from analysis.qat import finetune_qat
-    from analysis.qat.save import save_fine_tuned
+    from analysis.qat.save import architecture_spec, save_fine_tuned
+    from torch import nn
 
     pmap = load_map(args.map)
     model = _map_model(args, pmap, f"the map {args.map}")
+    recorded = Provenance.from_dict(pmap.provenance)
+    model_spec = getattr(args, "model", None) or recorded.model_spec
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{model_spec} is an exported program, which holds its weights: finetune writes a weights file "
+                       "for a file.py:factory or sample model; fine-tune from Python (analysis.qat.finetune_qat)")
+    architecture_spec(model, model_spec)  # refuse before training what could not be saved after it
     calibration = load_data(args.data, split="calibration", task=args.task).take(_quant_for(pmap, args.samples).num_samples)
     check_compatible(model, calibration)
     train = load_data(args.train_data, task=args.task) if args.train_data else calibration
@@ -290,9 +297,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         close()
     for line in result.summary():
         print(line)
-    recorded = Provenance.from_dict(pmap.provenance)
-    tuned_map = save_fine_tuned(result, pmap, args.out, model_spec=getattr(args, "model", None) or recorded.model_spec,
-                                data_spec=args.data, source=model)
+    tuned_map = save_fine_tuned(result, pmap, args.out, model_spec=model_spec, data_spec=args.data, source=model)
     map_out = Path(args.out_map) if args.out_map else Path(args.out).with_suffix(".map.json")
     tuned_map.save(map_out)
     kept = "fine-tuned" if result.kept == "qat" else "PTQ (unchanged)"
