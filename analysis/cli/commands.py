@@ -292,7 +292,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     update, close = _progress_bar(args.quiet, unit="epoch")
     try:
         result = finetune_qat(model, pmap, train, calibration, validation=validation, evaluation=evaluation,
-                              config=config, progress=update)
+                              config=config, progress=update, device=args.device)
     finally:
         close()
     for line in result.summary():

@@ -88,13 +88,14 @@ class _ScaleGradient(torch.autograd.Function):
 class ActFakeQuant(nn.Module):
     """A layer input through the simulator's activation quantizer, straight-through backward."""
 
-    def __init__(self, act_fn: Any) -> None:
+    def __init__(self, act_fn: Any, device: torch.device | None = None) -> None:
         super().__init__()
-        self.act_fn = act_fn
+        self.act_fn, self.device = act_fn, device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            quantized = self.act_fn(0, x.detach())
+            # The simulator's ranges live on its device; training runs on the CPU.
+            quantized = self.act_fn(0, x.detach().to(self.device or x.device)).to(x.device)
         return fake_quantize_ste(x, quantized)
 
 
@@ -145,7 +146,7 @@ class TrainingGraph:
             if site is None:  # a re-traced graph may rename nodes; sites keep their order
                 index = [name for (l, name) in self.act_quantizers if l == layer].index(node_name)
                 site = sites[index]
-            quantizer.act_fn = sim.activation_quantizer(site, fmt)
+            quantizer.act_fn, quantizer.device = sim.activation_quantizer(site, fmt), sim.device
 
     def latent_state(self) -> dict[str, torch.Tensor]:
         """The FP32 weights being trained (and buffers), under the clean graph's names."""

@@ -172,7 +172,8 @@ class QATResult:
 
 def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Dataset, *,
                  validation: Dataset | None = None, evaluation: Dataset | None = None,
-                 config: QATConfig | None = None, progress: ProgressFn | None = None) -> QATResult:
+                 config: QATConfig | None = None, progress: ProgressFn | None = None,
+                 device: str | None = None) -> QATResult:
     """Quantization-aware fine-tuning under `pmap`; never returns a model that scored worse than PTQ
     on the validation split (with `config.keep == "best"`, the default).
 
@@ -189,7 +190,8 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     Validation: `validation`, or a split carved from `train` (stated in the result). Epoch 0 is
     the model as given. An epoch whose loss or weights become non-finite stops training
     ("diverged"), and the best earlier checkpoint is kept. `evaluation` (held-out; default:
-    `calibration`) gives the FP32 / PTQ / QAT figures. The input model is never modified.
+    `calibration`) gives the FP32 / PTQ / QAT figures. `device` places the simulators (every
+    evaluation); training itself runs on the CPU. The input model is never modified.
     """
     config = config or QATConfig()
     started = time.perf_counter()
@@ -200,7 +202,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
         split = Split(train, validation, f"validation set {validation.name} given separately")
     evaluation = evaluation or calibration
     quant = pmap.quant
-    base_sim = QuantSim(model, calibration, quant)
+    base_sim = QuantSim(model, calibration, quant, device=device)
     pmap.validate(base_sim.layer_names)
     assignment = pmap.assignment(base_sim.layer_names)
     quantized = sum(1 for wf, af in assignment.values() if wf is not None or af is not None)
@@ -302,7 +304,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
                              f"evaluated fine at epoch 0, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
                 break
             state = graph.latent_state()
-            sim = _candidate_sim(model, graph, state, calibration, quant, base_sim.layer_names)
+            sim = _candidate_sim(model, graph, state, calibration, quant, base_sim)
             graph.use_activation_ranges(sim)  # the next epoch trains with the ranges these weights get
             metric, val_loss = score(sim)
             record = EpochRecord(epoch, lr_at(step), total / n, metric, val_loss, time.perf_counter() - epoch_started)
@@ -339,7 +341,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     if best_trained is not None:
         tuned_state = chosen_state if kept_epoch > 0 else best_trained[1]
         qat = Evaluator(None, calibration, evaluation, quant, sim=_candidate_sim(
-            model, graph, tuned_state, calibration, quant, base_sim.layer_names)).evaluate(pmap, "QAT")
+            model, graph, tuned_state, calibration, quant, base_sim)).evaluate(pmap, "QAT")
     returned = qat if kept_epoch > 0 else ptq
     if qat is not None and kept_epoch > 0 and held_out.metric_name is not None \
             and (metric_drop(held_out.metric_name, ptq.metric, qat.metric) or 0.0) > 0:
@@ -363,10 +365,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _candidate_sim(model: Any, graph: TrainingGraph, state: dict[str, torch.Tensor], calibration: Dataset,
-                   quant: Any, layer_names: list[str]) -> QuantSim:
+                   quant: Any, base: QuantSim) -> QuantSim:
     """The simulator a deployment of these weights gets: the model as it will be handed back (its
-    own class when the weights map onto it), prepared and calibrated afresh."""
-    sim = QuantSim(_as_model(model, graph, state, []), calibration, quant)
+    own class when the weights map onto it), prepared and calibrated afresh (on `base`'s device)."""
+    sim = QuantSim(_as_model(model, graph, state, []), calibration, quant, device=base.device)
+    layer_names = base.layer_names
     if sim.layer_names != layer_names:
         raise QATError("the fine-tuned weights do not map back onto the model's layers "
                        f"({', '.join(sorted(set(layer_names) ^ set(sim.layer_names))[:4])} differ); "
