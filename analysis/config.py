@@ -21,7 +21,9 @@ from analysis import calibration
 from analysis.formats import GRANULARITIES, Format, parse_formats
 
 TARGETS = ("weights", "activations", "both")
-OUTPUT_METRICS = ("exact", "none")
+# How the model-output metrics of each trial are obtained: "exact" re-runs the model after the layer,
+# "estimated" carries the local error to the output to first order (analysis.estimate), "none" skips them.
+OUTPUT_METRICS = ("exact", "estimated", "none")
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
 QUANT_SCHEMA = "quantlens.quant-config/1"
 
@@ -102,8 +104,10 @@ class AnalysisConfig:
     fold_batchnorm: bool = True
     num_samples: int | None = 256
     seed: int = 0
-    output_metrics: bool = True  # False: local metrics only (about one forward pass in total)
-    cumulative: bool = True
+    output_metrics: str = "exact"  # one of OUTPUT_METRICS ("none": local metrics only, about one pass)
+    estimate_projections: int = 2  # random projections per chunk for "estimated" (analysis.estimate)
+    verify: int = 0  # with "estimated": re-measure exactly the K most sensitive trials of each format
+    cumulative: bool = False  # the cumulative view costs a few passes per format: only when asked
     histogram_bins: int = 128
     cache_bytes: int = DEFAULT_CACHE_BYTES
     layers: tuple[str, ...] | None = None  # restrict the sweep to these layers
@@ -115,6 +119,16 @@ class AnalysisConfig:
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.output_metrics, bool):  # quantlens 0.1 stored a flag
+            object.__setattr__(self, "output_metrics", "exact" if self.output_metrics else "none")
+        if self.output_metrics not in OUTPUT_METRICS:
+            raise ConfigError(f"unknown output metrics mode {self.output_metrics!r}; use one of {', '.join(OUTPUT_METRICS)}")
+        for name, low in (("estimate_projections", 1), ("verify", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer of at least {low}, not {value!r}")
+        if self.verify and self.output_metrics != "estimated":
+            raise ConfigError("verify re-measures estimated output metrics; use it with output_metrics='estimated'")
         unknown = set(self.targets) - set(TARGETS)
         if unknown or not self.targets:
             raise ConfigError(f"unknown target(s) {sorted(unknown)}; use any of {', '.join(TARGETS)}")
@@ -168,6 +182,9 @@ class AnalysisConfig:
         sweep_names = [f.name for f in fields(cls) if f.name not in quant_names]
         # `device` is where a run happened, not what it computed: an older file may lack it.
         values.setdefault("device", "cpu")
+        # Added after 0.1 with defaults that reproduce what older runs did.
+        values.setdefault("estimate_projections", 2)
+        values.setdefault("verify", 0)
         _check_keys(values, sweep_names, where)
         values.update(overrides)
         try:

@@ -78,6 +78,9 @@ def float64_home(device: torch.device) -> torch.device:
 
 
 _SUMS = ("signal", "noise", "dot", "quant_power")
+# |values| in [2^-20, 2^20]: squares summed over up to 2^60 elements stay inside float32's range
+# (and well above its smallest normal), so no normalisation is needed there.
+_SAFE_LOW, _SAFE_HIGH = 2.0**-20, 2.0**20
 _STATE_KEYS = ("logits", "count", "distributions", *_SUMS, "max_abs", "kl_sum", "agree", "nonfinite")
 
 
@@ -114,19 +117,28 @@ class ErrorAccumulator:
         q = quantized.detach().reshape(-1).float()
         # Normalise by a power of two (exact) so squares neither overflow at 1e30 nor underflow at
         # 1e-30: unit = 2^floor(log2(peak)), which is 2^(e − 1) for peak = m·2^e with m in [0.5, 1).
-        peak = torch.maximum(ref.abs().max(), q.abs().max())
+        # vector_norm(inf) is max |x| without a temporary |x| tensor.
+        peak = torch.maximum(torch.linalg.vector_norm(ref, float("inf")), torch.linalg.vector_norm(q, float("inf")))
         finite = torch.isfinite(peak)
         _, exponent = torch.frexp(peak)
         one = torch.ones_like(peak)
         unit = torch.where(finite & (peak > 0), torch.ldexp(one, exponent - 1), one)
-        ref, q = ref / unit, q / unit
+        if ref.device.type == "cpu":
+            # On the CPU reading the peak costs nothing; in the usual range squares are safe in
+            # float32 and dividing two full tensors by the unit (the costliest step) can go.
+            if bool(finite) and _SAFE_LOW < float(peak) < _SAFE_HIGH:
+                unit = one
+            else:
+                ref, q = ref / unit, q / unit
+        else:  # on an accelerator nothing waits for the device: always normalise
+            ref, q = ref / unit, q / unit
         err = ref - q
         unit64 = unit.to(home).double()
         dots = torch.stack([torch.dot(ref, ref), torch.dot(err, err), torch.dot(ref, q), torch.dot(q, q)])
         # Out-of-place updates: the sweep updates under inference_mode and outside it, and an
         # in-place write to a tensor created in the other mode is an error.
         self._sums = self._sums + dots.to(home).double() * (unit64 * unit64)
-        self._max_abs = torch.maximum(self._max_abs, err.abs().max().to(home).double() * unit64)
+        self._max_abs = torch.maximum(self._max_abs, torch.linalg.vector_norm(err, float("inf")).to(home).double() * unit64)
         self._nonfinite = self._nonfinite | ~finite.to(home)
         self.count += ref.numel()
         if self.logits:

@@ -223,22 +223,32 @@ def load_map(path: str | Path) -> PrecisionMap:
     size = path.stat().st_size
     if size > MAX_MAP_BYTES:
         raise MapError(f"precision map {path} is {size >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
-    text = path.read_text()
+    return loads_map(path.read_bytes(), str(path), yaml_text=path.suffix in (".yaml", ".yml"))
+
+
+def loads_map(data: bytes | str, source: str, yaml_text: bool = False) -> PrecisionMap:
+    """A map from the contents of a file (an upload, say) named `source` in messages: at most
+    MAX_MAP_BYTES, YAML without aliases when `yaml_text`, else JSON."""
+    if isinstance(data, str):
+        data = data.encode()
+    if len(data) > MAX_MAP_BYTES:
+        raise MapError(f"precision map {source} is {len(data) >> 20} MiB; a map is at most {MAX_MAP_BYTES >> 20} MiB")
+    text = data.decode("utf-8", errors="replace")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if yaml_text:
             import yaml
 
             # Aliases let a few hundred bytes expand to gigabytes; a hand-written map never needs them.
             if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-                raise MapError(f"{path} uses YAML aliases (*name); write each value out instead")
+                raise MapError(f"{source} uses YAML aliases (*name); write each value out instead")
             payload = yaml.safe_load(text)
         else:
             payload = json.loads(text)
     except MapError:
         raise
     except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
-        raise MapError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {str(exc).splitlines()[0]}") from None
-    return map_from_dict(payload, str(path))
+        raise MapError(f"{source} is not valid {'YAML' if yaml_text else 'JSON'}: {str(exc).splitlines()[0]}") from None
+    return map_from_dict(payload, source)
 
 
 def uniform_map(layer_names: list[str], weight: str, activation: str | None, **kwargs: Any) -> PrecisionMap:

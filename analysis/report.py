@@ -269,6 +269,9 @@ def _sensitivity(result: AnalysisResult, metric: str, embed: _Embedder) -> str:
              "in the lowest-precision format of each target (lower = more sensitive). Hover a bar for details.</p>"]
     if metric != "output_sqnr_db":
         parts.append('<p class="note">Output metrics were not computed for this analysis; the ranking uses local SQNR.</p>')
+    elif any(t.output_source == "estimated" for t in result.trials):
+        parts.append('<p class="note">Output figures marked (est.) are first-order estimates from one backward pass per '
+                     "projection, not measurements; unmarked ones were measured.</p>")
     for target in targets:
         fmt = charts.lowest_precision_format(result, target)
         ranking = charts.sensitivity_ranking(result, target, fmt, metric)
@@ -288,7 +291,9 @@ def _ranking_table(frame: pd.DataFrame) -> str:
         top1 = row.output_top1_agreement
         rows.append([
             str(i), f'<span class="mono">{_e(row.layer)}</span>', _e(row.kind), _num(row.params, ",.0f"),
-            _e(row.target), _e(row.format), _num(row.sqnr_db, ".1f"), _num(row.output_sqnr_db, ".1f"),
+            _e(row.target), _e(row.format), _num(row.sqnr_db, ".1f"),
+            _num(row.output_sqnr_db, ".1f") + (" (est.)" if getattr(row, "output_source", "") == "estimated"
+                                               and _finite(row.output_sqnr_db) else ""),
             _num(row.output_kl, ".3g"), _num(100 * float(top1), ".1f") + "%" if _finite(top1) else "–",
         ])
     return _table(headers, rows, numeric=(0, 3, 6, 7, 8, 9))

@@ -67,6 +67,7 @@ class TrialResult:
     output: ErrorStats | None = None
     error: str | None = None  # why the trial failed (the sweep went on)
     error_histogram: Histogram | None = None  # local error (quantized − FP32) at the layer output
+    output_source: str | None = None  # "exact" (measured) or "estimated" (analysis.estimate); None: no output metrics
 
     @property
     def format(self) -> str:
@@ -142,6 +143,7 @@ class AnalysisResult:
             for prefix, stats in (("", trial.local), ("output_", trial.output)):
                 values = stats.as_dict(prefix) if stats else ErrorStats(math.nan, math.nan, math.nan, math.nan, 0).as_dict(prefix)
                 row.update({k: v for k, v in values.items() if not (prefix == "" and k in ("kl", "top1_agreement"))})
+            row["output_source"] = trial.output_source or ""
             row["status"] = "ok" if trial.ok else "failed"
             row["error"] = trial.error or ""
             row["_order"] = order[trial.layer]
@@ -373,6 +375,8 @@ def _trial(payload: dict[str, Any]) -> TrialResult:
         weight_format=payload["weight_format"], act_format=payload["act_format"],
         local=_stats(payload["local"]), output=_stats(payload["output"]), error=payload.get("error"),
         error_histogram=_histogram(payload.get("error_histogram")),
+        # Files from before estimates existed hold measured output metrics only.
+        output_source=payload.get("output_source", "exact" if payload["output"] is not None else None),
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 RUN_META = "meta.json"
+MAX_META_BYTES = 1 << 20  # a few hundred bytes in practice
 META_SCHEMA = "quantlens.run-meta/1"
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
 
@@ -94,6 +95,12 @@ class RunInfo:
     @property
     def done(self) -> bool:
         return self.status == "done"
+
+    @property
+    def started(self) -> bool:
+        """The sweep itself began (run.json is written): `resume` can continue it. A run cancelled
+        before that (in the dashboard's local-only first pass) has nothing to continue."""
+        return (self.path / "run.json").exists()
 
     @property
     def foreign(self) -> bool:
@@ -159,9 +166,13 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The run's meta.json as a dict; {} when missing or unreadable."""
+    """The run's meta.json as a dict; {} when missing or unreadable (a FIFO or device in its place
+    would hang the reader, a huge file exhaust it: both count as unreadable)."""
+    file = Path(path) / RUN_META
     try:
-        meta = json.loads((Path(path) / RUN_META).read_text())
+        if not file.is_file() or file.stat().st_size > MAX_META_BYTES:
+            return {}
+        meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     return meta if isinstance(meta, dict) else {}

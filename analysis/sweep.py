@@ -23,6 +23,7 @@ import torch
 
 from analysis.config import AnalysisConfig
 from analysis.data import Dataset
+from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.layers import Layer
@@ -78,7 +79,8 @@ class _Accumulators:
     """One trial's running sums. Everything stays on the device until `_finish` reads it back."""
 
     local: ErrorAccumulator
-    output: ErrorAccumulator | None
+    output: ErrorAccumulator | None  # exact output metrics
+    estimate: NoiseEstimate | None = None  # estimated output metrics (analysis.estimate)
     error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
     failure: str | None = None
 
@@ -92,8 +94,13 @@ class Sweep:
         self.config = config or AnalysisConfig()
         self.progress = progress
         self.should_stop = should_stop
-        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device,
-                                   cache_bytes=self.config.cache_bytes)
+        cache_bytes = self.config.cache_bytes
+        if self.config.output_metrics == "estimated":
+            # The estimate holds, per chunk, the FP32 cache, one forward's autograd state and K output
+            # gradients of every analysed layer: chunks shrink so all of it stays within the bound
+            # (on a GPU too, where the simulator also caps chunks at half the free memory).
+            cache_bytes = max(1 << 16, cache_bytes // (2 + self.config.estimate_projections))
+        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device, cache_bytes=cache_bytes)
         if self.config.layers is not None:
             unknown = set(self.config.layers) - set(self.sim.layer_names)
             if unknown:
@@ -127,34 +134,35 @@ class Sweep:
         if self.config.act_formats:
             sim.calibrate_activations([s for layer in layers if layer.quantizable_input for s in sim.sites(layer.name)])
         chunks = sim.chunks()
-        total = len(trials) * len(chunks)
-        logits = self.data.logits
-        accumulators = {id(t): _Accumulators(ErrorAccumulator(), ErrorAccumulator(logits) if self.config.output_metrics else None)
-                        for t in trials}
+        mode = self.config.output_metrics
+        verify = self._verification_budget(trials)
+        total = (len(trials) + verify) * len(chunks)
+        accumulators = {id(t): self._accumulators(mode) for t in trials}
         descendants = {layer.name: sim.prepared.descendants([s.node for s in sim.sites(layer.name)]) for layer in layers}
-        done = 0
+        perturbed = list(dict.fromkeys(s.node for layer in layers for s in sim.sites(layer.name)))
         results: list[TrialResult] = []
+        progress = _Progress(total, self.progress, self.should_stop)
         for chunk_index, chunk in enumerate(chunks):
             cache = sim.cache(chunk)
             reference_out = sim.output_of(cache)
+            grads = self._gradients(chunk, perturbed) if mode == "estimated" else None
             local_refs: dict[str, list[torch.Tensor]] = {}
             for trial in trials:
-                if self.should_stop is not None and self.should_stop():
-                    raise AnalysisCancelled(f"stopped after {done} of {total} trials")
+                progress.check()
                 acc = accumulators[id(trial)]
                 if acc.failure is None:
                     try:
-                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc)
+                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads)
                     except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
                         acc.failure = _one_line(exc)
-                done += 1
-                if self.progress:
-                    self.progress(done, total, trial.layer)
+                progress.step(trial.layer)
                 if chunk_index == len(chunks) - 1:
-                    result = _finish(trial, acc)
-                    results.append(result)
-                    if on_result:
-                        on_result(result)
+                    results.append(_finish(trial, accumulators[id(trial)]))
+                    if on_result:  # streamed as each trial finishes (a killed run resumes from here)
+                        on_result(results[-1])
+            del grads
+        if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
+            results = self._verify(results, trials, descendants, progress, on_result)
         cumulative = self._cumulative(layers) if self.config.cumulative else ()
         return AnalysisResult(
             config=self.config.to_dict(),
@@ -170,8 +178,63 @@ class Sweep:
             seconds=time.perf_counter() - started,
         )
 
+    def _accumulators(self, mode: str) -> _Accumulators:
+        logits = self.data.logits
+        return _Accumulators(ErrorAccumulator(), ErrorAccumulator(logits) if mode == "exact" else None,
+                             NoiseEstimate() if mode == "estimated" else None)
+
+    def _gradients(self, chunk: tuple[int, int], nodes: list) -> OutputGradients:
+        try:
+            return output_gradients(self.sim, chunk, nodes, self.config.estimate_projections, self.config.seed)
+        except Exception as exc:  # noqa: BLE001 — say which mode needs what, not a bare autograd error
+            raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
+                             f"({_one_line(exc)}); use --output-metrics exact") from None
+
+    def _verification_budget(self, trials: list[Trial]) -> int:
+        """How many trials `--verify K` re-measures: K per format label (fewer where a label has fewer)."""
+        if self.config.output_metrics != "estimated" or not self.config.verify:
+            return 0
+        per_label: dict[tuple[str, str], int] = {}
+        for trial in trials:
+            per_label[(trial.target, _label(trial))] = per_label.get((trial.target, _label(trial)), 0) + 1
+        return sum(min(n, self.config.verify) for n in per_label.values())
+
+    def _verify(self, results: list[TrialResult], trials: list[Trial], descendants: dict,
+                progress: "_Progress", on_result: Callable[[TrialResult], None] | None) -> list[TrialResult]:
+        """Re-measure exactly the K trials of each format label whose estimated output noise is
+        largest (the ones a budget decides on first); their rows become `exact`."""
+        by_label: dict[tuple[str, str], list[int]] = {}
+        for index, result in enumerate(results):
+            if result.ok and result.output is not None:
+                by_label.setdefault((result.target, result.format), []).append(index)
+        chosen = sorted(index for indices in by_label.values()
+                        for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
+        accumulators = {index: _Accumulators(ErrorAccumulator(), ErrorAccumulator(self.data.logits)) for index in chosen}
+        sim = self.sim
+        for chunk in sim.chunks():
+            cache = sim.cache(chunk)
+            reference_out = sim.output_of(cache)
+            local_refs: dict[str, list[torch.Tensor]] = {}
+            for index in chosen:
+                progress.check()
+                acc = accumulators[index]
+                if acc.failure is None:
+                    try:
+                        self._run_trial(trials[index], cache, reference_out, descendants[trials[index].layer],
+                                        local_refs, acc, None)
+                    except Exception as exc:  # noqa: BLE001
+                        acc.failure = _one_line(exc)
+                progress.step(trials[index].layer)
+        out = list(results)
+        for index in chosen:
+            out[index] = _finish(trials[index], accumulators[index])
+            if on_result:
+                on_result(out[index])
+        return out
+
     def _run_trial(self, trial: Trial, cache: dict, reference_out: torch.Tensor,
-                   affected: list, local_refs: dict[str, list[torch.Tensor]], acc: _Accumulators) -> None:
+                   affected: list, local_refs: dict[str, list[torch.Tensor]], acc: _Accumulators,
+                   grads: OutputGradients | None = None) -> None:
         sim = self.sim
         sites = sim.sites(trial.layer)
         weight = sim.quantized_weight(trial.layer, trial.weight_format)
@@ -187,6 +250,7 @@ class Sweep:
         if acc.output is not None:
             env = sim.rerun(cache, affected, sim.overrides({trial.layer: (trial.weight_format, trial.act_format)}))
             acc.output.update(reference_out, sim.output_of(env))
+        deltas: dict = {}
         with torch.inference_mode():
             for site, act, reference in zip(sites, acts, local_refs[trial.layer]):
                 args, kwargs = load_args(site.node, cache)  # local error: FP32 inputs, always
@@ -195,6 +259,10 @@ class Sweep:
                 local = site.local(sim.gm, args, kwargs, weight, act, value)
                 acc.local.update(reference, local)
                 acc.error_histogram.update(local - reference)
+                if acc.estimate is not None:
+                    deltas[site.node] = node_difference(value, cache[site.node])
+        if acc.estimate is not None and grads is not None:
+            acc.estimate.update(grads, deltas)
 
     def _cumulative(self, layers: list[Layer]) -> list[CumulativeResult]:
         """Every analysed layer quantized at once, per uniform configuration. A configuration that
@@ -289,6 +357,23 @@ class Sweep:
         return TensorHistograms(Histogram(tuple(edges), tuple(fp32.astype(float))), quantized, clip)
 
 
+class _Progress:
+    """Counts trial steps for the progress callback and honours `should_stop` between them."""
+
+    def __init__(self, total: int, callback: ProgressFn | None, should_stop: Callable[[], bool] | None) -> None:
+        self.total, self.done = total, 0
+        self.callback, self.should_stop = callback, should_stop
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise AnalysisCancelled(f"stopped after {self.done} of {self.total} trials")
+
+    def step(self, layer: str) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(self.done, self.total, layer)
+
+
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -312,9 +397,15 @@ def _finish(trial: Trial, acc: _Accumulators) -> TrialResult:
         return TrialResult(trial.layer, trial.target, weight_name, act_name, error=acc.failure)
     counted = acc.error_histogram.result()
     histogram = Histogram(*counted) if counted is not None else None
+    if acc.estimate is not None:
+        try:
+            output = acc.estimate.result()
+        except Exception as exc:  # noqa: BLE001
+            return TrialResult(trial.layer, trial.target, weight_name, act_name, error=_one_line(exc))
+    source = None if output is None else ("estimated" if acc.estimate is not None else "exact")
     return TrialResult(
         trial.layer, trial.target, weight_name, act_name,
-        local=local, output=output, error_histogram=histogram,
+        local=local, output=output, error_histogram=histogram, output_source=source,
     )
 
 

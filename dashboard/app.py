@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from dashboard import state, widgets  # noqa: E402
+from dashboard.markup import escape  # noqa: E402
 
 st.set_page_config(layout="wide", page_title="quantlens", page_icon=":material/troubleshoot:")
 
@@ -36,14 +37,14 @@ def main() -> None:
     try:
         state.maybe_autostart()
     except Exception as exc:  # noqa: BLE001 — a broken sample must not stop the app
-        st.session_state.notices.append(("error", f"Could not analyse the bundled sample: {state.one_line(exc)}"))
+        st.session_state.notices.append(("error", f"Could not analyse the bundled sample: {escape(state.one_line(exc))}"))
     page = st.navigation(PAGES)
     widgets.sidebar()
     widgets.notices()
     try:
         page.run()
     except Exception as exc:  # noqa: BLE001 — one line, never a traceback; session results are kept
-        st.error(f"This page hit a problem: {state.one_line(exc)}")
+        st.error(f"This page hit a problem: {escape(state.one_line(exc))}")
 
 
 main()

@@ -178,23 +178,14 @@ def map_from_table(table: pd.DataFrame, result: Any, notes: tuple[str, ...] = ()
 
 
 def load_map_upload(data: bytes, name: str, result: Any) -> Any:
-    """A precision map file (JSON or YAML) uploaded by the user, checked against this analysis."""
-    from analysis.precision_map import MapError, map_from_dict
+    """A precision map file (JSON or YAML) uploaded by the user, checked against this analysis: read
+    by the engine's `loads_map`, which refuses what `quantlens --map` refuses (YAML aliases, files
+    over 16 MiB)."""
+    from analysis.precision_map import MapError, loads_map
 
     if not name.lower().endswith((".json", ".yaml", ".yml")):
         raise MapError(f"{name} is not a precision map file; upload a .json or .yaml map")
-    text = data.decode("utf-8", errors="replace")
-    try:
-        if name.lower().endswith((".yaml", ".yml")):
-            import yaml
-
-            payload = yaml.safe_load(text)
-        else:
-            payload = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 — json and yaml raise different types
-        kind = "YAML" if name.lower().endswith((".yaml", ".yml")) else "JSON"
-        raise MapError(f"{name} is not valid {kind}: {str(exc).splitlines()[0]}") from None
-    pmap = map_from_dict(payload, name)
+    pmap = loads_map(data, name, yaml_text=name.lower().endswith((".yaml", ".yml")))
     pmap.validate([layer.name for layer in result.layers], fingerprint_of(result))
     return pmap
 

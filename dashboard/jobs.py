@@ -32,12 +32,13 @@ class Job:
     """
 
     def __init__(self, run_id: str, path: Path, inputs: Inputs, config: Any, model: Any, data: Any,
-                 resume: bool = False) -> None:
+                 resume: bool = False, reopened: bool = False) -> None:
         self.id = run_id
         self.path = path
         self.inputs = inputs
         self.config = config
-        self.resume = resume
+        self.resume = resume  # continue the trials in `path`
+        self.reopened = reopened or resume  # `path` is a stored run (kept, marked failed, on failure)
         self._model, self._data = model, data
         self.phase = "queued"  # queued, local, full, done, failed, cancelled
         self.done = 0
@@ -86,7 +87,7 @@ class Job:
         try:
             if not self.resume:
                 self.phase = "local"
-                local = replace(self.config, output_metrics=False, cumulative=False)
+                local = replace(self.config, output_metrics="none", cumulative=False)
                 self.local_result = analyze(self._model, self._data, local, progress=self._progress,
                                             should_stop=self.stop.is_set)
             self.phase, self.done, self.total = "full", 0, 0
@@ -102,7 +103,7 @@ class Job:
             self.phase = "cancelled"
         except Exception as exc:  # noqa: BLE001 — the job reports, the app stays up
             self.error = one_line(exc)
-            if self.trials or self.resume:
+            if self.trials or self.reopened:
                 runstore.write_meta(self.path, status="failed", error=self.error)
             else:  # failed before any result (e.g. no quantizable layers): leave nothing half-made
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -165,7 +166,10 @@ def start(inputs: Inputs, config: Any, model: Any, data: Any, resume_run: RunInf
             runstore.mark_running(path)
         else:
             run_id, path = runstore.create_run(runs_dir(), inputs, config_json(config))
-        job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None)
+        # A run cancelled in its local-only first pass has no trials to continue: it starts again
+        # in its own folder.
+        job = Job(run_id, path, inputs, config, model, data, resume=resume_run is not None and resume_run.started,
+                  reopened=resume_run is not None)
         _prune_jobs()
         JOBS[run_id] = job
     if sync_jobs():

@@ -10,13 +10,15 @@ Environment:
     QUANTLENS_DEFAULT_SAMPLE    bundled sample analysed on first open (default cnn)
     QUANTLENS_DEFAULT_SAMPLES   calibration samples of a new analysis (default 256)
     QUANTLENS_AUTOSTART=0       do not analyse the bundled sample on first open
-    QUANTLENS_UPLOAD_DIR        where uploaded files are written (default: <tmp>/quantlens-uploads)
+    QUANTLENS_UPLOAD_DIR        where uploaded files are written (default: a private per-user folder,
+                                see `dashboard.uploads`)
+    QUANTLENS_ALLOWED_HOSTS     extra host names the server answers, comma-separated (see
+                                `dashboard.hosts`; `quantlens dashboard --allow-host` sets it)
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -44,7 +46,12 @@ def default_samples() -> int:
 
 
 def upload_dir() -> Path:
-    return Path(os.environ.get("QUANTLENS_UPLOAD_DIR") or Path(tempfile.gettempdir()) / "quantlens-uploads")
+    """Where uploads go (dashboard.uploads makes it private and checks it before every use)."""
+    return Path(os.environ.get("QUANTLENS_UPLOAD_DIR") or "~/.quantlens/uploads").expanduser()
+
+
+def extra_allowed_hosts() -> tuple[str, ...]:
+    return tuple(name.strip() for name in os.environ.get("QUANTLENS_ALLOWED_HOSTS", "").split(",") if name.strip())
 
 
 def one_line(exc: BaseException) -> str:

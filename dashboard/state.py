@@ -15,10 +15,6 @@ everything they need from here: the settings, `Job` and the job registry are re-
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +24,9 @@ from analysis import runstore
 from analysis.calibration import CALIBRATION_METHODS as _CALIBRATION_METHODS
 from analysis.formats import example_formats
 from analysis.runstore import Inputs, RunInfo
-from dashboard import jobs
+from dashboard import jobs, uploads
 from dashboard.jobs import JOBS, Job, running_job_for
+from dashboard.markup import escape
 from dashboard.settings import autostart_enabled, default_sample, default_samples, one_line, runs_dir, upload_dir
 
 # Not used here, re-exported: the pages read the settings through `state`, and the tests create a
@@ -90,18 +87,31 @@ def spec_digest(spec: str | None) -> str:
 
 
 def save_upload(uploaded: Any) -> Path:
-    """Write an uploaded file to the upload folder, content-addressed; returns its path."""
-    data = uploaded.getvalue()
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name) or "upload"
-    folder = upload_dir() / digest
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    if not path.exists() or path.stat().st_size != len(data):
-        tmp = folder / f".{name}.{uuid.uuid4().hex[:6]}"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return path
+    """Write an uploaded file to the private upload folder (`dashboard.uploads`); returns its path."""
+    return uploads.save(uploaded.name, uploaded.getvalue())
+
+
+def trusted_code() -> uploads.TrustedCode:
+    """The code files this browser session named with "I trust this code"."""
+    return st.session_state.setdefault("trusted_code", uploads.TrustedCode())
+
+
+def trust_code(spec: str) -> None:
+    trusted_code().trust(spec)
+
+
+def untrusted_code(inputs: Inputs) -> list[str]:
+    """The specs of `inputs` that run Python code this session has not trusted (or that changed)."""
+    return [spec for spec in (inputs.model_spec, inputs.data_spec, inputs.eval_spec)
+            if uploads.code_file(spec) is not None and spec not in trusted_code()]
+
+
+def _checked_spec(spec: str | None) -> None:
+    """Before loading `spec`: its code trusted in this session, an uploaded file unchanged."""
+    if not spec or spec.startswith("sample:"):
+        return
+    trusted_code().check(spec)
+    uploads.verify(uploads.code_file(spec) or spec)
 
 
 # --- cached loaders (shared by all sessions: never mutate what they return) -----------------------
@@ -130,16 +140,20 @@ def _checked_pair(model_key: tuple, data_key: tuple, _model: Any, _data: Any) ->
 
 
 def load_model(inputs: Inputs) -> Any:
+    _checked_spec(inputs.model_spec)
+    _checked_spec(inputs.weights)
     return _cached_model(inputs.model_spec, inputs.weights,
                          spec_digest(inputs.model_spec) + "|" + spec_digest(inputs.weights))
 
 
 def load_data(inputs: Inputs) -> Any:
+    _checked_spec(inputs.data_spec)
     return _cached_data(inputs.data_spec, "calibration", inputs.task, spec_digest(inputs.data_spec))
 
 
 def load_eval_data(inputs: Inputs) -> Any:
     spec, split = inputs.eval_source()
+    _checked_spec(spec)
     return _cached_data(spec, split, inputs.task, spec_digest(spec))
 
 
@@ -177,6 +191,8 @@ def load_run_result(info: RunInfo) -> Any:
     """The AnalysisResult of a finished run (cached per analysis.json version)."""
     if not info.done:
         raise ValueError(f"run {info.id} has no results ({info.status})")
+    if not (info.path / "analysis.json").is_file():  # a FIFO or device would hang the page
+        raise ValueError(f"run {info.id}: analysis.json is not a regular file; delete the run or re-run the analysis")
     return _cached_result(str(info.path), info.stamp)
 
 
@@ -248,13 +264,16 @@ def acknowledge_job() -> None:
     st.session_state.job_id = None
     if job.phase == "done":
         select_run(job.id)
-        st.session_state.notices.append(("success", f"Analysis of {job.inputs.label} finished: "
+        st.session_state.notices.append(("success", f"Analysis of {escape(job.inputs.label)} finished: "
                                          f"{len(job.result.layers)} layers, {len(job.result.trials)} trials."))
     elif job.phase == "failed":
-        st.session_state.notices.append(("error", f"Analysis of {job.inputs.label} failed: {job.error}"))
-    else:
-        st.session_state.notices.append(("info", f"Analysis of {job.inputs.label} was cancelled; "
+        st.session_state.notices.append(("error", f"Analysis of {escape(job.inputs.label)} failed: {escape(job.error)}"))
+    elif job.trials or job.resume:
+        st.session_state.notices.append(("info", f"Analysis of {escape(job.inputs.label)} was cancelled; "
                                          "its finished trials are kept (resume it from the sidebar)."))
+    else:
+        st.session_state.notices.append(("info", f"Analysis of {escape(job.inputs.label)} was cancelled before any "
+                                         "trial finished (resume it from the sidebar to start it again)."))
 
 
 def select_run(run_id: str | None) -> None:
@@ -282,7 +301,8 @@ def maybe_autostart() -> None:
         return
     from analysis.config import AnalysisConfig
 
-    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples())
+    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8",), num_samples=default_samples(),
+                            cumulative=True)
     attach_job(start_job(sample_inputs(name), config))
 
 
@@ -307,12 +327,12 @@ def require_result() -> tuple[RunInfo, Any]:
             st.info("No analysis yet: start one on the **Model & data** page.")
         st.stop()
     if not info.done:
-        why = f": {info.error}" if info.error else ""
-        st.warning(f"Run {info.id} has no results ({info.status}{why}). Pick a finished run in the sidebar.")
+        why = f": {escape(info.error)}" if info.error else ""
+        st.warning(f"Run {escape(info.id)} has no results ({info.status}{why}). Pick a finished run in the sidebar.")
         st.stop()
     try:
         return info, load_run_result(info)
     except Exception as exc:  # noqa: BLE001 — a corrupt analysis.json must not take the page down
-        st.error(f"Cannot open run {info.id}: {one_line(exc)}")
+        st.error(f"Cannot open run {escape(info.id)}: {escape(one_line(exc))}")
         st.stop()
     raise AssertionError("unreachable")

@@ -7,6 +7,7 @@ import streamlit as st
 
 from analysis import runstore
 from dashboard import state
+from dashboard.markup import code, escape
 
 POLL_SECONDS = 0.5
 
@@ -29,7 +30,7 @@ def _job_body(where: str, detailed: bool) -> None:
         return
     if not job.running:
         st.rerun()  # the whole app: the finished run gets selected and every page refreshed
-    st.progress(job.fraction, text=f"**{job.inputs.label}** — {job.describe()}")
+    st.progress(job.fraction, text=f"**{escape(job.inputs.label)}** — {escape(job.describe())}")
     st.button("Cancel analysis", key=f"cancel_job_{where}", on_click=job.cancel, disabled=job.stop.is_set(),
               help="Stops after the current trial; finished trials are kept and the run can be resumed.")
     if not detailed:
@@ -68,13 +69,13 @@ def _delete(run_id: str) -> None:
     try:
         state.delete_run(run_id)
     except Exception as exc:  # noqa: BLE001
-        st.session_state.notices.append(("error", f"Cannot delete run {run_id}: {state.one_line(exc)}"))
+        st.session_state.notices.append(("error", f"Cannot delete run {escape(run_id)}: {escape(state.one_line(exc))}"))
         return
     st.session_state.evaluations.pop(run_id, None)
     st.session_state.current_maps.pop(run_id, None)
     latest = next((r for r in state.list_runs() if r.done), None)
     state.select_run(latest.id if latest else None)
-    st.session_state.notices.append(("info", f"Deleted run {run_id}."))
+    st.session_state.notices.append(("info", f"Deleted run {escape(run_id)}."))
 
 
 def _resume(run_id: str) -> None:
@@ -85,9 +86,23 @@ def _resume(run_id: str) -> None:
             raise ValueError("this run does not record its model and data, so it cannot be resumed")
         job = state.start_job(inputs, state.config_from_dict(info.config), resume_run=info)
     except Exception as exc:  # noqa: BLE001
-        st.session_state.notices.append(("error", f"Cannot resume run {run_id}: {state.one_line(exc)}"))
+        st.session_state.notices.append(("error", f"Cannot resume run {escape(run_id)}: {escape(state.one_line(exc))}"))
         return
     state.attach_job(job)
+
+
+def _trust(run_id: str, key: str) -> None:
+    info = state.get_run(run_id)
+    inputs = info.get_inputs() if info else None
+    if not st.session_state.get(key) or inputs is None:
+        return
+    try:
+        for spec in state.untrusted_code(inputs):
+            state.trust_code(spec)
+    except Exception as exc:  # noqa: BLE001 — e.g. an upload from before a restart
+        st.session_state[key] = False  # not trusted: the box must not look ticked
+        st.session_state.notices.append(("error", f"Cannot trust run {escape(run_id)}'s code: "
+                                         f"{escape(state.one_line(exc))}"))
 
 
 def sidebar() -> None:
@@ -96,7 +111,7 @@ def sidebar() -> None:
         st.markdown("#### Runs")
         runs = state.list_runs()
         if not runs:
-            st.caption(f"No runs yet. Finished analyses are kept in `{state.runs_dir()}`.")
+            st.caption(f"No runs yet. Finished analyses are kept in {code(state.runs_dir())}.")
             return
         by_id = {r.id: r for r in runs}
         labels = runstore.run_labels(runs)
@@ -112,26 +127,34 @@ def sidebar() -> None:
                      format_func=lambda i: labels.get(i, i),
                      help="Every analysis is saved on disk and reopens after a refresh or a restart.")
         info = by_id[current]
-        details = [f"**model** {info.model}", f"**data** {info.data}", info.formats_summary(),
+        details = [f"**model** {escape(info.model)}", f"**data** {escape(info.data)}", escape(info.formats_summary()),
                    f"{info.when} · {info.status}" + (f" · took {info.seconds:.1f} s" if info.seconds else "")]
         if info.layers:
             details.append(f"{info.layers} layers · {info.trials} trials")
         if info.foreign:  # e.g. a `quantlens analyze` writing into the store: not this server's to resume
-            details.append(f"being analysed by process {info.pid} on {info.host}")
+            details.append(f"being analysed by process {info.pid} on {escape(info.host)}")
         if info.error and not info.done:
-            details.append(f"⚠ {info.error}")
+            details.append(f"⚠ {escape(info.error)}")
         st.caption("  \n".join(details))
         with st.expander(f"All runs ({len(runs)})"):
             st.dataframe(pd.DataFrame([{"time": r.when, "model": r.model, "data": r.data, "status": r.status}
                                        for r in runs]), hide_index=True, key="runs_table")
         with st.expander("Manage this run"):
             running = state.any_job_running()
+            inputs = info.get_inputs()
+            code_specs = state.untrusted_code(inputs) if inputs is not None else []
+            if code_specs:  # resuming, evaluating or exporting loads it, and loading runs it
+                trust_key = f"trust_run_{info.id}"
+                st.checkbox(f"I trust this code: {escape(', '.join(code_specs))}", key=trust_key, value=False,
+                            on_change=_trust, args=(info.id, trust_key),
+                            help="This run's model or data is Python code (.py or .pt2); the dashboard runs it "
+                                 "only once you vouch for it in this session.")
             if info.status in ("interrupted", "cancelled", "failed") and info.inputs:
                 st.button("Resume this run", key="resume_run", on_click=_resume, args=(info.id,), disabled=running,
                           help="Runs only the trials that did not finish.")
             st.button("Delete this run", key="delete_run", on_click=_delete, args=(info.id,),
                       disabled=info.status == "running")
-            st.caption(f"Run store: `{state.runs_dir()}`")
+            st.caption(f"Run store: {code(state.runs_dir())}")
 
 
 def notices() -> None:

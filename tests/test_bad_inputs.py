@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import math
 import shutil
 import sys
@@ -38,7 +39,7 @@ CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 SAMPLES = 24
 FAST = ["--samples", str(SAMPLES), "--quiet", "--weight-formats", "int8,int4", "--act-formats", "int8"]
-CONFIG = AnalysisConfig(num_samples=SAMPLES, weight_formats=("int8", "int4"), act_formats=("int8",))
+CONFIG = AnalysisConfig(num_samples=SAMPLES, weight_formats=("int8", "int4"), act_formats=("int8",), cumulative=True)
 
 
 def corpus(name: str) -> str:
@@ -114,6 +115,9 @@ CASES = [
     Case("unknown-format-name", "format", formats=("fp4_e2m1",), expect="unknown format 'fp4_e2m1'"),
     Case("map-for-another-model", "map", data="map_other_model.json", expect="made for model"),
     Case("map-unknown-format", "map", data="map_unknown_format.json", expect="unknown format 'fp4_e2m1'"),
+    Case("map-yaml-alias-bomb", "map", data="map_yaml_aliases.yaml", expect="YAML aliases"),
+    # hostile names: analysed like any other (tests/test_dashboard_trust.py checks they render as text)
+    Case("markdown-layer-name", "load", model="markdown_names.py:make"),
     # budgets that cannot be met: the closest map, and a note saying so
     Case("budget-avg-bits-1", "budget", data="avg-bits=1", expect="cannot be met"),
     Case("budget-min-sqnr-200", "budget", data="min-sqnr=200", expect="cannot be met"),
@@ -355,7 +359,9 @@ def _ok(at) -> None:
 
 
 def _errors(at) -> list[str]:
-    return [e.value for e in at.error]
+    """The error boxes as the user reads them: Markdown's backslash escapes removed (names and
+    messages are escaped before rendering, dashboard/markup.py)."""
+    return [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]
 
 
 def _upload_and_run(at, case: Case, data: str | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def _page(at: AppTest, name: str) -> AppTest:
 
 
 def _errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
+    """The error boxes as the user reads them: Markdown's backslash escapes removed (names and
+    messages are escaped before rendering, dashboard/markup.py)."""
+    return [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]
 
 
 def _table(at: AppTest, column: str, without: str | None = None):
@@ -490,8 +493,8 @@ def test_launch_serves_the_dashboard_on_the_address_and_port_asked_for(monkeypat
         pytest.skip(f"cannot bind {address} on this machine")
     seen = {}
 
-    def serve_and_probe(cmd):
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def serve_and_probe(cmd, env=None):
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 60
             while True:

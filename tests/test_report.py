@@ -27,7 +27,7 @@ HOSTILE = "<script>alert(1)</script>"
 def result() -> AnalysisResult:
     data = sm.load_split("mlp", "calibration")
     dataset = Dataset(data["inputs"], data["labels"], "classification", "mlp")
-    return analyze(sm.load_model("mlp"), dataset, AnalysisConfig(num_samples=32))
+    return analyze(sm.load_model("mlp"), dataset, AnalysisConfig(num_samples=32, cumulative=True))
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         dynamic_activations=args.dynamic,
         fold_batchnorm=not args.no_fold_batchnorm,
         num_samples=args.samples,
-        output_metrics=not args.local_only,
+        output_metrics=_output_metrics(args),
+        estimate_projections=args.projections,
+        verify=args.verify,
+        cumulative=args.cumulative,
         cache_bytes=args.cache_mb * 1024 * 1024,
         device=args.device,
     )
@@ -101,6 +104,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_metrics(args) -> str:
+    if args.local_only and args.output_metrics not in (None, "none"):
+        raise CLIError(f"--local-only contradicts --output-metrics {args.output_metrics}; give one of them")
+    return "none" if args.local_only else (args.output_metrics or "exact")
+
+
 def _print_most_sensitive(frame, top: int = 5) -> None:
     if frame.empty or "output_sqnr_db" not in frame:
         return
@@ -109,7 +118,8 @@ def _print_most_sensitive(frame, top: int = 5) -> None:
     worst = ok.sort_values(column).head(top)
     print(f"most sensitive (lowest {column}):")
     for row in worst.itertuples():
-        print(f"  {row.layer:<32} {row.target:<11} {row.format:<12} {getattr(row, column):6.1f} dB")
+        mark = " (estimated)" if column == "output_sqnr_db" and getattr(row, "output_source", "") == "estimated" else ""
+        print(f"  {row.layer:<32} {row.target:<11} {row.format:<12} {getattr(row, column):6.1f} dB{mark}")
 
 
 def _eval_spec(data_spec: str | None, eval_spec: str | None) -> tuple[str | None, str]:
@@ -348,4 +358,4 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboard.launch import main as launch
 
-    return launch(port=args.port, address=args.address)
+    return launch(port=args.port, address=args.address, allow_hosts=args.allow_host)

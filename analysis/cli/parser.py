@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from analysis.config import OUTPUT_METRICS
 from analysis.cli.commands import (
     cmd_analyze, cmd_dashboard, cmd_evaluate, cmd_export, cmd_finetune, cmd_remedies, cmd_suggest,
 )
@@ -51,7 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--percentile", type=float, default=99.99)
     analyze.add_argument("--dynamic", action="store_true", help="dynamic activation ranges (computed at run time)")
     analyze.add_argument("--no-fold-batchnorm", action="store_true", help="analyse BatchNorm unfolded")
-    analyze.add_argument("--local-only", action="store_true", help="skip output metrics (fast)")
+    analyze.add_argument("--output-metrics", choices=OUTPUT_METRICS, default=None,
+                         help="model-output metrics per trial: exact (re-run the model after the layer; default), "
+                              "estimated (first-order estimate from one backward pass per projection: much faster, "
+                              "marked 'estimated'), none (local metrics only)")
+    analyze.add_argument("--local-only", action="store_true", help="same as --output-metrics none")
+    analyze.add_argument("--verify", type=int, default=0, metavar="K",
+                         help="with --output-metrics estimated: re-measure exactly the K most sensitive trials of each format")
+    analyze.add_argument("--projections", type=int, default=2, metavar="K",
+                         help="random projections per chunk for estimated output metrics (more: less sampling noise, "
+                              "one backward pass each)")
+    analyze.add_argument("--cumulative", action="store_true",
+                         help="also the cumulative view: every layer quantized at once, per format (a few passes each)")
     analyze.add_argument("--cache-mb", type=int, default=1024, help="bound on the activation cache (MiB)")
     analyze.add_argument("--low-memory", action="store_true",
                          help="return freed activation buffers to the OS (glibc): keeps the process near its "
@@ -127,5 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8501)
     dashboard.add_argument("--address", default="127.0.0.1", help="bind address (default: this machine only)")
+    dashboard.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                           help="also answer requests for this host name (repeatable); by default only "
+                           "localhost, the loopback addresses and --address are answered")
     dashboard.set_defaults(func=cmd_dashboard)
     return parser

@@ -7,6 +7,7 @@ import re
 import streamlit as st
 
 from dashboard import derived, state
+from dashboard.markup import code, escape
 
 info, result = state.require_result()
 ss = st.session_state
@@ -26,7 +27,7 @@ else:
         st.markdown("**Precision map** — the allocator's suggestion for an average of 6 weight bits "
                     "(choose another budget or edit it on the *Mixed precision* page).")
     except Exception as exc:  # noqa: BLE001 — e.g. a local-only analysis has nothing to allocate with
-        st.info(f"No precision map for this run: {state.one_line(exc)}")
+        st.info(f"No precision map for this run: {escape(state.one_line(exc))}")
 
 if pmap is not None:
     c1, c2 = st.columns(2)
@@ -46,21 +47,21 @@ c3.download_button("Per-layer report (HTML)", lambda: derived.report_html(info.k
                    file_name=f"{slug}.report.html", mime="text/html", key="dl_report", icon=":material/analytics:", width="stretch",
                    help="Self-contained: opens offline, charts included. Built when you click (a second or two).")
 csv_path = info.path / "layers.csv"
-c4.download_button("layers.csv", (lambda: csv_path.read_bytes()) if csv_path.exists()
+c4.download_button("layers.csv", (lambda: csv_path.read_bytes()) if csv_path.is_file()
                    else (lambda: derived.frame(info.key, result).to_csv(index=False).encode()),
                    file_name=f"{slug}.layers.csv", mime="text/csv", key="dl_csv", icon=":material/table:", width="stretch")
 json_path = info.path / "analysis.json"
 c5.download_button("analysis.json", lambda: json_path.read_bytes(), file_name=f"{slug}.analysis.json",
                    mime="application/json", key="dl_analysis", icon=":material/data_object:", width="stretch",
                    help="Everything, reloadable with analysis.results.load_analysis.")
-st.caption(f"The run folder on the server: `{info.path}`")
+st.caption(f"The run folder on the server: {code(info.path)}")
 
 # --- toolchain files (analysis.export) -------------------------------------------------------------
 
 st.markdown("**Toolchain files**")
 targets, why_not = derived.toolchain_targets()
 if why_not:
-    st.caption(f"AIMET encodings and ONNX Runtime overrides: {why_not}.")
+    st.caption(f"AIMET encodings and ONNX Runtime overrides: {escape(why_not)}.")
 elif pmap is None:
     st.caption("Needs a precision map.")
 else:
@@ -76,7 +77,7 @@ else:
                 raise ValueError("this run does not record its model and data (made outside the dashboard?)")
             model, calibration = state.load_model(inputs), state.load_data(inputs)
         except Exception as exc:  # noqa: BLE001 — e.g. uploaded files gone after a restart
-            st.error(f"Cannot load the run's model: {state.one_line(exc)}")
+            st.error(f"Cannot load the run's model: {escape(state.one_line(exc))}")
         else:
             with st.spinner("Exporting…"):
                 for target, label, filename in targets:
@@ -97,6 +98,6 @@ else:
                 column.download_button(label, entry[1], file_name=f"{slug}.{entry[2]}", key=f"dl_tool_{target}",
                                        icon=":material/extension:", width="stretch")
             else:
-                column.error(f"{label}: {entry[1]}")
+                column.error(f"{label}: {escape(entry[1])}")
     elif built:
         st.caption("The map changed since the files were prepared: prepare them again.")

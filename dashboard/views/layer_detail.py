@@ -6,6 +6,7 @@ import streamlit as st
 
 from analysis import charts
 from dashboard import derived, state
+from dashboard.markup import escape
 
 info, result = state.require_result()
 table = derived.frame(info.key, result)
@@ -43,7 +44,7 @@ m3.metric("Weight shape", "×".join(map(str, layer.weight_shape)))
 m4.metric("MACs / sample", f"{layer.macs:,}")
 m5.metric("Sensitivity rank", f"#{rank[layer_name]} of {len(names)}" if layer_name in rank else "–")
 if layer.aliases:
-    st.caption(f"Shares its weight with: {', '.join(layer.aliases)}")
+    st.caption(f"Shares its weight with: {escape(', '.join(layer.aliases))}")
 if not layer.quantizable_input:
     st.caption("Its input is integer indices (an embedding): only the weight is quantized.")
 
@@ -94,7 +95,7 @@ with col4:
             hists, f"{layer_name}: FP32 weight range per output channel"))
         st.plotly_chart(fig, key="detail_channels")
 
-st.markdown(f"**Every target × format for {layer_name}**")
+st.markdown(f"**Every target × format for {escape(layer_name)}**")
 columns = [c for c in ["target", "format", "sqnr_db", "output_sqnr_db", "output_kl", "output_top1_agreement",
                        "cosine", "output_cosine", "mse", "output_mse", "max_abs_error", "output_max_abs_error",
                        "status", "error"] if c in rows]

@@ -10,6 +10,7 @@ import streamlit as st
 from analysis import charts
 from analysis.allocate import BUDGET_KINDS, COST_KINDS, Budget, finish_map, suggest
 from dashboard import derived, figures, state
+from dashboard.markup import escape
 
 info, result = state.require_result()
 ss = st.session_state
@@ -65,7 +66,7 @@ if kind == "max-drop":
                                             fingerprint=derived.fingerprint_of(result),
                                             provenance=derived.provenance_of(result))
         except Exception as exc:  # noqa: BLE001
-            st.error(state.one_line(exc))
+            st.error(escape(state.one_line(exc)))
     sug = found.get(search_key)
     if sug is None:
         st.info("Press the button to search (it runs a few evaluations of the model).")
@@ -74,7 +75,7 @@ else:
     try:
         sug = derived.suggestion(info.key, kind, value, prob, result)
     except Exception as exc:  # noqa: BLE001 — e.g. an impossible budget the allocator refuses
-        st.error(state.one_line(exc))
+        st.error(escape(state.one_line(exc)))
         st.stop()
 
 # --- the map: suggested, or loaded from a file, then edited by hand -----------------------------------
@@ -88,7 +89,7 @@ with st.expander("Load a precision map from a file (JSON / YAML)"):
             pmap_loaded = derived.load_map_upload(upload.getvalue(), upload.name, result)
             loaded[info.id] = (upload.name, pmap_loaded.to_dict())
         except Exception as exc:  # noqa: BLE001
-            st.error(state.one_line(exc))
+            st.error(escape(state.one_line(exc)))
     if info.id in loaded and st.button("Back to the suggested map", key="mp_unload"):
         loaded.pop(info.id, None)
         st.rerun()
@@ -99,14 +100,14 @@ if info.id in loaded:
     source_name, source_dict = loaded[info.id]
     base_map = map_from_dict(source_dict, source_name)
     editor_key = f"mp_editor_{info.id}_file_{hashlib.sha1(str(source_dict).encode()).hexdigest()[:8]}"
-    st.caption(f"Showing the map loaded from **{source_name}**.")
+    st.caption(f"Showing the map loaded from **{escape(source_name)}**.")
 else:
     base_map = sug.map
     editor_key = f"mp_editor_{info.id}_{kind}_{value:g}"
 
 for note in sug.notes if info.id not in loaded else ():
     # An impossible budget is a bad input: said as an error (the allocator still shows its closest map).
-    (st.error if "cannot be met" in note or "not met" in note else st.warning)(f"Allocator: {note}")
+    (st.error if "cannot be met" in note or "not met" in note else st.warning)(f"Allocator: {escape(note)}")
 
 weight_options, act_options = derived.format_choices(result)
 base_table = derived.map_table(prob, base_map)
@@ -136,11 +137,11 @@ with left:
     try:
         pmap = derived.map_from_table(edited, result, notes=tuple(base_map.notes))
     except Exception as exc:  # noqa: BLE001 — a bad edit: say why, keep the last valid map
-        st.error(f"Map edit not applied: {state.one_line(exc)}")
+        st.error(f"Map edit not applied: {escape(state.one_line(exc))}")
         pmap = ss.current_maps.get(info.id) or base_map
     changed = [name for name in pmap.layers if pmap.precision(name) != base_map.precision(name)]
     if changed:
-        st.caption(f"{len(changed)} layer(s) changed by hand: {', '.join(changed[:6])}"
+        st.caption(f"{len(changed)} layer(s) changed by hand: {escape(', '.join(changed[:6]))}"
                    + (" …" if len(changed) > 6 else ""))
 
 # The map as it is exported: the same budget / predicted / measured fields as `quantlens suggest`
@@ -225,7 +226,7 @@ if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
                                             "samples": eval_samples}
         pmap = ss.current_maps[info.id] = finish_map(prob, pmap, map_budget, measured)
     except Exception as exc:  # noqa: BLE001 — missing files, unknown layers, model errors: one line
-        st.error(f"Evaluation failed: {state.one_line(exc)}")
+        st.error(f"Evaluation failed: {escape(state.one_line(exc))}")
 if stored:
     st.dataframe(derived.evaluation_table(stored["rows"]), hide_index=True, key="mp_eval_table", placeholder="–",
                  column_config={

@@ -9,6 +9,7 @@ import streamlit as st
 from analysis import charts
 from analysis.results import TARGETS
 from dashboard import derived, state, widgets
+from dashboard.markup import escape
 
 st.title("Model & data")
 st.caption("Which layers lose precision when quantized, and what it costs. Pick a model, pick formats, run.")
@@ -76,12 +77,14 @@ def _upload_inputs(values: dict) -> state.Inputs:
     label = model_file.name if model_file is not None else factory
     if model_file is not None and not is_program:
         label = f"{factory} + {model_file.name}"
-    return state.Inputs(
+    inputs = state.Inputs(
         model_spec=model_spec, weights=weights, data_spec=str(state.save_upload(calib_file)),
         eval_spec=str(state.save_upload(eval_file)) if eval_file is not None else None,
         task=None if values["task"] == "auto" else values["task"], label=label,
         data_label=calib_file.name + (f" (eval: {eval_file.name})" if eval_file is not None else ""),
     )
+    state.trust_code(model_spec)  # named here, with the box ticked: the one way code gets trusted
+    return inputs
 
 
 def _submit(source: str, values: dict) -> None:
@@ -90,7 +93,7 @@ def _submit(source: str, values: dict) -> None:
         inputs = state.sample_inputs(values["sample"]) if source == "sample" else _upload_inputs(values)
         job = state.start_job(inputs, config)
     except Exception as exc:  # noqa: BLE001 — one line; the earlier results stay selected
-        st.error(state.one_line(exc))
+        st.error(escape(state.one_line(exc)))
         return
     state.attach_job(job)
     st.rerun()
@@ -124,6 +127,10 @@ with left:
                 placeholder="models/net.py:build_model")
             values["trust"] = st.checkbox("I trust this code (.pt2 programs and factories run Python code)",
                                           key="md_trust")
+            st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
+                       "a factory is your own Python: tick only for files you wrote or got from someone you "
+                       "trust. The dashboard runs code only from a file you name here in this session, and only "
+                       "while it is unchanged.")
             values["calib_file"] = st.file_uploader(
                 "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
                 key="md_calib_file")
@@ -167,12 +174,12 @@ with right:
             current = state.current_result()
         except Exception as exc:  # noqa: BLE001
             current = None
-            st.error(f"Cannot open the selected run: {state.one_line(exc)}")
+            st.error(f"Cannot open the selected run: {escape(state.one_line(exc))}")
         if current is None:
             st.info("No finished analysis selected yet. Run one on the left, or open a saved run in the sidebar.")
         else:
             info, result = current
-            st.subheader(f"Results: {info.model}")
+            st.subheader(f"Results: {escape(info.model)}")
             frame = derived.frame(info.key, result)
             failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
             m1, m2, m3, m4 = st.columns(4)

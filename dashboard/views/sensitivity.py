@@ -8,13 +8,14 @@ import streamlit as st
 
 from analysis import charts, runstore
 from dashboard import derived, figures, state
+from dashboard.markup import escape
 
 info, result = state.require_result()
 table = derived.frame(info.key, result)
 layer_names = [layer.name for layer in result.layers]
 
 st.title("Sensitivity")
-st.caption(f"Run **{info.model}** on {info.data} · {len(result.layers)} layers · {len(table)} trials. "
+st.caption(f"Run **{escape(info.model)}** on {escape(info.data)} · {len(result.layers)} layers · {len(table)} trials. "
            "Local = the layer's own output with FP32 inputs; output = the model's output with only this layer "
            "quantized; cumulative = every layer quantized at once.")
 
@@ -94,7 +95,7 @@ subset = derived.restrict(result, shown_layers)
 filter_key = (search.strip().lower(), target, tuple(formats), metric, top_n)
 
 if search.strip() and view.empty:
-    st.warning(f"No layer matches {search.strip()!r}.")
+    st.warning(f"No layer matches {escape(repr(search.strip()))}.")
 
 # --- table + bar chart ----------------------------------------------------------------------------
 
@@ -102,9 +103,14 @@ left, right = st.columns([3, 2], gap="medium")
 with left:
     st.markdown(f"**{len(view)} trials** · {len(shown_layers)} of {len(layer_names)} layers · "
                 "most sensitive first; click a header to sort, a row to inspect the layer")
-    columns = ["layer", "target", "format", metric, "output_sqnr_db", "sqnr_db", "output_kl",
+    estimated = "output_source" in view and (view["output_source"] == "estimated").any()
+    if estimated:
+        st.caption("Output metrics in rows marked *estimated* are first-order estimates (one backward pass per "
+                   "projection), not measurements; rows marked *exact* were measured.")
+    columns = ["layer", "target", "format", metric, "output_sqnr_db", "output_source" if estimated else None,
+               "sqnr_db", "output_kl",
                "output_top1_agreement", "kind", "cosine", "mse", "params", "macs", "status", "error"]
-    columns = [c for c in dict.fromkeys(columns) if c in view]
+    columns = [c for c in dict.fromkeys(columns) if c is not None and c in view]
     st.session_state["_sens_rows"] = list(view["layer"])
     st.dataframe(
         view[columns], hide_index=True, height=min(38 + 35 * max(len(view), 1), 560), key="sens_table",
@@ -112,6 +118,7 @@ with left:
         column_config={
             "sqnr_db": st.column_config.NumberColumn("local SQNR (dB)", format="%.1f"),
             "output_sqnr_db": st.column_config.NumberColumn("output SQNR (dB)", format="%.1f"),
+            "output_source": st.column_config.TextColumn("output", help="exact: measured; estimated: first-order estimate"),
             "output_kl": st.column_config.NumberColumn("output KL", format="%.2e"),
             "output_top1_agreement": st.column_config.NumberColumn("top-1 agreement", format="percent"),
             "cosine": st.column_config.NumberColumn("local cosine", format="%.5f"),
@@ -140,7 +147,7 @@ with right:
 selected = st.session_state.get("selected_layer")
 if selected in layer_names:
     s1, s2 = st.columns([3, 1])
-    s1.info(f"Selected layer: **{selected}** (click a bar, a heat-map cell or a table row to change it)")
+    s1.info(f"Selected layer: **{escape(selected)}** (click a bar, a heat-map cell or a table row to change it)")
     s2.page_link("views/layer_detail.py", label="Open in Layer detail →", icon=":material/zoom_in:")
 
 # --- more views (only the open tab is computed) ----------------------------------------------------
@@ -182,7 +189,7 @@ with tabs[2]:
             st.info("The cumulative analysis was not run for this analysis.")
         failed_cum = [c for c in result.cumulative if c.error]
         if failed_cum:
-            st.warning("Failed cumulative configurations: " + "; ".join(f"{c.format}: {c.error}" for c in failed_cum))
+            st.warning("Failed cumulative configurations: " + "; ".join(f"{escape(c.format)}: {escape(c.error)}" for c in failed_cum))
 
 with tabs[3]:
     if tabs[3].open:
@@ -213,12 +220,12 @@ with tabs[4]:
             try:
                 other_result = state.load_run_result(other)
             except Exception as exc:  # noqa: BLE001
-                st.error(f"Cannot open run {other.id}: {state.one_line(exc)}")
+                st.error(f"Cannot open run {escape(other.id)}: {escape(state.one_line(exc))}")
                 st.stop()
             other_table = derived.frame(other.key, other_result)
             compare_metric = metric if metric in other_table else "sqnr_db"
             merged = figures.compare_frame(table, other_table, compare_metric)
-            st.caption(f"A = this run ({info.title()}), B = {other.title()}; {charts.metric_label(compare_metric)}; "
+            st.caption(f"A = this run ({escape(info.title())}), B = {escape(other.title())}; {charts.metric_label(compare_metric)}; "
                        "rows are the layer × target × format trials both runs have.")
             if merged.empty:
                 st.warning("The two runs share no layer × target × format trials (different models or formats).")

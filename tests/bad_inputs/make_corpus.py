@@ -10,6 +10,7 @@ suite checks that). The model factories are hand-written sources, not generated:
     nan_weights.py:make / make_inf a NaN in fc1.weight / an Inf in fc2.weight
     nan_activations.py:make        finite weights, NaN activations (sqrt of a negative)
     constant_weights.py:make       fc1.weight one constant, fc2.weight all zeros
+    markdown_names.py:make         a valid MLP whose first layer is named ![x](http://host/x)
 
 Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids in 0..3):
     good.npz                       24 labelled samples (the valid reference, and a fuzzing seed)
@@ -31,6 +32,7 @@ Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids
     no_labels.npz                  inputs only: no task metric, no max-drop budget
     map_other_model.json           a valid precision map made for tiny.make_other()
     map_unknown_format.json        a precision map naming format "fp4_e2m1"
+    map_yaml_aliases.yaml          a 9-level YAML alias bomb (a few hundred bytes, 10^9 values expanded)
 """
 
 from __future__ import annotations
@@ -131,7 +133,17 @@ def corpus() -> dict[str, bytes]:
         "map_other_model.json": _map(tiny.make_other(), {"fc1": {"weight": "int8"}, "fc2": {"weight": "int4"}}).encode(),
         "map_unknown_format.json": _map(tiny.make(), {"fc1": {"weight": "fp4_e2m1"}}).encode(),
     }
+    files["map_yaml_aliases.yaml"] = _alias_bomb().encode()
     return files
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """Each anchor lists the previous one ten times: 10**levels strings once expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels + 1):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]")
+    lines.append(f"layers: *a{levels}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -1,0 +1,163 @@
+"""Estimated output noise: each trial's local error carried to the model output to first order.
+
+Quantizing one layer perturbs its output by δ (the local error the sweep measures anyway). To first
+order the model output moves by J·δ, where J is the Jacobian of the output with respect to that
+layer's output, so the output noise of one sample is ‖J·δ‖². We never form J: for any random vector
+r with E[r·rᵀ] = I (Rademacher ±1 entries), E[(rᵀ·J·δ)²] = ‖J·δ‖², and rᵀ·J is one backward pass of
+rᵀ·f(x) — for every layer at once. So a sweep costs one forward with autograd plus K backward passes
+per chunk of samples, and per trial only the local replay that gives δ and a dot product, instead of
+re-running the rest of the model. When the output has at most K values per sample (a classifier's
+logits), the K vectors are the basis vectors instead, and Σ_c (e_cᵀ·J·δ)² = ‖J·δ‖² exactly (to first
+order; no sampling noise at all).
+
+Why this estimator and not the diagonal one of gradient-sensitivity tools (Σ_k g_k²·δ_k² with g the
+gradient of the loss): the diagonal form drops every cross term between elements of δ, and weight
+quantization errors are strongly correlated across positions (the same weight error multiplies every
+pixel or token). The projection estimate keeps them; benchmarks/bench_estimate.py measures both.
+Where the model is linear after the layer (the classifier head) the estimate is exact.
+
+What is *not* estimated: cosine and max |error| of the output (NaN, never invented), KL and top-1
+(None). `--verify K` re-measures the most sensitive trials exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from analysis.graph import load_args, placeholders, primary_output, run_node
+from analysis.metrics import ErrorStats, float64_home, sqnr_from_sums
+from analysis.quantsim import QuantSim
+
+DEFAULT_PROJECTIONS = 4
+
+
+def _float_leaves(value: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+
+def _per_sample(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """[samples, rest]: values of one sample in one row (sample-major layouts, as the sweep assumes)."""
+    return t.reshape(samples, -1) if t.numel() % samples == 0 else t.reshape(1, -1)
+
+
+@dataclass
+class OutputGradients:
+    """For one chunk: rᵀ·J at every node that a trial perturbs, for each of K vectors r."""
+
+    samples: int
+    exact: bool  # basis vectors (no sampling noise) rather than random projections
+    grads: dict[Any, list[torch.Tensor]]  # node -> per float leaf of its value: [K, samples, rest]
+    signal: float  # Σ FP32 output², for SQNR
+    count: int  # output elements
+
+    @property
+    def projections(self) -> int:
+        first = next(iter(self.grads.values()), None)
+        return first[0].shape[0] if first else 0
+
+
+def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, projections: int = DEFAULT_PROJECTIONS,
+                     seed: int = 0) -> OutputGradients:
+    """One forward with autograd over the chunk, then K backward passes (see the module docstring).
+
+    The graph runs on the simulator's private prepared copy; the caller's parameters are read, never
+    given gradients (`torch.autograd.grad` returns them instead of accumulating into `.grad`)."""
+    prepared = sim.prepared
+    gm = prepared.graph_module
+    holders = placeholders(prepared)
+    inputs = sim.data.inputs[chunk[0]:chunk[1]].to(sim.device)
+    samples = chunk[1] - chunk[0]
+    wanted = set(nodes)
+    env: dict = {}
+    leaves: dict[Any, list[torch.Tensor]] = {}
+    with torch.enable_grad():
+        for node in prepared.nodes:
+            if node.op == "placeholder":
+                index = holders.index(node)
+                env[node] = inputs if index == 0 else (node.args[0] if node.args else None)
+                continue
+            args, kwargs = load_args(node, env)
+            value = run_node(gm, node, args, kwargs)
+            if node in wanted:
+                # autograd.grad reports rᵀ·J at any tensor of the graph; a value that does not
+                # require grad yet (frozen weights, integer inputs upstream) becomes a leaf that does.
+                value = torch.utils._pytree.tree_map(
+                    lambda t: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and not t.requires_grad else t, value)
+                leaves[node] = _float_leaves(value)
+            env[node] = value
+        output = primary_output(env[prepared.output_node])
+    del env
+    flat = output.detach().reshape(samples, -1)
+    width = flat.shape[1]
+    exact = width <= projections
+    count = projections if not exact else width
+    generator = torch.Generator(device="cpu").manual_seed(seed + chunk[0])
+    grads: dict[Any, list[torch.Tensor]] = {node: [torch.zeros((count, samples, t.numel() // samples if t.numel() % samples == 0 else t.numel()),
+                                                              dtype=torch.float32, device=t.device) for t in ts]
+                                            for node, ts in leaves.items()}
+    order = [(node, i, t) for node, ts in leaves.items() for i, t in enumerate(ts)]
+    for k in range(count):
+        if exact:
+            vector = torch.zeros_like(flat)
+            vector[:, k] = 1.0
+        else:
+            vector = (torch.randint(0, 2, flat.shape, generator=generator) * 2 - 1).to(flat.dtype).to(flat.device)
+        got = torch.autograd.grad(output.reshape(samples, -1), [t for _, _, t in order], grad_outputs=vector,
+                                  retain_graph=k < count - 1, allow_unused=True)
+        for (node, i, t), g in zip(order, got):
+            if g is not None:
+                grads[node][i][k] = _per_sample(g.detach().float(), samples) if t.numel() % samples == 0 else g.detach().float().reshape(1, -1)
+    home = float64_home(flat.device)
+    signal = float(flat.to(home).double().pow(2).sum())
+    return OutputGradients(samples, exact, grads, signal, flat.numel())
+
+
+def node_difference(quantized: Any, reference: Any) -> Any:
+    """quantized − reference for every floating tensor of a node value (tuples of outputs too)."""
+    return torch.utils._pytree.tree_map(
+        lambda q, r: q - r if isinstance(q, torch.Tensor) and q.is_floating_point() else q, quantized, reference)
+
+
+class NoiseEstimate:
+    """Running sum of one trial's estimated output noise over chunks.
+
+    diagonal=True gives the gradient-only variant Σ_k g_k²·δ_k² instead (cross terms between error
+    elements dropped), kept for comparison in benchmarks/bench_estimate.py."""
+
+    def __init__(self, diagonal: bool = False) -> None:
+        self.diagonal = diagonal
+        self.noise = 0.0
+        self.signal = 0.0
+        self.count = 0
+        self._pending: list[torch.Tensor] = []
+
+    def update(self, grads: OutputGradients, deltas: dict[Any, Any]) -> None:
+        """deltas: node -> (quantized − FP32) value of that node (same structure as the node's value)."""
+        dots = None
+        for node, delta in deltas.items():
+            for g, d in zip(grads.grads[node], _float_leaves(delta)):
+                d = d.detach().float()
+                d = _per_sample(d, grads.samples) if d.numel() % grads.samples == 0 else d.reshape(1, -1)
+                if d.shape[0] != g.shape[1]:
+                    continue
+                if self.diagonal:
+                    term = torch.einsum("ksn,sn->k", g.pow(2), d.pow(2)).reshape(-1, 1)
+                else:
+                    term = torch.einsum("ksn,sn->ks", g, d)  # rᵀ·J·δ per vector and sample
+                dots = term if dots is None else dots + term
+        if dots is not None:
+            noise = dots.double().sum() if self.diagonal else dots.double().pow(2).sum()
+            self._pending.append(noise / (1 if grads.exact else grads.projections))
+        self.signal += grads.signal
+        self.count += grads.count
+
+    def result(self) -> ErrorStats:
+        noise = float(torch.stack(self._pending).sum()) if self._pending else 0.0
+        nan = float("nan")
+        return ErrorStats(sqnr_db=sqnr_from_sums(self.signal, noise), mse=noise / max(self.count, 1),
+                          cosine=nan, max_abs_error=nan, count=self.count)
