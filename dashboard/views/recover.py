@@ -11,6 +11,7 @@ from analysis.config import QATConfig
 from analysis.precision_map import uniform_map
 from analysis.qat.compare import recovery_table
 from dashboard import derived, state
+from dashboard.markup import escape
 
 info, result = state.require_result()
 ss = st.session_state
@@ -50,7 +51,7 @@ if st.button("Compare remedies and QAT", type="primary", key="rc_run"):
     bar = st.progress(0.0, text="Measuring the remedies…")
 
     def _progress(done: int, total: int, text: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"QAT epoch {done}/{total}: {text}")
+        bar.progress(min(done / max(total, 1), 1.0), text=f"QAT epoch {done}/{total}: {escape(text)}")
 
     try:
         model = state.load_model(inputs)
@@ -61,7 +62,7 @@ if st.button("Compare remedies and QAT", type="primary", key="rc_run"):
                                        qat=QATConfig(epochs=epochs, lr=lr) if epochs else None, progress=_progress)
         found[run_key] = {"rows": rows, "summary": qat.summary() if qat else []}
     except Exception as exc:  # noqa: BLE001 — missing files, bad labels, model errors: one line
-        st.error(f"Comparison failed: {state.one_line(exc)}")
+        st.error(f"Comparison failed: {escape(state.one_line(exc))}")
     bar.empty()
 
 stored = found.get(run_key)
@@ -89,6 +90,6 @@ st.dataframe(table, hide_index=True, key="rc_table", placeholder="–",
                  "PTQ drop recovered": st.column_config.NumberColumn(format="percent"),
              })
 for line in stored["summary"]:
-    st.caption(line)
+    st.caption(escape(line))  # names the data sets, which the user named
 st.caption("To deploy the fine-tuned weights: `quantlens finetune` writes them with a map whose provenance names "
            "them, and `quantlens export` of that map carries them and their ranges to every toolchain.")
