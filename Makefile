@@ -34,4 +34,5 @@ test-fast: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_sweep.py
 	$(PYTHON) benchmarks/bench_allocator.py
+	$(PYTHON) benchmarks/bench_qat.py
 	$(PYTHON) benchmarks/bench_big_model.py

@@ -231,3 +231,50 @@ def _check_keys(values: Mapping[str, Any], expected: list[str], where: str) -> N
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+QAT_RANGES = ("recalibrate", "lsq")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How quantization-aware fine-tuning trains (`analysis.qat.finetune_qat`). The quantizers
+    themselves are the map's (`QuantConfig`); this only says how the weights are moved.
+
+    Defaults measured on the sample CNN and MLP (benchmarks/bench_qat.py): a learning rate about
+    1/30 of the models' training rate, one warm-up epoch then cosine decay, early stopping on the
+    validation split, and the best checkpoint kept — epoch 0 (the PTQ weights) included."""
+
+    epochs: int = 30  # at most; early stopping usually ends sooner
+    lr: float = 1e-4
+    warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 over the remaining epochs
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    patience: int = 8  # epochs without a better validation score before stopping (0: never stop early)
+    validation_fraction: float = 0.2  # carved from the training data when no validation set is given
+    freeze_bn_after: int = 2  # unfolded BatchNorm (fold_batchnorm=False maps) updates its statistics this many epochs
+    ranges: str = "recalibrate"  # weight ranges: the map's calibration at every step, or LSQ-learned scales
+    loss: str = "distill"  # "distill": KL to the FP32 model's outputs; "task": cross-entropy with the labels
+    keep: str = "best"  # "best": best validation checkpoint, epoch 0 (PTQ) included; "last": the final epoch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "warmup_epochs", "batch_size", "patience", "freeze_bn_after", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
+                raise ConfigError(f"QAT {name.replace('_', ' ')} must be an integer >= "
+                                  f"{1 if name == 'batch_size' else 0}, not {value!r}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or value == float("inf") or (name == "lr" and value == 0):
+                raise ConfigError(f"QAT {name.replace('_', ' ')} must be a finite number "
+                                  f"{'> 0' if name == 'lr' else '>= 0'}, not {value!r}")
+        if not isinstance(self.validation_fraction, (int, float)) or not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"QAT validation fraction must be in (0, 1), not {self.validation_fraction!r}")
+        if self.ranges not in QAT_RANGES:
+            raise ConfigError(f"unknown QAT ranges {self.ranges!r}; use one of {', '.join(QAT_RANGES)}")
+        if self.loss not in ("distill", "task"):
+            raise ConfigError(f"unknown QAT loss {self.loss!r}; use distill or task")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"unknown QAT keep {self.keep!r}; use best or last")

@@ -80,6 +80,9 @@ def check_labels(data: Dataset, output: torch.Tensor) -> None:
         return
     classes = int(output.shape[-1])
     labels = data.labels
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"the labels of data set {data.name!r} are {labels.dtype}, not class indices; give integer "
+                         f"labels in [0, {classes}), or pass --task other if they are not class ids")
     outside = (labels < 0) | (labels >= classes)
     if data.task == "language-model":  # cross-entropy's ignore_index: padding, not scored
         outside &= labels != IGNORE_INDEX

@@ -26,6 +26,7 @@ PAGES = [
     st.Page("views/sensitivity.py", title="Sensitivity", icon=":material/bar_chart:"),
     st.Page("views/layer_detail.py", title="Layer detail", icon=":material/zoom_in:"),
     st.Page("views/mixed_precision.py", title="Mixed precision", icon=":material/tune:"),
+    st.Page("views/recover.py", title="Recover", icon=":material/healing:"),
     st.Page("views/export.py", title="Export & reports", icon=":material/download:"),
 ]
 

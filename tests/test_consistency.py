@@ -99,11 +99,14 @@ def test_finetune_epoch_zero_reproduces_the_simulation(project):
     root, out = project
     pmap = load_map(out / "map.json")
     data = _data(root)
-    _, report = finetune_qat(_model(root), pmap, data, data, evaluation=data, epochs=0)
+    from analysis.config import QATConfig
+
+    result = finetune_qat(_model(root), pmap, data, data, evaluation=data, config=QATConfig(epochs=0))
     api = Evaluator(_model(root), data.take(pmap.quant.num_samples), data, pmap.quant).evaluate(pmap)
-    assert report["before"] == pytest.approx(api.metric, abs=0)
-    assert report["after"] == pytest.approx(api.metric, abs=0)
-    assert report["before_output_sqnr_db"] == pytest.approx(api.output.sqnr_db, rel=1e-9)
+    assert result.kept == "ptq" and result.qat is None
+    assert result.ptq == pytest.approx(api.metric, abs=0)
+    assert result.returned == pytest.approx(api.metric, abs=0)
+    assert result.ptq_output_sqnr_db == pytest.approx(api.output.sqnr_db, rel=1e-9)
 
 
 def test_the_dashboard_builds_the_same_map_object(project):

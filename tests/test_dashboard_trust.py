@@ -420,7 +420,7 @@ def test_names_that_are_markdown_render_as_text_on_every_page(tmp_path, monkeypa
     assert state.current_run() is not None or at.session_state.run_id
 
     seen: list[str] = []
-    for page in ("model_data", "sensitivity", "layer_detail", "mixed_precision", "export"):
+    for page in ("model_data", "sensitivity", "layer_detail", "mixed_precision", "recover", "export"):
         at.session_state.selected_layer = IMAGE_NAME
         _page(at, page)
         seen += _rendered_markdown(at)

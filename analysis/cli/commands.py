@@ -55,7 +55,7 @@ def _check_output(path: str | Path, args: argparse.Namespace, *inputs: str | Non
     return path
 
 
-def _progress_bar(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+def _progress_bar(quiet: bool, unit: str = "trial") -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
     if quiet:
         return None, lambda: None
     from tqdm import tqdm
@@ -64,8 +64,8 @@ def _progress_bar(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, 
 
     def update(done: int, total: int, label: str) -> None:
         if not bar:
-            bar.append(tqdm(total=total, unit="trial", file=sys.stderr, dynamic_ncols=True, leave=False))
-        bar[0].set_postfix_str(label[-30:], refresh=False)
+            bar.append(tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False))
+        bar[0].set_postfix_str(label[-40:], refresh=False)
         bar[0].update(done - bar[0].n)
 
     return update, lambda: bar[0].close() if bar else None
@@ -329,28 +329,49 @@ def _print_evaluations(evaluations) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_model
-
-    from analysis.finetune import finetune_qat
+    from analysis.config import QATConfig
     from analysis.loading import check_compatible, load_data
     from analysis.precision_map import load_map
+    from analysis.provenance import Provenance
+    from analysis.qat import finetune_qat
+    from analysis.qat.save import architecture_spec, save_fine_tuned
+    from torch import nn
 
-    from analysis.runstore import write_output
-
-    _check_output(args.out, args, args.map, args.model, args.weights, args.data, args.train_data, args.eval_data)
+    read = (args.map, args.model, args.weights, args.data, args.train_data, args.val_data, args.eval_data)
+    map_out = Path(args.out_map) if args.out_map else Path(args.out).with_suffix(".map.json")
+    _check_output(args.out, args, *read)
+    _check_output(map_out, args, *read)
     pmap = load_map(args.map)
     model = _map_model(args, pmap, f"the map {args.map}")
+    recorded = Provenance.from_dict(pmap.provenance)
+    model_spec = getattr(args, "model", None) or recorded.model_spec
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{model_spec} is an exported program, which holds its weights: finetune writes a weights file "
+                       "for a file.py:factory or sample model; fine-tune from Python (analysis.qat.finetune_qat)")
+    architecture_spec(model, model_spec)  # refuse before training what could not be saved after it
     samples = _quant_for(pmap, args.samples).num_samples
     calibration = load_data(args.data, split="calibration", task=args.task, max_samples=samples)
     check_compatible(model, calibration)
     train = load_data(args.train_data, task=args.task) if args.train_data else calibration
+    validation = load_data(args.val_data, task=args.task) if args.val_data else None
     spec, split = _eval_spec(args.data, args.eval_data)
     evaluation = load_data(spec, split=split, task=args.task)
-    tuned, report = finetune_qat(model, pmap, train, calibration, evaluation=evaluation, epochs=args.epochs,
-                                 lr=args.lr, batch_size=args.batch_size)
-    write_output(args.out, lambda tmp: save_model(tuned, str(tmp)), force=True)  # checked before training
-    print(f"{report.get('metric', 'metric')}: before {report['before']:.3f}, after {report['after']:.3f} "
-          f"({args.epochs} epochs) -> {args.out}")
+    defaults = QATConfig()
+    config = QATConfig(**{name: getattr(args, name) if getattr(args, name) is not None else getattr(defaults, name)
+                          for name in ("epochs", "lr", "batch_size", "patience", "ranges", "loss", "keep")})
+    update, close = _progress_bar(args.quiet, unit="epoch")
+    try:
+        result = finetune_qat(model, pmap, train, calibration, validation=validation, evaluation=evaluation,
+                              config=config, progress=update, device=args.device)
+    finally:
+        close()
+    for line in result.summary():
+        print(line)
+    tuned_map = save_fine_tuned(result, pmap, args.out, model_spec=model_spec, data_spec=args.data, source=model)
+    tuned_map.save(map_out)
+    kept = "fine-tuned" if result.kept == "qat" else "PTQ (unchanged)"
+    print(f"{kept} weights -> {args.out}; map for them -> {map_out} "
+          f"(evaluate / export it: quantlens export {map_out} --to aimet --out ...)")
     return 0
 
 

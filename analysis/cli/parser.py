@@ -99,17 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace an --out file that quantlens did not write")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map (straight-through estimator)")
+    finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map; keeps the PTQ model "
+                              "unless fine-tuning beats it on a validation split")
     _add_model_args(finetune)
     finetune.add_argument("--map", required=True, help="precision map to train under")
-    finetune.add_argument("--train-data", help="labelled training data (default: --data)")
-    finetune.add_argument("--eval-data", help="held-out data for before/after (default: the sample's evaluation split)")
-    finetune.add_argument("--epochs", type=int, default=3)
-    finetune.add_argument("--lr", type=float, default=1e-4)
-    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--train-data", help="labelled training data (default: --data's calibration split)")
+    finetune.add_argument("--val-data", help="validation data to select the checkpoint on "
+                          "(default: 20%% carved from the training data)")
+    finetune.add_argument("--eval-data", help="held-out data for FP32 / PTQ / QAT (default: the sample's evaluation split)")
+    finetune.add_argument("--epochs", type=int, help="at most this many epochs; early stopping ends sooner (default 30)")
+    finetune.add_argument("--lr", type=float, help="peak learning rate, after a one-epoch warm-up (default 1e-4)")
+    finetune.add_argument("--batch-size", type=int, help="default 32")
+    finetune.add_argument("--patience", type=int, help="stop after this many epochs without a better validation "
+                          "score (0: never; default 8)")
+    finetune.add_argument("--loss", choices=("distill", "task"), help="distill: KL to the FP32 model (default); "
+                          "task: cross-entropy with the labels")
+    finetune.add_argument("--ranges", choices=("recalibrate", "lsq"), help="weight ranges during training: the map's "
+                          "calibration at every step (default) or LSQ-learned scales")
+    finetune.add_argument("--keep", choices=("best", "last"), help="best: the best validation checkpoint, the PTQ "
+                          "model included (default); last: the last epoch")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bar")
     finetune.add_argument("--out", required=True, help="write the fine-tuned weights (.safetensors)")
+    finetune.add_argument("--out-map", help="write the map for the fine-tuned weights (default: OUT with .map.json)")
     finetune.add_argument("--force", action="store_true",
-                         help="replace an --out file that quantlens did not write")
+                         help="replace an --out or --out-map file that quantlens did not write")
     finetune.set_defaults(func=cmd_finetune)
 
     remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
