@@ -113,9 +113,6 @@ class Job:
             self._model = self._data = None  # the cached originals stay cached; drop our references
 
 
-JOBS: dict[str, Job] = {}
-
-
 # --- the registry: this server's jobs, shared by all its sessions ---------------------------------
 
 JOBS: dict[str, Job] = {}

@@ -780,6 +780,7 @@ def test_a_failed_write_keeps_the_previous_file_and_names_it(tiny_run, tmp_path,
 def test_labels_outside_the_classes_are_refused_by_every_command_that_uses_them(tiny_run):
     from analysis.allocate import build_problem, parse_budget, suggest
     from analysis.evaluate import Evaluator
+    from analysis.config import QATConfig
     from analysis.finetune import finetune_qat
     from analysis.precision_map import uniform_map
     from analysis.results import load_analysis
@@ -788,20 +789,25 @@ def test_labels_outside_the_classes_are_refused_by_every_command_that_uses_them(
     for make in (lambda: Evaluator(model, good, bad),
                  lambda: suggest(build_problem(load_analysis(tiny_run)), parse_budget("max-drop=1"),
                                  measure=Evaluator(model, bad).measure),
-                 lambda: finetune_qat(model, uniform_map(["fc1", "fc2"], "int4", None), bad, good, epochs=1)):
+                 lambda: finetune_qat(model, uniform_map(["fc1", "fc2"], "int4", None), bad, good,
+                                      config=QATConfig(epochs=1))):
         with pytest.raises(ValueError) as info:
             make()
         assert "2 label(s) outside the model's 4 classes (ids 0..3): -1, 99" in one_line(str(info.value))
 
 
 def test_finetune_divergence_names_the_learning_rate():
+    """Divergence is the learning rate's fault, said in one line, and the PTQ model comes back."""
+    from analysis.config import QATConfig
     from analysis.finetune import finetune_qat
     from analysis.precision_map import uniform_map
 
     model, good = _factory("tiny.py:make"), load_data(corpus("good.npz"))
-    with pytest.raises(ValueError) as info:
-        finetune_qat(model, uniform_map(["fc1", "fc2"], "int8", None), good, good, epochs=3, lr=1e30)
-    assert "learning rate 1e+30" in one_line(str(info.value)) and "model or data" not in str(info.value)
+    result = finetune_qat(model, uniform_map(["fc1", "fc2"], "int8", None), good, good,
+                          config=QATConfig(epochs=3, lr=1e30))
+    notes = [note for note in result.notes if "diverged" in note]
+    assert result.kept == "ptq" and len(notes) == 1 and "\n" not in notes[0]
+    assert "1e+30" in notes[0] and "--lr" in notes[0] and "model or data" not in notes[0]
 
 
 def test_the_callers_model_keeps_its_buffers_and_mode():

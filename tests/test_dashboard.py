@@ -414,6 +414,7 @@ def test_upload_a_state_dict_with_factory_runs(tmp_path, template_runs):
     at.file_uploader(key="md_calib_file").upload(
         "calib.npz", _npz(inputs=calib["inputs"].numpy()[:48], labels=calib["labels"].numpy()[:48]))
     at.multiselect(key="md_acts").set_value(["none"])
+    at.radio(key="md_output").set_value("estimated (fast)")
     at.button(key="md_run").click().run()
     _ok(at)
     assert not _errors(at)
@@ -421,7 +422,9 @@ def test_upload_a_state_dict_with_factory_runs(tmp_path, template_runs):
     info = state.get_run(at.session_state.run_id)
     assert info.done and "weights.pt" in info.model
     _page(at, "sensitivity")
-    assert len(at.dataframe(key="sens_table").value) == MLP_LAYERS * 2  # weight-only: int8, int4
+    table = at.dataframe(key="sens_table").value
+    assert len(table) == MLP_LAYERS * 2  # weight-only: int8, int4
+    assert set(table["output_source"]) == {"estimated"}  # estimated output metrics are marked as such
 
 
 def test_corrupt_run_in_the_store_is_reported(tmp_path, template_runs):

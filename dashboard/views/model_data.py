@@ -11,6 +11,8 @@ from analysis.results import TARGETS
 from dashboard import derived, state, widgets
 from dashboard.markup import escape
 
+OUTPUT_MODES = {"exact": "exact", "estimated (fast)": "estimated"}  # label -> AnalysisConfig.output_metrics
+
 st.title("Model & data")
 st.caption("Which layers lose precision when quantized, and what it costs. Pick a model, pick formats, run.")
 
@@ -37,6 +39,7 @@ def _config(values: dict):
         weight_calibration=values["wcal"], act_calibration=values["acal"],
         dynamic_activations=values["dynamic"], fold_batchnorm=values["fold"],
         num_samples=int(values["samples"]), cumulative=values["cumulative"],
+        output_metrics=OUTPUT_MODES[values["output"]],
     )
 
 
@@ -160,6 +163,11 @@ with left:
             values["fold"] = st.checkbox("Fold BatchNorm into convolutions", value=True, key="md_fold")
             values["cumulative"] = st.checkbox("Cumulative analysis (all layers quantized at once)", value=True,
                                                key="md_cumulative")
+            values["output"] = st.radio(
+                "Output metrics", list(OUTPUT_MODES), key="md_output", horizontal=True,
+                help="Exact re-runs the model after each layer for every trial. Estimated carries each layer's "
+                     "error to the output to first order (one backward pass per projection): much faster on big "
+                     "models, and marked 'estimated' in every table.")
         submitted = st.form_submit_button("Run analysis", type="primary", disabled=running, key="md_run",
                                           help="Disabled while an analysis runs." if running else None)
     if submitted:
