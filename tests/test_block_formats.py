@@ -290,3 +290,44 @@ def test_per_layer_output_sqnr_agrees_with_the_reference_within_0_1_db(model_nam
                 ref_out = primary_output(torch.func.functional_call(sim.gm, {params[layer.name]: ref_weight}, (inputs,)))
             engine = _sqnr(fp32, sim.forward(inputs, {layer.name: (fmt, None)}))
             assert abs(engine - _sqnr(fp32, ref_out)) <= 0.1, (layer.name, name)
+
+
+# --- real kernels: the plan and its refusals (no Blackwell GPU here) ------------------------------------
+
+
+def test_real_plan_maps_block_formats_to_torchao_configs_and_keeps_them_float_off_blackwell():
+    from analysis.precision_map import LayerPrecision, PrecisionMap
+    from analysis.real.plan import _plan, block_kernel_reason
+
+    layers = [Layer(name, "Linear", 64 * 64, (64, 64), 0, (name,)) for name in ("a", "b", "c", "d")]
+    pmap = PrecisionMap({"a": LayerPrecision("mxfp4", "mxfp4"), "b": LayerPrecision("nvfp4", None),
+                         "c": LayerPrecision("mxfp6_e2m3", None), "d": LayerPrecision("mxfp8_e4m3", "mxfp8_e4m3")})
+    described = _plan(pmap, layers)  # formats only: what the configs would be
+    assert described.specs["a"].config == "MXDynamicActivationMXWeightConfig"
+    assert described.specs["a"].kwargs["weight_dtype"] == "torch.float4_e2m1fn_x2"
+    assert described.specs["b"].config == "NVFP4WeightOnlyConfig"
+    assert described.specs["d"].kwargs["activation_dtype"] == "torch.float8_e4m3fn"
+    assert "torchao's block configs are" in described.unsupported["c"]
+    on_cpu = _plan(pmap, layers, "cpu")
+    assert not on_cpu.specs
+    for name in ("a", "b", "d"):
+        reason = on_cpu.unsupported[name]
+        assert "compute capability 10.0+" in reason and "runs on cpu" in reason and "\n" not in reason
+    assert block_kernel_reason("cpu") is not None
+    # the configs named exist in the installed torchao and accept the arguments
+    pytest.importorskip("torchao", reason="torchao not installed")
+    for spec in described.specs.values():
+        assert type(spec.build()).__name__ == spec.config
+
+
+def test_real_path_leaves_block_layers_float_on_cpu_with_the_reason():
+    import sample_models
+    from analysis.precision_map import LayerPrecision, PrecisionMap
+    from analysis.real import apply_real
+
+    pytest.importorskip("torchao", reason="torchao not installed")
+    model = sample_models.load_model("mlp")
+    pmap = PrecisionMap({"fc1": LayerPrecision("nvfp4", None), "fc2": LayerPrecision("int8", None)})
+    quantized, left = apply_real(model, pmap)
+    assert "compute capability" in left["fc1"] and "fc2" not in left
+    assert type(quantized.fc1.weight) is torch.nn.Parameter and type(quantized.fc2.weight) is not torch.nn.Parameter
