@@ -33,5 +33,6 @@ test-fast: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_sweep.py
+	$(PYTHON) benchmarks/bench_block_formats.py
 	$(PYTHON) benchmarks/bench_allocator.py
 	$(PYTHON) benchmarks/bench_big_model.py

@@ -39,6 +39,13 @@ def effective_bits(fmt: Format | None) -> float:
     return float(fmt.bits)
 
 
+def bits_label(name: str, role: str = "weight") -> str:
+    """A format name with its effective bits ("mxfp4 (4.25 bits)"), for reports and pickers."""
+    from analysis.formats import parse_format
+
+    return f"{name} ({effective_bits(parse_format(name, role)):g} bits)"
+
+
 def scale_count(layer: Layer, fmt: Format) -> int:
     """How many scale groups (rows of `formats.to_rows`: channels, groups or blocks) the weight has
     in this format; 0 for formats that store no scale (fp16/bf16)."""

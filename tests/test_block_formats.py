@@ -331,3 +331,9 @@ def test_real_path_leaves_block_layers_float_on_cpu_with_the_reason():
     quantized, left = apply_real(model, pmap)
     assert "compute capability" in left["fc1"] and "fc2" not in left
     assert type(quantized.fc1.weight) is torch.nn.Parameter and type(quantized.fc2.weight) is not torch.nn.Parameter
+
+
+def test_reports_label_formats_with_their_effective_bits():
+    assert costs.bits_label("mxfp4") == "mxfp4 (4.25 bits)"
+    assert costs.bits_label("nvfp4", "activation") == "nvfp4 (4.5 bits)"
+    assert costs.bits_label("int4-g128") == "int4-g128 (4.125 bits)"

@@ -1,0 +1,58 @@
+"""Per-trial cost of a sweep in block formats (MX, NVFP4) against integer formats.
+
+The residual CNN of bench_sweep.py (20 layers, BatchNorm folded), each format set swept from scratch
+(weights quantized and, for integer activations, ranges calibrated inside the timed run) with the
+default calibration (MSE clipping for integer weights, 99.99th percentile for integer activations;
+block formats need neither: their scales come from each block). Best of `--repeats` runs, format
+sets alternated so machine noise hits each alike. Run: python benchmarks/bench_block_formats.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from analysis.data import Dataset
+from analysis.sweep import AnalysisConfig, Sweep
+from bench_sweep import ResidualCNN  # the same model as the sweep benchmark
+
+SETS = {
+    "weights int8, int4": (("int8", "int4"), ()),
+    "weights mxfp8_e4m3, mxfp4": (("mxfp8_e4m3", "mxfp4"), ()),
+    "weights int4-g32": (("int4-g32",), ()),
+    "weights nvfp4": (("nvfp4",), ()),
+    "weights + inputs int8": (("int8",), ("int8",)),
+    "weights + inputs mxfp8_e4m3": (("mxfp8_e4m3",), ("mxfp8_e4m3",)),
+    "weights + inputs nvfp4": (("nvfp4",), ("nvfp4",)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    data = Dataset(torch.randn(args.samples, 3, 16, 16), torch.randint(0, 10, (args.samples,)), "classification", "random")
+    best: dict[str, float] = {}
+    trials: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for label, (weights, acts) in SETS.items():
+            config = AnalysisConfig(weight_formats=weights, act_formats=acts, targets=("both",) if acts else ("weights",),
+                                    cumulative=False, num_samples=args.samples)
+            start = time.perf_counter()
+            sweep = Sweep(model, data, config)
+            result = sweep.run()
+            elapsed = time.perf_counter() - start
+            trials[label] = len(result.trials)
+            best[label] = min(best.get(label, float("inf")), elapsed / len(result.trials))
+    print(json.dumps({label: {"trials": trials[label], "ms_per_trial": round(1000 * best[label], 1)} for label in SETS},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
