@@ -324,7 +324,7 @@ class QuantSim:
             for index in self.activation_indices(site):
                 if not fmt.scaled or dynamic:
                     out.append(ActivationParams(layer, site.node.name, index, fmt, dynamic and (fmt.scaled or fmt.block_scaled),
-                                                per_token(site) if fmt.scaled else site.reduction_axis == -1))
+                                                site.reduction_axis == -1 if fmt.block_scaled else per_token(site)))
                     continue
                 lo, hi = self.activation_range(site, index, fmt)
                 scale, zero_point = scale_and_zero_point(fmt, lo.reshape(1), hi.reshape(1))
