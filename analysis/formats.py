@@ -103,15 +103,19 @@ def round_to_element(x: torch.Tensor, element: ElementType) -> torch.Tensor:
     if element.dtype is not None:
         # Casting past the fp8 range gives NaN for e4m3fn: clamp first (saturating cast).
         return x.clamp(-element.max_normal, element.max_normal).to(element.dtype).to(x.dtype)
-    magnitude = x.abs()
+    magnitude = x.abs().float().contiguous()
     # Values in [2^e, 2^(e+1)) have steps of 2^(e - mantissa bits); below the smallest normal
-    # exponent (1 - bias) the step stays that of the subnormals. frexp: m·2^k, m in [0.5, 1).
-    exponent = (torch.frexp(magnitude)[1] - 1).clamp_(min=1 - element.bias)
-    if element.exponent_bits == 0:
-        exponent.fill_(1 - element.bias)
-    step = torch.ldexp(torch.ones_like(magnitude), exponent - element.mantissa_bits)
-    rounded = torch.round(magnitude / step).mul_(step).clamp_(max=element.max_normal)
-    return torch.copysign(rounded, x)
+    # exponent (1 - bias) the step stays that of the subnormals. 2^e is the value with its mantissa
+    # bits cleared (exact and cheaper than frexp/ldexp; the input is finite, and float32 subnormals
+    # clear to 0, below every element type's subnormal step).
+    smallest = 2.0 ** (1 - element.bias)
+    if element.exponent_bits == 0:  # fixed point: one step everywhere
+        step: torch.Tensor | float = smallest * 2.0 ** -element.mantissa_bits
+    else:
+        step = (magnitude.view(torch.int32) & 0x7F800000).view(torch.float32)
+        step = step.clamp_(min=smallest).mul_(2.0 ** -element.mantissa_bits)
+    rounded = magnitude.div_(step).round_().mul_(step).clamp_(max=element.max_normal)
+    return torch.copysign(rounded, x.float()).to(x.dtype)
 
 
 @dataclass(frozen=True)

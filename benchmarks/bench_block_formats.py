@@ -20,20 +20,21 @@ from analysis.data import Dataset
 from analysis.sweep import AnalysisConfig, Sweep
 from bench_sweep import ResidualCNN  # the same model as the sweep benchmark
 
-SETS = {
-    "weights int8, int4": (("int8", "int4"), ()),
-    "weights mxfp8_e4m3, mxfp4": (("mxfp8_e4m3", "mxfp4"), ()),
-    "weights nvfp4": (("nvfp4",), ()),
-    "weights + inputs int8": (("int8",), ("int8",)),
-    "weights + inputs mxfp8_e4m3": (("mxfp8_e4m3",), ("mxfp8_e4m3",)),
-    "weights + inputs nvfp4": (("nvfp4",), ("nvfp4",)),
+SETS = {  # label -> (weight formats, activation formats, dynamic integer activations)
+    "weights int8, int4": (("int8", "int4"), (), False),
+    "weights mxfp8_e4m3, mxfp4": (("mxfp8_e4m3", "mxfp4"), (), False),
+    "weights nvfp4": (("nvfp4",), (), False),
+    "weights + inputs int8 (static)": (("int8",), ("int8",), False),
+    "weights + inputs int8 (dynamic)": (("int8",), ("int8",), True),
+    "weights + inputs mxfp8_e4m3": (("mxfp8_e4m3",), ("mxfp8_e4m3",), False),
+    "weights + inputs nvfp4": (("nvfp4",), ("nvfp4",), False),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = ResidualCNN().eval()
@@ -41,9 +42,9 @@ def main() -> None:
     best: dict[str, float] = {}
     trials: dict[str, int] = {}
     for _ in range(args.repeats):
-        for label, (weights, acts) in SETS.items():
+        for label, (weights, acts, dynamic) in SETS.items():
             config = AnalysisConfig(weight_formats=weights, act_formats=acts, targets=("both",) if acts else ("weights",),
-                                    cumulative=False, num_samples=args.samples)
+                                    cumulative=False, num_samples=args.samples, dynamic_activations=dynamic)
             start = time.perf_counter()
             sweep = Sweep(model, data, config)
             result = sweep.run()
