@@ -337,3 +337,23 @@ def test_reports_label_formats_with_their_effective_bits():
     assert costs.bits_label("mxfp4") == "mxfp4 (4.25 bits)"
     assert costs.bits_label("nvfp4", "activation") == "nvfp4 (4.5 bits)"
     assert costs.bits_label("int4-g128") == "int4-g128 (4.125 bits)"
+
+
+def test_allocator_menus_mix_families_at_effective_bits_without_borrowing_noise_across_them():
+    from analysis.allocate.problem import _choice, _monotone
+    from analysis.precision_map import LayerPrecision
+
+    layer = Layer("fc", "Linear", 64 * 64, (64, 64), 0, ("fc",), macs=4096)
+
+    def choice(name, noise):
+        fmt = parse_format(name)
+        return _choice(layer, LayerPrecision(fmt.qualified_name("weight")), fmt, None, noise, 4096)
+
+    int4, mxfp4, int4_g32, fp32 = choice("int4", 5.0), choice("mxfp4", 9.0), choice("int4-g32", 6.0), choice("fp32", 0.0)
+    assert mxfp4.costs["avg-bits"] == 4.25 and int4_g32.costs["avg-bits"] == 4.5 and int4.costs["avg-bits"] == 4.0
+    assert mxfp4.costs["bops"] == 4096 * 4.25 * 32
+    out = {c.precision.weight: c.noise for c in _monotone([int4, mxfp4, int4_g32, fp32])}
+    # mxfp4 has more bits than int4 but is another family: it keeps its own (worse) noise
+    assert out["mxfp4"] == 9.0
+    # within the int family more bits never cost more noise
+    assert out["int4-sym-g32"] == 5.0 and out["int4-sym-pc"] == 5.0
