@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	@mkdir -p .quantlens
 	# torch first and pinned: the CPU wheel on this machine. An unpinned resolve pulls CUDA builds.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[real,test,hf]"
+	# torch pinned again next to what depends on it (torchao, compressed-tensors, modelopt).
+	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[real,test,hf,llm]"
 	@touch $@
 
 setup: $(STAMP)
@@ -33,6 +34,7 @@ test-fast: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_sweep.py
+	$(PYTHON) benchmarks/bench_block_formats.py
 	$(PYTHON) benchmarks/bench_allocator.py
 	$(PYTHON) benchmarks/bench_qat.py
 	$(PYTHON) benchmarks/bench_big_model.py

@@ -27,7 +27,8 @@ from analysis.config import DEFAULT_CACHE_BYTES, QuantConfig
 from analysis.data import Dataset
 from analysis.device import free_memory_bytes, resolve_device
 from analysis.formats import (
-    Format, check_finite, dynamic_quantize, from_rows, quantize_with_range, scale_and_zero_point, to_rows,
+    Format, block_quantize, check_finite, dynamic_quantize, from_rows, quantize_with_range, scale_and_zero_point,
+    to_rows,
 )
 from analysis.graph import (
     ModelPreparationError, PreparedModel, capture, check_batch_output, load_args, prepare_model, primary_output, rerun,
@@ -62,7 +63,8 @@ class WeightParams:
 @dataclass(frozen=True)
 class ActivationParams:
     """One quantized input of one call site of a layer. `dynamic`: ranges come from the tensor at
-    run time (then lo/hi/scale are None); `per_token` says along what."""
+    run time (then lo/hi/scale are None); `per_token` says along what (block formats: whether the
+    blocks run along the last dimension rather than channels)."""
 
     layer: str
     site: str  # the graph node's name
@@ -84,7 +86,7 @@ def quantize_weight(weight: torch.Tensor, fmt: Format, channel_axis: int, method
         return weight.detach(), w.min().reshape(1), w.max().reshape(1)
     check_finite(w, "weight")
     rows = to_rows(w, fmt, channel_axis)
-    if fmt.scaled:
+    if fmt.scaled:  # a calibrated range; block formats take their scales from each row (block) below
         lo, hi = calibration.weight_range(
             rows, method=method, symmetric=fmt.symmetric or fmt.kind == "float",
             quantize_fn=lambda v, l, h: quantize_with_range(v, fmt, l, h), percentile=percentile, bits=fmt.bits,
@@ -369,7 +371,8 @@ class QuantSim:
         self._act_hists.update(hists)
 
     def calibrate_assignment(self, assignment: Assignment) -> None:
-        self.calibrate_activations([s for name, (_, af) in assignment.items() if af is not None
+        """Calibrate the inputs the assignment quantizes with static ranges (block formats have none)."""
+        self.calibrate_activations([s for name, (_, af) in assignment.items() if af is not None and not af.block_scaled
                                     for s in self.table.sites[name]])
 
     def activation_indices(self, site: Site) -> list[int]:
@@ -393,13 +396,14 @@ class QuantSim:
         """One entry per call site and distinct input of the layer, in site order."""
         out = []
         sites = self.table.sites[layer]
-        if not self.config.dynamic_activations:
+        dynamic = self.config.dynamic_activations or fmt.block_scaled
+        if not dynamic:
             self.calibrate_activations(sites)
         for site in sites:
             for index in self.activation_indices(site):
-                if not fmt.scaled or self.config.dynamic_activations:
-                    out.append(ActivationParams(layer, site.node.name, index, fmt, self.config.dynamic_activations
-                                                and fmt.scaled, per_token(site)))
+                if not fmt.scaled or dynamic:
+                    out.append(ActivationParams(layer, site.node.name, index, fmt, dynamic and (fmt.scaled or fmt.block_scaled),
+                                                site.reduction_axis == -1 if fmt.block_scaled else per_token(site)))
                     continue
                 lo, hi = self.activation_range(site, index, fmt)
                 scale, zero_point = scale_and_zero_point(fmt, lo.reshape(1), hi.reshape(1))
@@ -411,6 +415,8 @@ class QuantSim:
         """A function (input index, tensor) -> fake-quantized tensor for the site's inputs."""
         if fmt is None:
             return None
+        if fmt.block_scaled:  # scales from each block of the input, along what the layer reduces over
+            return lambda index, x: block_quantize(x, fmt, site.reduction_axis)
         if self.config.dynamic_activations:
             token = per_token(site)
             return lambda index, x: dynamic_quantize(x, fmt, token)

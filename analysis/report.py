@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis import charts, runstore
+from analysis import charts, costs, runstore
 from analysis.results import AnalysisResult
 
 DEFAULT_TOP_LAYERS = 12  # layers that get histogram sections (each adds ~4 small figures)
@@ -225,8 +225,8 @@ def _overview(result: AnalysisResult) -> str:
                     ("parameters analysed", f"{sum(l.params for l in result.layers):,}")]
     data_pairs = [(k.replace("_", " "), v) for k, v in result.data.items()]
     config_pairs = [
-        ("weight formats", cfg.get("weight_formats")),
-        ("activation formats", cfg.get("act_formats")),
+        ("weight formats (effective bits)", [costs.bits_label(n, "weight") for n in cfg.get("weight_formats") or ()]),
+        ("activation formats (effective bits)", [costs.bits_label(n, "activation") for n in cfg.get("act_formats") or ()]),
         ("targets", cfg.get("targets")),
         ("weight granularity", cfg.get("granularity") or "per-channel (default)"),
         ("weight calibration", cfg.get("weight_calibration")),

@@ -27,7 +27,13 @@ ActFn = Callable[[int, torch.Tensor], torch.Tensor]  # (activation input index, 
 
 
 class Site:
-    """How one graph node of a layer computes its value under a quantization trial."""
+    """How one graph node of a layer computes its value under a quantization trial.
+
+    `reduction_axis`: the axis of the activation input that the layer's matmul reduces over (the
+    features of a linear input, the channels of a convolution's), along which block formats
+    (MX, NVFP4) quantize the input in blocks at run time."""
+
+    reduction_axis = -1
 
     def __init__(self, layer_name: str, node: torch.fx.Node, weight: torch.Tensor) -> None:
         self.layer_name = layer_name
@@ -68,6 +74,8 @@ class ModuleSite(Site):
         super().__init__(layer_name, node, module.weight)
         self.module = module
         self.is_embedding = isinstance(module, nn.Embedding)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            self.reduction_axis = 1
 
     def activation_inputs(self, gm, args, kwargs):
         return [] if self.is_embedding else [args[0]]
@@ -121,6 +129,8 @@ class FunctionSite(Site):
     def __init__(self, layer_name: str, node: torch.fx.Node, weight: torch.Tensor) -> None:
         super().__init__(layer_name, node, weight)
         self.act_index, self.weight_index, self.transposed = FUNCTION_TABLE[node.target]
+        if "conv" in getattr(node.target, "__name__", str(node.target)):
+            self.reduction_axis = 1
 
     def activation_inputs(self, gm, args, kwargs):
         return [] if self.act_index is None else [args[self.act_index]]

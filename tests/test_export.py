@@ -413,7 +413,8 @@ def test_every_registered_target_is_a_cli_choice():
     from analysis.cli import build_parser
 
     action = _cli_export_action(build_parser(), "--to")
-    assert tuple(action.choices) == registry.names() == ("json", "yaml", "aimet", "ort", "torchao", "onnx")
+    assert tuple(action.choices) == registry.names() == ("json", "yaml", "aimet", "ort", "torchao", "onnx",
+                                                         "compressed-tensors", "modelopt")
     assert all(f"{t.name}: {t.description}" in action.help for t in registry.targets())
     for target in registry.targets():
         assert target.suffix and target.filename.endswith(target.suffix) and "\n" not in target.description

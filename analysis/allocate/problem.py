@@ -219,23 +219,35 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
 
 def _choice(layer: Layer, precision: LayerPrecision, weight: Format | None, act: Format | None,
             noise: float, total_elements: int) -> Choice:
-    w_bits = weight.bits if weight is not None else costs.FP32_BITS
     return Choice(precision, weight, act, noise, {
-        "avg-bits": costs.weight_elements(layer) * w_bits / total_elements,
+        "avg-bits": costs.weight_elements(layer) * costs.effective_bits(weight) / total_elements,
         "size-kb": costs.weight_bytes(layer, weight) / 1024,
         "bops": float(costs.bops(layer, weight, act)),
     })
 
 
-def _bits(choice: Choice) -> tuple[int, int]:
-    return (choice.weight.bits if choice.weight else 32, choice.act.bits if choice.act else 32)
+def _bits(choice: Choice) -> tuple[float, float]:
+    return costs.effective_bits(choice.weight), costs.effective_bits(choice.act)
+
+
+def _family(choice: Choice) -> tuple[str | None, str | None]:
+    return tuple(fmt.kind if fmt is not None and not fmt.is_identity else None  # type: ignore[return-value]
+                 for fmt in (choice.weight, choice.act))
+
+
+def _comparable(richer: Choice, poorer: Choice) -> bool:
+    """Bits order noise only within one format family per side (fp32 aside): int4 says nothing about
+    mxfp4 or fp4_e2m1 at the same or fewer bits."""
+    return all(p is None or r is None or p == r for r, p in zip(_family(richer), _family(poorer)))
 
 
 def _monotone(choices: list[Choice]) -> list[Choice]:
-    """A choice with at least as many bits on both sides never has more noise than a poorer one."""
+    """A choice with at least as many (effective) bits on both sides never has more noise than a
+    poorer one of the same format families."""
     out = []
     for choice in choices:
         w, a = _bits(choice)
-        dominated = [c.noise for c in choices if _bits(c)[0] <= w and _bits(c)[1] <= a]
+        dominated = [c.noise for c in choices
+                     if _bits(c)[0] <= w and _bits(c)[1] <= a and _comparable(choice, c)]
         out.append(Choice(choice.precision, choice.weight, choice.act, min(dominated), choice.costs))
     return out

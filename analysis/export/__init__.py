@@ -16,6 +16,12 @@ Targets (`registry.targets()`, dispatched by `export_map`; one module each, regi
   as JSON (enum names as strings; `ort_quantize_kwargs` turns it back into live arguments).
 - torchao (`torchao`): torchao per-layer configs.
 - onnx (`onnx_qdq`): a QDQ ONNX model made by ONNX Runtime's `quantize_static` with our scales pinned.
+- compressed-tensors (`compressed_tensors`): an llm-compressor recipe and the compressed-tensors
+  `quantization_config` (config_groups vLLM loads); formats only, no numbers.
+- modelopt (`modelopt`): an NVIDIA ModelOpt `mtq.quantize` config (per-quantizer `quant_cfg`).
+
+Each target declares the format kinds it expresses (`Target.kinds`); `export_map` refuses the others
+in one line naming the layer and the format (block formats only go to the recipe targets and the map).
 
 Shared: `params` (the simulator and the numbers it quantizes with), `onnx_graph` (the FP32 ONNX
 export and which node is which layer), `registry` (the targets and `export_map`).

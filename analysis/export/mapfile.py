@@ -24,5 +24,7 @@ def _export_yaml(pmap: PrecisionMap, out_path: Path, **_: Any) -> Path:
     return out_path
 
 
-register(Target("json", "Precision map (JSON)", "the precision map as JSON", "map.json", _export_json))
-register(Target("yaml", "Precision map (YAML)", "the precision map as YAML", "map.yaml", _export_yaml))
+register(Target("json", "Precision map (JSON)", "the precision map as JSON", "map.json", _export_json,
+                kinds=None))
+register(Target("yaml", "Precision map (YAML)", "the precision map as YAML", "map.yaml", _export_yaml,
+                kinds=None))

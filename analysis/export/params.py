@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from analysis.export.onnx_graph import load_onnx, match_onnx_layers
-from analysis.export.registry import ExportError
+from analysis.export.registry import CLASSIC_KINDS, ExportError, refuse_inexpressible
 
 if TYPE_CHECKING:  # torch and the simulator load on first use: the CLI lists targets without them
     import onnx
@@ -109,6 +109,8 @@ def quantization_parameters(sim: QuantSim, pmap: PrecisionMap, *,
     """
     layer_names = sim.layer_names
     pmap.validate(layer_names)
+    # block formats carry no calibrated scale or zero point (theirs are computed per block at run time)
+    refuse_inexpressible(pmap, CLASSIC_KINDS, "scale and zero-point exports (AIMET, ORT, QDQ ONNX)")
     assignment = pmap.assignment(layer_names)
     names = sim.param_names()
     onnx_layers = match_onnx_layers(load_onnx(onnx_model), sim, rename=False) if onnx_model is not None else {}
@@ -147,6 +149,25 @@ def quantization_parameters(sim: QuantSim, pmap: PrecisionMap, *,
                 entry["activations"].append(act)
         result[layer.name] = entry
     return result
+
+
+def recipe_layers(pmap: PrecisionMap, model: Any = None) -> list[tuple[str, str | None]]:
+    """(name, kind) of every layer a recipe export (compressed-tensors, ModelOpt) covers: the model's
+    analysed layers when it is given (an nn.Module or a model spec), else the layers the map names
+    with kind None, refused when the map's default would quantize layers it does not name."""
+    if model is not None:
+        from analysis.real import analysed_layers
+
+        if isinstance(model, str):
+            from analysis.loading import load_model
+
+            model = load_model(model)
+        return [(layer.name, layer.kind) for layer in analysed_layers(model)]
+    weight, act = pmap.default.formats(pmap.quant.granularity)
+    if (weight is not None and not weight.is_identity) or act is not None:
+        raise ExportError("the map's default quantizes layers it does not name: pass the model (model=; CLI: --model) "
+                          "so that every layer can be listed")
+    return [(name, None) for name in pmap.layers]
 
 
 def excluded_layers(sim: QuantSim, pmap: PrecisionMap) -> list[str]:

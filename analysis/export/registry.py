@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from analysis.precision_map import PrecisionMap
 
 NEEDS = ("none", "optional", "required")
+# The format kinds (analysis.formats families) the scale/zero-point toolchain files were written for;
+# block formats (mx, nvfp4) and fp4_e2m1 only go to targets that list them.
+CLASSIC_KINDS = ("int", "float", "fp32")
 
 
 class ExportError(ValueError):
@@ -35,7 +38,8 @@ class Target:
     calibration data ("none", "optional": used when given, "required": `export_map` refuses without).
     `filename`: the default output file name (its suffix is the file type written). Targets that
     read calibration data carry calibrated numbers: the dashboard offers those as toolchain files
-    (the map itself has its own download buttons).
+    (the map itself has its own download buttons). `kinds`: the format kinds the file can express
+    (None: any); `export_map` refuses a map with another kind, naming the layer and the format.
     """
 
     name: str  # the `--to` value
@@ -45,6 +49,7 @@ class Target:
     write: Callable[..., Path]
     model: str = "none"
     calibration: str = "none"
+    kinds: tuple[str, ...] | None = CLASSIC_KINDS
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.lower() or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -119,6 +124,17 @@ def write_json(data: Any, out_path: Path) -> Path:
     return out_path
 
 
+def refuse_inexpressible(pmap: PrecisionMap, kinds: tuple[str, ...], what: str) -> None:
+    """Refuse, in one line naming the layer and the format, a map whose formats `what` cannot express
+    (a format kind outside `kinds`). The one check for every target (`Target.kinds`)."""
+    entries = list(pmap.layers.items()) + [("(the map's default)", pmap.default)]
+    for layer, precision in entries:
+        for role, fmt in zip(("weight", "activation"), precision.formats(pmap.quant.granularity)):
+            if fmt is not None and fmt.kind not in kinds:
+                raise ExportError(f"{what} cannot express {fmt.name_for(role)} ({role} of layer {layer}); "
+                                  "pick another format for that layer or another export target")
+
+
 def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: Any = None,
                calibration: Any = None, **options: Any) -> Path:
     """Write `pmap` for `target` (one of `names()`) to `out_path`; returns the path written.
@@ -129,6 +145,8 @@ def export_map(pmap: PrecisionMap, target: str, out_path: str | Path, *, model: 
     `options`: `version` ("1.0.0" or "2.0.0") for aimet, `opset` and `dynamo` for onnx/ort.
     """
     entry = get(target)
+    if entry.kinds is not None:
+        refuse_inexpressible(pmap, entry.kinds, f"export target {entry.name!r}")
     needs = {"the model": (entry.model, model), "calibration data": (entry.calibration, calibration)}
     missing = [what for what, (need, given) in needs.items() if need == "required" and given is None]
     if missing:

@@ -27,11 +27,20 @@ Grids match ours (analysis.formats): symmetric scale = absmax / ((2^b - 1) / 2),
 ranges and, for activations, dynamic per-token ranges (`QuantConfig.dynamic_activations`).
 Convolutions, embeddings, attention's packed projections, tied weights, float formats and int16 stay
 in float with the reason given.
+
+Block formats (`_BLOCK_SPECS`): torchao's prototype MX and NVFP4 configs — MXFP8 and MXFP4 weights with
+activations in the same format (`MXDynamicActivationMXWeightConfig`, blocks of 32), NVFP4 weight-only
+(`NVFP4WeightOnlyConfig`) and NVFP4 weights and activations (`NVFP4DynamicActivationNVFP4WeightConfig`).
+Their kernels need an NVIDIA GPU of compute capability 10.0 or newer (Blackwell) and bf16 weights, so
+the plan keeps such layers in float, with that reason, on any other device (`block_kernel_reason`);
+the CPU real path here always does. Other block formats (MXFP6, MXINT8, MX weight-only, block sizes
+other than the hardware's) have no torchao config.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import sys
@@ -82,17 +91,19 @@ class _Spec:
     kernel: str
     weight: str  # quantlens format names, for the record
     activation: str | None
+    module: str = "torchao.quantization"  # where the config class lives
+    block: int | None = None  # block formats: the block size the input features must be a multiple of
 
     def build(self) -> Any:
         _, tq = _torchao()
-        cls = getattr(tq, self.config)
+        cls = getattr(importlib.import_module(self.module), self.config)
         kwargs = {}
         for key, value in self.kwargs.items():
             kwargs[key] = _decode(value, tq)
         return cls(**kwargs)
 
     def describe(self) -> dict[str, Any]:
-        return {"config": self.config, **self.kwargs, "kernel": self.kernel,
+        return {"config": self.config, **self.kwargs, "kernel": self.kernel, **({"module": self.module} if self.block else {}),
                 "from": {"weight": self.weight, "activation": self.activation}}
 
 
@@ -128,6 +139,43 @@ def _weight_granularity(fmt: Format, intx: bool) -> str | None:
     return None if intx else "PerTensor()"  # IntxWeightOnlyConfig has no per-tensor granularity
 
 
+_MX_MODULE = "torchao.prototype.mx_formats"
+# (weight format, activation format) qualified names -> (config, kwargs, kernel) of torchao's block configs
+_BLOCK_SPECS: dict[tuple[str, str | None], tuple[str, dict[str, Any], str]] = {
+    ("mxfp8_e4m3", "mxfp8_e4m3"): ("MXDynamicActivationMXWeightConfig",
+                                   {"block_size": 32, "activation_dtype": "torch.float8_e4m3fn",
+                                    "weight_dtype": "torch.float8_e4m3fn"}, "MXFP8 x MXFP8 GEMM, E8M0 block scales"),
+    ("mxfp4", "mxfp4"): ("MXDynamicActivationMXWeightConfig",
+                         {"block_size": 32, "activation_dtype": "torch.float4_e2m1fn_x2",
+                          "weight_dtype": "torch.float4_e2m1fn_x2"}, "MXFP4 x MXFP4 GEMM, E8M0 block scales"),
+    ("nvfp4", None): ("NVFP4WeightOnlyConfig", {"use_dynamic_per_tensor_scale": True},
+                      "NVFP4 weights (E4M3 block + FP32 tensor scales), bf16 activations"),
+    ("nvfp4", "nvfp4"): ("NVFP4DynamicActivationNVFP4WeightConfig",
+                         {"use_dynamic_per_tensor_scale": True, "use_triton_kernel": False},
+                         "NVFP4 x NVFP4 GEMM, activations quantized per block at run time"),
+}
+
+
+def block_kernel_reason(device: torch.device | str | None) -> str | None:
+    """Why torchao's MX/NVFP4 kernels cannot run on `device` (None: they can)."""
+    device = torch.device(device or "cpu")
+    if device.type != "cuda":
+        return f"torchao's MX/NVFP4 kernels need an NVIDIA GPU of compute capability 10.0+ (Blackwell); the real path runs on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 10:
+        return f"torchao's MX/NVFP4 kernels need compute capability 10.0+ (Blackwell); {device} has {major}.{minor}"
+    return None
+
+
+def _block_spec(wf: Format, af: Format | None, precision: LayerPrecision) -> _Spec | str:
+    key = (wf.qualified_name("weight"), af.qualified_name("activation") if af is not None else None)
+    if key not in _BLOCK_SPECS:
+        offered = ", ".join(f"{w}/{a or 'none'}" for w, a in _BLOCK_SPECS)
+        return f"{key[0]} weights with {key[1] or 'float'} activations: torchao's block configs are (weight/activation) {offered}"
+    config, kwargs, kernel = _BLOCK_SPECS[key]
+    return _Spec(config, kwargs, kernel, precision.weight, precision.activation, _MX_MODULE, wf.group_size)
+
+
 def _spec_for(wf: Format | None, af: Format | None, precision: LayerPrecision) -> _Spec | str:
     """The torchao config for one (weight, activation) pair, or the reason there is none."""
     w_name, a_name = precision.weight, precision.activation
@@ -135,6 +183,8 @@ def _spec_for(wf: Format | None, af: Format | None, precision: LayerPrecision) -
         if af is not None:
             return "torchao has no activation-only config (the weight stays float, so the layer does too)"
         return "fp32 in the map"
+    if wf.block_scaled or (af is not None and af.block_scaled):
+        return _block_spec(wf, af, precision)
     if wf.kind != "int":
         return (f"weight format {wf.base}: torchao's float8 configs need CUDA; fp16/bf16 are plain casts "
                 "(not a torchao quantization config)")
@@ -189,7 +239,9 @@ def _layers_of(layer_names: Sequence[str | Layer]) -> list[tuple[str, Layer | No
     return [(item.name, item) if isinstance(item, Layer) else (str(item), None) for item in layer_names]
 
 
-def _plan(pmap: PrecisionMap, layer_names: Sequence[str | Layer]) -> RealPlan:
+def _plan(pmap: PrecisionMap, layer_names: Sequence[str | Layer], device: torch.device | str | None = None) -> RealPlan:
+    """`device`: where the real kernels would run (block formats need a Blackwell GPU; None: only
+    the formats are checked, as for the torchao export's description)."""
     layers = _layers_of(layer_names)
     pmap.validate([name for name, _ in layers])
     assignment = pmap.assignment([name for name, _ in layers])
@@ -213,6 +265,11 @@ def _plan(pmap: PrecisionMap, layer_names: Sequence[str | Layer]) -> RealPlan:
         if isinstance(spec, str):
             plan.unsupported[name] = spec
             continue
+        if spec.block is not None:
+            reason = block_kernel_reason(device) if device is not None else None
+            if reason is not None:
+                plan.unsupported[name] = f"{precision.weight}: {reason}"
+                continue
         if layer is not None and wf is not None and wf.granularity == "per-group":
             in_features = math.prod(layer.weight_shape[1:])
             if in_features % (wf.group_size or 1):
@@ -296,14 +353,18 @@ def apply_real(model: nn.Module, pmap: PrecisionMap, layers: list[Layer] | None 
     float copy (e.g. `simulator_float_copy`), is quantized in place instead when given."""
     _, tq = _torchao()
     layers = layers if layers is not None else analysed_layers(model)
-    plan = _plan(pmap, layers)
     quantized = base if base is not None else _float_copy(model)[0]
+    first = next(iter(quantized.parameters()), None)
+    plan = _plan(pmap, layers, first.device if first is not None else "cpu")
     left = dict(plan.unsupported)
     modules = dict(quantized.named_modules())
     for name, spec in plan.specs.items():
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             left[name] = f"{type(module).__name__ if module is not None else 'no module'} at {name}: torchao quantizes nn.Linear modules"
+            continue
+        if spec.block is not None and module.weight.dtype != torch.bfloat16:
+            left[name] = f"torchao's MX/NVFP4 configs take bf16 weights; {name} is {module.weight.dtype} (load the model in bf16)"
             continue
         try:
             tq.quantize_(quantized, spec.build(), filter_fn=lambda m, fqn, target=name: fqn == target)
