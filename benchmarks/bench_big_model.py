@@ -68,7 +68,13 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--cache-mb", type=int, default=1024)
+    parser.add_argument("--output-metrics", choices=("exact", "estimated", "both"), default="exact",
+                        help="both: one fresh process per mode, side by side, with their rank agreement")
+    parser.add_argument("--table", help=argparse.SUPPRESS)  # where a child process writes its layers.csv
     args = parser.parse_args()
+    if args.output_metrics == "both":
+        compare_modes(args)
+        return
     # This process is ours, as the CLI's is: freed activation buffers go back to the OS (see analysis.memory).
     return_freed_memory_to_the_os()
     torch.manual_seed(0)
@@ -79,19 +85,51 @@ def main() -> None:
     idx = torch.randint(0, 16384, (args.sequences, args.tokens))
     data = Dataset(idx, torch.roll(idx, -1, dims=1), "language-model", "random tokens")
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
-                            cache_bytes=args.cache_mb << 20, num_samples=args.sequences)
+                            cache_bytes=args.cache_mb << 20, num_samples=args.sequences,
+                            output_metrics=args.output_metrics)
     after_model = peak_rss_mb()
     start = time.perf_counter()
     result = analyze(model, data, config)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    worst = result.to_frame().sort_values("output_sqnr_db").iloc[0]
+    frame = result.to_frame()
+    if args.table:
+        frame.to_csv(args.table, index=False)
+    worst = frame.sort_values("output_sqnr_db").iloc[0]
     print(json.dumps({
+        "output_metrics": args.output_metrics,
         "parameters_m": round(params / 1e6, 1), "fp32_model_mb": round(fp32_mb), "layers": len(result.layers),
         "trials": len(result.trials), "chunks": result.data["chunks"], "sweep_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak), "rss_before_model_mb": round(baseline), "rss_with_model_mb": round(after_model),
         "bound_mb": round(3 * fp32_mb + args.cache_mb), "within_bound": peak < 3 * fp32_mb + args.cache_mb,
         "most_sensitive": f"{worst['layer']} {worst['format']} {worst['output_sqnr_db']:.1f} dB",
+    }, indent=1))
+
+
+def compare_modes(args: argparse.Namespace) -> None:
+    """Exact and estimated sweeps of the same model, each in its own process (peak RSS is per
+    process), then the estimate's rank agreement with the exact table."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    work = tempfile.mkdtemp(prefix="quantlens-bench-big-")
+    reports = {}
+    for mode in ("exact", "estimated"):
+        table = f"{work}/{mode}.csv"
+        out = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
+                              "--tokens", str(args.tokens), "--cache-mb", str(args.cache_mb), "--output-metrics", mode,
+                              "--table", table], check=True, capture_output=True, text=True).stdout
+        reports[mode] = json.loads(out[out.index("{"):])
+        print(json.dumps(reports[mode], indent=1), flush=True)
+    exact, estimated = (pd.read_csv(f"{work}/{mode}.csv").set_index(["layer", "format"]) for mode in ("exact", "estimated"))
+    joined = exact[["output_mse"]].join(estimated[["output_mse"]], rsuffix="_estimated")
+    print(json.dumps({
+        "estimated_over_exact_time": round(reports["estimated"]["sweep_seconds"] / reports["exact"]["sweep_seconds"], 3),
+        "spearman_output_noise": round(float(spearmanr(joined["output_mse"], joined["output_mse_estimated"]).correlation), 3),
     }, indent=1))
 
 

@@ -38,6 +38,20 @@ from dashboard.settings import sync_jobs  # noqa: F401
 # Pickers read the engine's registries, so a newly registered format family shows up here.
 WEIGHT_FORMAT_CHOICES = example_formats("weight")
 ACT_FORMAT_CHOICES = example_formats("activation") + ("none",)
+
+
+def format_label(role: str):
+    """Picker label for a format name: the name with its effective bits ("mxfp4 (4.25 bits)"); a
+    typed name that does not parse is shown as typed (the form reports it when submitted)."""
+    from analysis.costs import bits_label
+
+    def label(name: str) -> str:
+        try:
+            return bits_label(name, role)
+        except ValueError:
+            return name
+
+    return label
 CALIBRATION_METHODS = tuple(sorted(_CALIBRATION_METHODS, key=lambda m: m != "mse"))  # mse first: the default
 GRANULARITIES = ("per-channel", "per-tensor", "per-group")
 TASK_CHOICES = ("auto", "classification", "language-model", "other")

@@ -115,9 +115,9 @@ CASES = [
     Case("bilinear-next-to-linear", "load", model="unsupported.py:make_bilinear",
          skipped="bilinear:unsupported layer type Bilinear"),
     # names and maps
-    Case("unknown-format-name", "format", formats=("fp4_e2m1",), expect="unknown format 'fp4_e2m1'"),
+    Case("unknown-format-name", "format", formats=("fp3_e1m1",), expect="unknown format 'fp3_e1m1'"),
     Case("map-for-another-model", "map", data="map_other_model.json", expect="made for model"),
-    Case("map-unknown-format", "map", data="map_unknown_format.json", expect="unknown format 'fp4_e2m1'"),
+    Case("map-unknown-format", "map", data="map_unknown_format.json", expect="unknown format 'fp3_e1m1'"),
     Case("map-yaml-alias-bomb", "map", data="map_yaml_aliases.yaml", expect="YAML aliases"),
     # hostile names: analysed like any other (tests/test_dashboard_trust.py checks they render as text)
     Case("markdown-layer-name", "load", model="markdown_names.py:make"),
@@ -882,5 +882,5 @@ def test_map_text_from_an_upload_is_read_with_the_file_rules():
         loads_map((CORPUS / "map_yaml_aliases.yaml").read_text(), "upload.yaml", yaml_text=True)
     with pytest.raises(MapError, match="a map is at most 16 MiB"):
         loads_map(" " * (MAX_MAP_BYTES + 1), "upload.json")
-    assert loads_map((CORPUS / "map_unknown_format.json").read_text().replace("fp4_e2m1", "int4"), "upload.json") \
+    assert loads_map((CORPUS / "map_unknown_format.json").read_text().replace("fp3_e1m1", "int4"), "upload.json") \
         .layers["fc1"].weight == "int4-sym-pc"

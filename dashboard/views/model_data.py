@@ -144,9 +144,11 @@ with left:
                                           help="auto: class ids [N] → classification, [N, T] → language model")
         st.markdown("**What to try**")
         values["weights"] = st.multiselect("Weight formats", state.WEIGHT_FORMAT_CHOICES, default=["int8", "int4"],
+                                           format_func=state.format_label("weight"),
                                            key="md_weights", accept_new_options=True,
                                            help="Also typed names such as int5, int8-asym or int4-g64.")
         values["acts"] = st.multiselect("Activation formats", state.ACT_FORMAT_CHOICES, default=["int8"],
+                                        format_func=state.format_label("activation"),
                                         key="md_acts", help="'none' (or nothing): weight-only analysis.")
         c1, c2 = st.columns(2)
         values["granularity"] = c1.selectbox("Weight granularity", state.GRANULARITIES, key="md_granularity",

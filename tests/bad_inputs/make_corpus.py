@@ -31,7 +31,7 @@ Data files pair with `tiny.py:make` (inputs [N, 8] float32, labels [N] class ids
     int_inputs_for_float_model.npz integer inputs for a float model
     no_labels.npz                  inputs only: no task metric, no max-drop budget
     map_other_model.json           a valid precision map made for tiny.make_other()
-    map_unknown_format.json        a precision map naming format "fp4_e2m1"
+    map_unknown_format.json        a precision map naming format "fp3_e1m1"
     map_yaml_aliases.yaml          a 9-level YAML alias bomb (a few hundred bytes, 10^9 values expanded)
     bad_labels.npz                 good.npz with two labels outside the 4 classes (99 and -1)
     fp8_inputs.safetensors         good.npz's inputs stored as float8_e4m3fn (and its labels)
@@ -148,7 +148,7 @@ def corpus() -> dict[str, bytes]:
         "int_inputs_for_float_model.npz": _npz(inputs=(inputs * 10).astype(np.int64), labels=labels),
         "no_labels.npz": _npz(inputs=inputs),
         "map_other_model.json": _map(tiny.make_other(), {"fc1": {"weight": "int8"}, "fc2": {"weight": "int4"}}).encode(),
-        "map_unknown_format.json": _map(tiny.make(), {"fc1": {"weight": "fp4_e2m1"}}).encode(),
+        "map_unknown_format.json": _map(tiny.make(), {"fc1": {"weight": "fp3_e1m1"}}).encode(),
         "bad_labels.npz": _npz(inputs=inputs, labels=bad_labels),
         "fp8_inputs.safetensors": safetensors_bytes({"inputs": torch.from_numpy(inputs).to(torch.float8_e4m3fn),
                                                      "labels": torch.from_numpy(labels)}),
