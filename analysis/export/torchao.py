@@ -32,9 +32,12 @@ def to_torchao_export(pmap: PrecisionMap, layers: Sequence[str | Layer]) -> dict
     import torchao.quantization as tq
     from torchao.core.config import config_to_dict
 
+    # FqnToConfig; torchao releases before it have ModuleFqnToConfig, which takes the same dict
+    fqn_to_config = getattr(tq, "FqnToConfig", None) or tq.ModuleFqnToConfig
+
     return {
         "schema": TORCHAO_EXPORT_SCHEMA,
-        "config": config_to_dict(tq.FqnToConfig(dict(configs))),
+        "config": config_to_dict(fqn_to_config(dict(configs))),
         "layers": described["layers"],
         "unsupported": described["unsupported"],
         "notes": described["notes"],
