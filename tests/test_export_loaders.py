@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sample_models as sm
 from analysis import export as ex
@@ -233,6 +234,36 @@ def test_aimet_min_max_rebuild_our_grid_without_a_tie_flip(request, name, weight
         x = torch.linspace(float(lo) * 1.5 - 1, float(hi) * 1.5 + 1, 4001)[None, :]
         *_, rebuilt, _, _ = _aimet_rule(module["input"]["0"], x)
         assert torch.equal(rebuilt[0], sim.activation_quantizer(site, act_fmt)(0, x[0])), layer
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), weight=st.sampled_from(["int8", "int4", "int8-asym", "int4-asym", "int2"]),
+       magnitude=st.floats(1e-3, 1e3))
+def test_aimet_min_max_property_every_code_survives_aimets_rule(seed, weight, magnitude):
+    """For any weight (ties included: the absmax defines the scale), the written min/max give back
+    every integer code of our grid under AIMET's rule, by division and by reciprocal."""
+    from analysis.formats import quantize_with_range, scale_and_zero_point
+
+    fmt = parse_format(weight, "weight")
+    rows = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed)) * magnitude
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    scale, zero_point = scale_and_zero_point(fmt, lo, hi)
+    ours = quantize_with_range(rows, fmt, lo[:, None], hi[:, None])
+    our_codes = torch.round(ours / scale[:, None]) + zero_point[:, None]
+    lo_a, hi_a, rebuilt = ex.aimet_min_max(scale, zero_point, fmt.bits, fmt.symmetric, rows)
+    entries = [{"min": float(a), "max": float(b), "bitwidth": fmt.bits, "is_symmetric": str(fmt.symmetric)}
+               for a, b in zip(lo_a.tolist(), hi_a.tolist())]
+    q_div, q_mul, dequantized, aimet_scale, _ = _aimet_rule(entries, rows)
+    assert torch.equal(q_div, our_codes) and torch.equal(q_mul, our_codes)
+    assert torch.equal(aimet_scale.reshape(-1), rebuilt)
+    torch.testing.assert_close(dequantized, ours, rtol=1e-5, atol=0)
+
+
+def test_aimet_min_max_refuses_a_scale_aimet_cannot_hold():
+    with pytest.raises(ex.ExportError, match="channel 0 of the weight of layer fc1") as info:
+        ex.aimet_min_max(torch.tensor([1e-9, 0.01]), torch.zeros(2), 8, True,
+                         torch.tensor([[1e-7, -1e-7], [0.5, -1.0]]), what="the weight of layer fc1")
+    assert "\n" not in str(info.value) and "fp32" in str(info.value)
 
 
 def test_aimet_file_has_what_aimet_torch_load_encodings_reads(cnn):

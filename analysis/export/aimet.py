@@ -102,7 +102,8 @@ def _codes(rows: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: 
 
 
 def aimet_min_max(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool,
-                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  rows: torch.Tensor | None = None, *, what: str = "this quantizer",
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 (min, max, rebuilt scale) per row such that aimet-torch's rule (`aimet_rebuilt_grid`)
     gives back our grid: the same offset, and a scale within a few float32 steps of ours.
 
@@ -112,8 +113,8 @@ def aimet_min_max(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symm
     one that keeps every element furthest from a rounding boundary (up to a few float32 steps of the
     largest code) is taken: a weight of ours that sits exactly on a tie (the channel's absmax lands
     on -2^(b-1) + 0.5 in our grid's units) then rounds the same way in AIMET, also after a
-    BatchNorm fold that differs from ours in the last bit. Rows where no scale keeps every code
-    are reported by the caller (ExportError).
+    BatchNorm fold that differs from ours in the last bit. A row no candidate scale rebuilds
+    (one below aimet-torch's minimum scale) raises ExportError naming `what`.
     """
     import torch
 
@@ -133,7 +134,7 @@ def aimet_min_max(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symm
         down = torch.nextafter(down, torch.zeros_like(down))
         up = torch.nextafter(up, torch.full_like(up, math.inf))
         candidates += [down, up]
-    for step, t in enumerate(candidates):  # ordered by distance from our scale: ties keep the nearer one
+    for t in candidates:  # ordered by distance from our scale: ties keep the nearer one
         lo = (offset + qmin) * t
         hi = (offset + qmax) * t
         rebuilt, rebuilt_offset = aimet_rebuilt_grid(lo, hi, bits, symmetric)
@@ -152,10 +153,13 @@ def aimet_min_max(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symm
         best_hi = torch.where(better, hi, best_hi)
         best_scale = torch.where(better, rebuilt, best_scale)
         best_score = torch.where(better, score, best_score)
+        if bool((best_score >= (target_margin if rows is not None else 0.0)).all()):
+            break  # no later (further) candidate can beat these
     if torch.isinf(best_score).any():
         bad = int(torch.nonzero(torch.isinf(best_score))[0])
-        raise ExportError(f"no float32 min/max lets aimet-torch rebuild row {bad} of this {bits}-bit grid "
-                          "(scale below AIMET's minimum scale?); keep that layer at higher precision or fp32")
+        raise ExportError(f"no float32 min/max lets aimet-torch rebuild channel {bad} of {what} ({bits}-bit, scale "
+                          f"{float(ours[bad]):.3g}; AIMET's smallest scale is ~1.2e-07): keep that layer at higher "
+                          "precision or fp32")
     return best_lo, best_hi, best_scale
 
 
@@ -219,7 +223,7 @@ def _torch_check(layer: str, role: str, info: dict[str, Any]) -> None:
                           "quantizers; use per-channel there, or encodings 1.0.0 (PER_BLOCK, version='1.0.0')")
 
 
-def _legacy_entries(info: dict[str, Any], rows: torch.Tensor | None) -> list[dict[str, Any]]:
+def _legacy_entries(info: dict[str, Any], rows: torch.Tensor | None, what: str) -> list[dict[str, Any]]:
     """aimet-torch's per-quantizer entries (one per channel) for one weight or input."""
     import torch
 
@@ -227,7 +231,7 @@ def _legacy_entries(info: dict[str, Any], rows: torch.Tensor | None) -> list[dic
     zero_points = info["zero_point"] if isinstance(info["zero_point"], list) else [info["zero_point"]]
     bits, symmetric = info["bits"], bool(info["symmetric"])
     lo, hi, rebuilt = aimet_min_max(torch.tensor(scales, dtype=torch.float32),
-                                    torch.tensor(zero_points, dtype=torch.float32), bits, symmetric, rows)
+                                    torch.tensor(zero_points, dtype=torch.float32), bits, symmetric, rows, what=what)
     qmin = _grid(bits, symmetric)[0]
     return [{"min": float(a), "max": float(b), "scale": float(s), "offset": qmin if symmetric else -int(z),
              "bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric)}
@@ -252,14 +256,14 @@ def _torch_encodings(sim: QuantSim, pmap: PrecisionMap, params: dict[str, dict[s
             _torch_check(layer, "weight", weight)
             granularities.setdefault(weight["granularity"], layer)
             rows = to_rows(sim.table.weight(layer).detach().float(), assignment[layer][0], info.channel_axis)
-            param_encodings[entry["param"]] = _legacy_entries(weight, rows)
+            param_encodings[entry["param"]] = _legacy_entries(weight, rows, f"the weight of layer {layer}")
         acts = entry["activations"]
         if len(acts) > 1:
             raise ExportError(f"layer {layer} has {len(acts)} calibrated inputs (it runs more than once, or takes several); "
                               "aimet-torch has one input quantizer per module: give it an fp32 activation in the map")
         if acts:
             _torch_check(layer, "activation", acts[0])
-            activation_encodings[module] = {"input": {"0": _legacy_entries(acts[0], None)}}
+            activation_encodings[module] = {"input": {"0": _legacy_entries(acts[0], None, f"the input of layer {layer}")}}
     if len(granularities) > 1:
         raise ExportError(f"the map mixes per-channel and per-tensor weights ({granularities.get('per-tensor')} is "
                           "per-tensor); aimet-torch's quantsim config sets one for every layer: use one granularity, "
