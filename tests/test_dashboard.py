@@ -590,17 +590,20 @@ def test_toolchain_exports(tmp_path, template_runs, downloads):
     assert quantized and len(quantized) < len(pmap)  # the 6-bit suggestion keeps one layer in FP32
     bits = {name: parse_format(entry["weight"]).bits for name, entry in quantized.items()}
 
-    # AIMET encodings: one weight encoding per quantized layer at its bit width, one scale per channel
+    # AIMET encodings (aimet-torch's load_encodings layout) and their quantsim config, zipped: one
+    # weight encoding per quantized layer at its bit width, one entry per channel; inputs by module
     name, content = downloads(at, "dl_tool_aimet")
-    assert name == "sample-mlp.aimet_encodings.json"
-    aimet = json.loads(content)
-    params = {e["name"]: e for e in aimet["param_encodings"]}
-    assert {n: e["bw"] for n, e in params.items()} == {f"{n}.weight": b for n, b in bits.items()}
+    assert name == "sample-mlp.aimet_encodings.zip"
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        assert set(archive.namelist()) == {"aimet_encodings.json", "aimet_encodings.quantsim_config.json"}
+        aimet = json.loads(archive.read("aimet_encodings.json"))
+    params = aimet["param_encodings"]
+    assert {n: e[0]["bitwidth"] for n, e in params.items()} == {f"{n}.weight": b for n, b in bits.items()}
     out_features = {name: module.out_features for name, module in sample_models.load_model("mlp").named_children()
                     if isinstance(module, torch.nn.Linear)}
-    assert all(len(params[f"{n}.weight"]["scale"]) == out_features[n] for n in bits)
-    assert {e["name"]: e["bw"] for e in aimet["activation_encodings"]} == {
-        f"{n}.input": parse_format(e["activation"], "activation").bits for n, e in quantized.items()}
+    assert all(len(params[f"{n}.weight"]) == out_features[n] for n in bits)
+    assert {n: e["input"]["0"][0]["bitwidth"] for n, e in aimet["activation_encodings"].items()} == {
+        n: parse_format(e["activation"], "activation").bits for n, e in quantized.items()}
 
     # ONNX Runtime overrides: the FP32 layers are excluded, the others carry their weight type
     name, content = downloads(at, "dl_tool_ort")
@@ -608,7 +611,7 @@ def test_toolchain_exports(tmp_path, template_runs, downloads):
         overrides = json.loads(archive.read("ort_overrides.json"))
         assert {"ort_overrides.onnx"} <= set(archive.namelist())
     assert set(overrides["excluded_layers"]) == set(pmap) - set(quantized)
-    tensors = overrides["extra_options"]["TensorQuantOverrides"]
+    tensors = overrides["quantize_static"]["extra_options"]["TensorQuantOverrides"]
     assert {n: tensors[f"{n}.weight"][0]["quant_type"] for n in bits} == {n: f"QInt{b}" for n, b in bits.items()}
 
     # the QDQ model runs and behaves like the FP32 model it quantizes

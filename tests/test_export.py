@@ -89,7 +89,7 @@ def test_a_legacy_maps_calibration_block_becomes_its_quant_config():
 
 def test_aimet_1_0_0_reproduces_the_simulated_grid(mlp):
     analyzer, pmap = mlp["analyzer"], mlp["maps"]["mixed"]
-    enc = json.loads(json.dumps(ex.to_aimet_encodings(analyzer, pmap)))
+    enc = json.loads(json.dumps(ex.to_aimet_encodings(analyzer, pmap, "1.0.0")))
     assert enc["version"] == "1.0.0"
     assert set(enc) >= {"activation_encodings", "param_encodings", "excluded_layers", "quantizer_args"}
     params = {e["name"]: e for e in enc["param_encodings"]}
@@ -141,7 +141,7 @@ def test_aimet_2_0_0_mirrors_quantize_linear(mlp):
 def test_aimet_per_group_blocks(mlp):
     pmap = uniform_map(MLP_LAYERS, "int4-g16", None, quant=QUANT)
     analyzer = mlp["analyzer"]
-    v1 = ex.to_aimet_encodings(analyzer, pmap)
+    v1 = ex.to_aimet_encodings(analyzer, pmap, "1.0.0")
     e = next(p for p in v1["param_encodings"] if p["name"] == "fc2.weight")  # [64, 128]: 8 blocks per row
     assert (e["enc_type"], e["block_size"], len(e["scale"])) == ("PER_BLOCK", 16, 64 * 8)
     w = analyzer.table.weight("fc2").detach()
@@ -158,15 +158,15 @@ def test_aimet_rejects_what_it_cannot_express(mlp):
                         (PrecisionMap({"fc1": LayerPrecision("int8", "int8")}, quant=QuantConfig(dynamic_activations=True)), "dynamic")):
         analyzer = mlp["analyzer"] if not pmap.quant.dynamic_activations else ex.build_sim(pmap, mlp["model"], mlp["data"])
         with pytest.raises(ValueError, match=words) as info:
-            ex.to_aimet_encodings(analyzer, pmap)
+            ex.to_aimet_encodings(analyzer, pmap, "1.0.0")
         assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="1.0.0 or 2.0.0"):
+    with pytest.raises(ValueError, match="use one of torch, 1.0.0, 2.0.0"):
         ex.to_aimet_encodings(mlp["analyzer"], mlp["maps"]["mixed"], "3.0")
 
 
 def test_fp16_layers_are_float_entries(mlp):
     pmap = PrecisionMap({"fc1": LayerPrecision("fp16", "fp16"), "fc2": LayerPrecision("int8")})
-    v1 = ex.to_aimet_encodings(mlp["analyzer"], pmap)
+    v1 = ex.to_aimet_encodings(mlp["analyzer"], pmap, "1.0.0")
     assert {"name": "fc1.weight", "dtype": "FLOAT", "bw": 16} in v1["param_encodings"]
     assert {"name": "fc1.input", "dtype": "FLOAT", "bw": 16} in v1["activation_encodings"]
     v2 = ex.to_aimet_encodings(mlp["analyzer"], pmap, "2.0.0")
@@ -182,9 +182,10 @@ def test_ort_overrides_round_trip(mlp, mlp_onnx):
     pmap = mlp["maps"]["mixed"]
     for kwargs in ({}, {"sim": mlp["analyzer"]}, {"onnx_model": mlp_onnx, "sim": mlp["analyzer"]}):
         data = json.loads(json.dumps(ex.to_ort_overrides(pmap, **kwargs)))
-        overrides = data["extra_options"]["TensorQuantOverrides"]
+        settings = data["quantize_static"]
+        overrides = settings["extra_options"]["TensorQuantOverrides"]
         types = {entry["quant_type"] for entries in overrides.values() for entry in entries if "quant_type" in entry}
-        assert all(isinstance(QuantType[name], QuantType) for name in types | {data["activation_type"], data["weight_type"]})
+        assert all(isinstance(QuantType[name], QuantType) for name in types | {settings["activation_type"], settings["weight_type"]})
         assert data["excluded_layers"] == ["fc3"] and "fc3.weight" not in overrides
         assert overrides["fc1.weight"][0]["quant_type"] == "QInt8" and overrides["fc2.weight"][0]["quant_type"] == "QInt4"
         assert data["min_opset"] == 21  # int4 in the map
@@ -206,13 +207,13 @@ def test_ort_overrides_round_trip(mlp, mlp_onnx):
         assert all(isinstance(e["quant_type"], QuantType) for v in live["extra_options"]["TensorQuantOverrides"].values()
                    for e in v if "quant_type" in e)
         if "onnx_model" in kwargs:
-            assert len(data["nodes_to_exclude"]) == 1  # fc3's Gemm
+            assert len(settings["nodes_to_exclude"]) == 1  # fc3's Gemm
             assert data["layers"]["fc1"]["activation"] in overrides  # the Gemm's input tensor, pinned
-            assert len(data["nodes_to_quantize"]) == 2
+            assert len(settings["nodes_to_quantize"]) == 2 and data["inputs"] == ["x"]
 
 
 def test_activation_names_follow_the_onnx_graph(mlp, mlp_onnx):
-    enc = ex.to_aimet_encodings(mlp["analyzer"], mlp["maps"]["uniform"], onnx_model=mlp_onnx)
+    enc = ex.to_aimet_encodings(mlp["analyzer"], mlp["maps"]["uniform"], "1.0.0", onnx_model=mlp_onnx)
     names = [e["name"] for e in enc["activation_encodings"]]
     assert names[0] == "x" and len(names) == 3 and not any(n.endswith(".input") for n in names)
 
@@ -365,7 +366,8 @@ def test_export_map_aimet_and_ort(mlp, tmp_path):
     split = sm.load_split("mlp", "calibration")
     pmap = mlp["maps"]["mixed"]
     path = ex.export_map(pmap, "aimet", tmp_path / "enc.json", model=mlp["model"], calibration=split)
-    assert json.loads(path.read_text())["version"] == "1.0.0"
+    assert json.loads(path.read_text())["version"] == "0.6.1"  # aimet-torch's load_encodings layout
+    assert "per_channel_quantization" in json.loads((tmp_path / "enc.quantsim_config.json").read_text())["defaults"]
     path = ex.export_map(pmap, "aimet", tmp_path / "enc2.json", model=mlp["model"], calibration=split, version="2.0.0")
     assert json.loads(path.read_text())["version"] == "2.0.0"
     names_only = json.loads(ex.export_map(pmap, "ort", tmp_path / "ort.json").read_text())
@@ -377,7 +379,7 @@ def test_export_map_aimet_and_ort(mlp, tmp_path):
                                           calibration=split, dynamo=False).read_text())
         graph = onnx.load(str(tmp_path / pinned["model"])).graph
         tensors = {i.name for i in graph.initializer} | {out for n in graph.node for out in n.output} | {i.name for i in graph.input}
-        assert pinned["pinned_scales"] and set(pinned["extra_options"]["TensorQuantOverrides"]) <= tensors
+        assert pinned["pinned_scales"] and set(pinned["quantize_static"]["extra_options"]["TensorQuantOverrides"]) <= tensors
     with pytest.raises(ValueError, match="model and calibration"):
         ex.export_map(pmap, "onnx", tmp_path / "m.onnx")
 
@@ -394,9 +396,10 @@ def test_torchao_target_names_a_config_per_linear_layer(tmp_path):
     pmap = PrecisionMap({"fc1": LayerPrecision("int8"), "fc2": LayerPrecision("int4-g32"), "fc3": LayerPrecision("fp32")})
     path = ex.export_map(pmap, "torchao", tmp_path / "torchao.json", model=sample_models.load_model("mlp"))
     payload = json.loads(path.read_text())
-    assert payload["format"] == "torchao.FqnToConfig"
+    assert payload["schema"] == ex.TORCHAO_EXPORT_SCHEMA and payload["config"]["_type"] == "FqnToConfig"
+    assert payload["config"]["_data"]["fqn_to_config"]["fc1"]["_type"] == "Int8WeightOnlyConfig"
     assert payload["layers"]["fc1"]["config"] == "Int8WeightOnlyConfig"
-    assert "fc3" not in payload["layers"]
+    assert "fc3" not in payload["layers"] and "fc3" not in payload["config"]["_data"]["fqn_to_config"]
 
 
 # --- the registry --------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ MinMax calibration would pick.
 Targets (`registry.targets()`, dispatched by `export_map`; one module each, registering itself):
 
 - json / yaml (`mapfile`): the precision map itself.
-- aimet (`aimet`): AIMET encodings (schema 1.0.0, or 2.0.0 which mirrors ONNX QuantizeLinear).
-- ort (`ort`): ONNX Runtime `quantize_static` settings with `extra_options["TensorQuantOverrides"]`,
-  as JSON (enum names as strings; `ort_quantize_kwargs` turns it back into live arguments).
-- torchao (`torchao`): torchao per-layer configs.
+- aimet (`aimet`): AIMET encodings: by default what aimet-torch 2.x's `load_encodings` reads (with
+  min/max it rebuilds our grid from) plus a quantsim config; 1.0.0 and 2.0.0 from the API.
+- ort (`ort`): ONNX Runtime `quantize_static` keyword arguments with
+  `extra_options["TensorQuantOverrides"]`, as JSON (enum names as strings; `ort_settings_hook` or
+  the README's onnxruntime-only loader turns them back into live arguments).
+- torchao (`torchao`): torchao's own serialisation (`config_to_dict`) of a per-layer `FqnToConfig`.
 - onnx (`onnx_qdq`): a QDQ ONNX model made by ONNX Runtime's `quantize_static` with our scales pinned.
 - compressed-tensors (`compressed_tensors`): an llm-compressor recipe and the compressed-tensors
   `quantization_config` (config_groups vLLM loads); formats only, no numbers.
@@ -42,11 +44,14 @@ from analysis.export.registry import ExportError, Target, export_map, register
 from analysis.export.onnx_graph import LAYER_OPS, OnnxLayer, export_fp32_onnx, load_onnx, match_onnx_layers
 # The built-in targets, imported in the order the CLI and the dashboard list them.
 from analysis.export import mapfile  # noqa: F401 — json, yaml
-from analysis.export.aimet import to_aimet_encodings
-from analysis.export.ort import (
-    INT4_INT16_MIN_OPSET, ORT_OVERRIDES_SCHEMA, QDQ_MIN_OPSET, ort_quant_type, ort_quantize_kwargs, to_ort_overrides,
+from analysis.export.aimet import (
+    AIMET_LAYOUTS, aimet_config_path, aimet_min_max, aimet_quantsim_config, aimet_rebuilt_grid, to_aimet_encodings,
 )
-from analysis.export import torchao  # noqa: F401
+from analysis.export.ort import (
+    INT4_INT16_MIN_OPSET, ORT_ENUM_KEYS, ORT_OVERRIDES_SCHEMA, QDQ_MIN_OPSET, ort_quant_type, ort_quantize_kwargs,
+    ort_settings_hook, to_ort_overrides,
+)
+from analysis.export.torchao import TORCHAO_EXPORT_SCHEMA, to_torchao_export
 from analysis.export.onnx_qdq import export_qdq_onnx
 
 # Any other module here is a target that registers itself on import: a new target is one file,
@@ -56,8 +61,10 @@ for _module in pkgutil.iter_modules(__path__):
 del _module
 
 __all__ = [
-    "ExportError", "INT4_INT16_MIN_OPSET", "LAYER_OPS", "ORT_OVERRIDES_SCHEMA", "OnnxLayer", "QDQ_MIN_OPSET",
-    "Target", "build_sim", "excluded_layers", "export_fp32_onnx", "export_map", "export_qdq_onnx", "format_info",
-    "load_onnx", "match_onnx_layers", "ort_quant_type", "ort_quantize_kwargs", "quantization_parameters",
-    "register", "registry", "to_aimet_encodings", "to_ort_overrides",
+    "AIMET_LAYOUTS", "ExportError", "INT4_INT16_MIN_OPSET", "LAYER_OPS", "ORT_ENUM_KEYS", "ORT_OVERRIDES_SCHEMA",
+    "OnnxLayer", "QDQ_MIN_OPSET", "TORCHAO_EXPORT_SCHEMA", "Target", "aimet_config_path", "aimet_min_max",
+    "aimet_quantsim_config", "aimet_rebuilt_grid", "build_sim", "excluded_layers", "export_fp32_onnx", "export_map",
+    "export_qdq_onnx", "format_info", "load_onnx", "match_onnx_layers", "ort_quant_type", "ort_quantize_kwargs",
+    "ort_settings_hook", "quantization_parameters", "register", "registry", "to_aimet_encodings", "to_ort_overrides",
+    "to_torchao_export",
 ]

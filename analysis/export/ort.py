@@ -3,10 +3,17 @@
 Pinning matters: ORT's symmetric int8 grid is [-127, 127] with scale absmax/127, ours (and
 torchao's) is [-128, 127] with scale absmax/127.5, and our MSE/percentile clipping ranges are not
 what ORT's MinMax calibration would pick.
+
+The file's "quantize_static" object is exactly `quantize_static`'s keyword arguments once JSON's
+types are turned into ORT's: enum names into QuantType/QuantFormat/CalibrationMethod (keys in
+`ORT_ENUM_KEYS`), override "scale"/"zero_point" into numpy arrays. `ort_settings_hook` does that as
+a `json.load` object_hook, and the README shows the same few lines written with onnxruntime and
+numpy only, so deploying the file needs no quantlens.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +27,10 @@ if TYPE_CHECKING:
     from analysis.precision_map import PrecisionMap
     from analysis.quantsim import QuantSim
 
-ORT_OVERRIDES_SCHEMA = "quantlens.ort-overrides/1"
+ORT_OVERRIDES_SCHEMA = "quantlens.ort-overrides/2"
+# JSON keys whose values are ORT enum names, and the onnxruntime.quantization enum each names.
+ORT_ENUM_KEYS = {"quant_type": "QuantType", "activation_type": "QuantType", "weight_type": "QuantType",
+                 "quant_format": "QuantFormat", "calibrate_method": "CalibrationMethod"}
 QDQ_MIN_OPSET = 13  # per-channel (axis) DequantizeLinear
 INT4_INT16_MIN_OPSET = 21  # 4- and 16-bit QuantizeLinear/DequantizeLinear in the ONNX domain
 
@@ -54,12 +64,13 @@ def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Pa
                      sim: QuantSim | None = None) -> dict[str, Any]:
     """ONNX Runtime `quantize_static` settings for the map, as JSON-ready data.
 
-    Returns {"schema", "quant_format": "QDQ", "calibrate_method": "MinMax", "activation_type",
-    "weight_type", "per_channel", "min_opset", "op_types_to_quantize", "nodes_to_quantize",
-    "nodes_to_exclude", "excluded_layers", "extra_options": {"TensorQuantOverrides": {...}, ...},
-    "layers": {layer: {"weight", "activation", "nodes", "weight_only"}}, "notes"}.
-    `quant_type` values are QuantType enum *names* ("QInt8", "QUInt8", "QInt4", ...): map them back
-    with `QuantType[name]`, or call `ort_quantize_kwargs` to get arguments for `quantize_static`.
+    Returns {"schema", "quantize_static": {"quant_format": "QDQ", "calibrate_method": "MinMax",
+    "activation_type", "weight_type", "per_channel", "op_types_to_quantize", "nodes_to_quantize",
+    "nodes_to_exclude", "extra_options": {"TensorQuantOverrides": {...}, ...}}, "inputs" (the ONNX
+    model's input names), "min_opset", "excluded_layers", "layers": {layer: {"weight",
+    "activation", "nodes", "weight_only"}}, "pinned_scales", "notes"}. Enum values are *names*
+    ("QInt8", "QUInt8", "QInt4", ...): read the file with `ort_settings_hook` (or the README's
+    loader), or call `ort_quantize_kwargs`, to get arguments for `quantize_static`.
 
     With `sim`, every quantized weight and input carries our scale and zero point (pinned: ORT
     then reproduces the simulation instead of using its own grid, e.g. [-127, 127] for symmetric
@@ -178,63 +189,58 @@ def to_ort_overrides(pmap: PrecisionMap, onnx_model: "onnx.ModelProto | str | Pa
     needs_21 = any(t.endswith(("4", "16")) for t in all_types)
     return {
         "schema": ORT_OVERRIDES_SCHEMA,
-        "quant_format": "QDQ",
-        "calibrate_method": "MinMax",
-        "activation_type": max(act_types, key=act_types.count) if act_types else "QUInt8",
-        "weight_type": max(weight_types, key=weight_types.count) if weight_types else "QInt8",
-        "per_channel": per_channel,
-        "min_opset": INT4_INT16_MIN_OPSET if needs_21 else QDQ_MIN_OPSET,
-        "op_types_to_quantize": list(LAYER_OPS),
-        "nodes_to_quantize": nodes_to_quantize,
-        "nodes_to_exclude": nodes_to_exclude,
-        "excluded_layers": excluded,
-        "extra_options": {
-            "TensorQuantOverrides": overrides,
-            # The simulation quantizes layer inputs and weights only, never a layer's output.
-            "OpTypesToExcludeOutputQuantization": list(LAYER_OPS),
-            # Keep our weight scales even where ORT would enlarge them to fit the int32 bias.
-            "QDQDisableWeightAdjustForInt32Bias": True,
+        "quantize_static": {
+            "quant_format": "QDQ",
+            "calibrate_method": "MinMax",
+            "activation_type": max(act_types, key=act_types.count) if act_types else "QUInt8",
+            "weight_type": max(weight_types, key=weight_types.count) if weight_types else "QInt8",
+            "per_channel": per_channel,
+            "op_types_to_quantize": list(LAYER_OPS),
+            "nodes_to_quantize": nodes_to_quantize or None,
+            "nodes_to_exclude": nodes_to_exclude or None,
+            "extra_options": {
+                "TensorQuantOverrides": overrides,
+                # The simulation quantizes layer inputs and weights only, never a layer's output.
+                "OpTypesToExcludeOutputQuantization": list(LAYER_OPS),
+                # Keep our weight scales even where ORT would enlarge them to fit the int32 bias.
+                "QDQDisableWeightAdjustForInt32Bias": True,
+            },
         },
+        "inputs": _graph_inputs(model) if model is not None else [],
+        "min_opset": INT4_INT16_MIN_OPSET if needs_21 else QDQ_MIN_OPSET,
+        "excluded_layers": excluded,
         "layers": layer_info,
         "pinned_scales": params is not None,
         "notes": notes,
     }
 
 
+def _graph_inputs(model: onnx.ModelProto) -> list[str]:
+    """The model's data inputs (older exporters also list initializers as graph inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def ort_settings_hook(obj: dict[str, Any]) -> dict[str, Any]:
+    """`json.load(..., object_hook=ort_settings_hook)`: enum names -> ORT enums, pinned scales ->
+    float32 arrays and zero points -> integer arrays (what `quantize_static` requires of overrides)."""
+    import numpy as np
+    import onnxruntime.quantization as ortq
+
+    obj = {key: getattr(ortq, ORT_ENUM_KEYS[key])[value] if key in ORT_ENUM_KEYS and isinstance(value, str) else value
+           for key, value in obj.items()}
+    if "scale" in obj and "zero_point" in obj:
+        obj.update(scale=np.array(obj["scale"], dtype=np.float32), zero_point=np.array(obj["zero_point"]))
+    return obj
+
+
 def ort_quantize_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for `onnxruntime.quantization.quantize_static` from `to_ort_overrides` data
-    (also after a JSON round trip): enum names become QuantType/QuantFormat/CalibrationMethod, pinned
-    scales become float32 arrays and zero points arrays of the quantized type, as ORT requires."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
+    (also after a JSON round trip): the file's "quantize_static" object read through
+    `ort_settings_hook`, as the README's loader reads it."""
+    import json
 
-    tensor_overrides: dict[str, list[dict[str, Any]]] = {}
-    for tensor, entries in overrides["extra_options"].get("TensorQuantOverrides", {}).items():
-        qtype = QuantType[entries[0]["quant_type"]] if entries and "quant_type" in entries[0] else None
-        converted = []
-        for entry in entries:
-            item = dict(entry)
-            if "quant_type" in item:
-                item["quant_type"] = QuantType[item["quant_type"]]
-            if "scale" in item:
-                zp_dtype = ONNX_TYPE_TO_NP_TYPE[(qtype or QuantType[overrides["activation_type"]]).tensor_type]
-                item["scale"] = np.array(item["scale"], dtype=np.float32)
-                item["zero_point"] = np.array(item["zero_point"], dtype=zp_dtype)
-            converted.append(item)
-        tensor_overrides[tensor] = converted
-    extra = dict(overrides["extra_options"], TensorQuantOverrides=tensor_overrides)
-    return {
-        "quant_format": QuantFormat[overrides.get("quant_format", "QDQ")],
-        "calibrate_method": CalibrationMethod[overrides.get("calibrate_method", "MinMax")],
-        "activation_type": QuantType[overrides["activation_type"]],
-        "weight_type": QuantType[overrides["weight_type"]],
-        "per_channel": bool(overrides["per_channel"]),
-        "op_types_to_quantize": list(overrides["op_types_to_quantize"]),
-        "nodes_to_quantize": list(overrides["nodes_to_quantize"]) or None,
-        "nodes_to_exclude": list(overrides["nodes_to_exclude"]) or None,
-        "extra_options": extra,
-    }
+    return json.loads(json.dumps(overrides["quantize_static"]), object_hook=ort_settings_hook)
 
 
 def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
@@ -251,8 +257,13 @@ def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibr
     fp32 = onnx.load(str(onnx_path))
     overrides = to_ort_overrides(pmap, fp32, sim=sim)
     onnx.save(fp32, str(onnx_path))  # initializers may have been renamed to parameter names
-    overrides["model"] = onnx_path.name
-    return write_json(overrides, out_path)
+    partial = [name for name, info in overrides["layers"].items() if info["weight_only"] or info["weight_float"]]
+    if partial:
+        logging.getLogger(__name__).warning(
+            "ORT's quantize_static quantizes both the input and the weight of layer%s %s, which the map quantizes on one "
+            "side only; the file will not reproduce the simulation there: export --to onnx for the exact model",
+            "s" if len(partial) > 1 else "", ", ".join(partial))
+    return write_json({"schema": overrides.pop("schema"), "model": onnx_path.name, **overrides}, out_path)
 
 
 register(Target("ort", "ONNX Runtime overrides + FP32 ONNX",
