@@ -79,6 +79,7 @@ class Case:
     weights: str | None = None
     formats: tuple[str, ...] = ()
     skipped: str | None = None  # a valid model: this layer is reported skipped with this reason fragment
+    warning: str = ""  # a valid input the CLI must flag with one "quantlens: warning:" line containing this
     xfail: dict[str, str] = field(default_factory=dict)  # surface -> reason (strict xfail)
     skip: dict[str, str] = field(default_factory=dict)  # surface -> why the surface does not apply
 
@@ -110,7 +111,8 @@ CASES = [
     # valid inputs that are easy to get wrong: must analyse to finite numbers
     Case("single-sample", "load", data="single_sample.npz"),
     Case("constant-inputs", "load", data="constant_inputs.npz"),
-    Case("constant-weights", "load", model="constant_weights.py:make"),
+    Case("constant-weights", "load", model="constant_weights.py:make",  # fc2 all zeros: the output is its bias
+         warning="the model's output is the same for every input"),
     Case("gru-next-to-linear", "load", model="unsupported.py:make", skipped="gru:unsupported layer type GRU"),
     Case("bilinear-next-to-linear", "load", model="unsupported.py:make_bilinear",
          skipped="bilinear:unsupported layer type Bilinear"),
@@ -296,7 +298,9 @@ def test_cli(case: Case, tiny_run, tmp_path):
     code, stdout, stderr = run_cli(*_cli_argv(case, tiny_run, out))
     lines = [line for line in stderr.strip().splitlines() if line.strip() and not line.startswith("W1")]
     if case.kind in ("budget", "evaluate") or case.ok:
-        assert code == 0 and not lines, stderr
+        warnings = [line for line in lines if line.startswith("quantlens: warning: ")]
+        assert code == 0 and len(warnings) == len(lines), stderr
+        assert [case.warning in line for line in warnings] == ([True] if case.warning else []), stderr
         if case.kind == "budget":
             notes = [line for line in stdout.splitlines() if line.startswith("note:")]
             assert any(case.expect in line for line in notes), stdout

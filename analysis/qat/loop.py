@@ -293,15 +293,22 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
                     diverged = f"the weights became non-finite at epoch {epoch}"
                     break
             graph.gm.eval()
+            if diverged is None:
+                state = graph.latent_state()
+                try:  # finite steps can still leave weights whose outputs overflow
+                    sim = _candidate_sim(model, graph, state, calibration, quant, base_sim)
+                    metric, val_loss = score(sim)
+                except ValueError as exc:  # non-finite weights or outputs, in one line
+                    diverged = f"the fine-tuned model could not be evaluated at epoch {epoch}: {str(exc).splitlines()[0]}"
+                else:
+                    if not math.isfinite(val_loss):
+                        diverged = f"the validation loss became {val_loss} at epoch {epoch}"
             if diverged is not None:
                 stopped = "diverged"
                 notes.append(f"training diverged ({diverged}) with learning rate {config.lr:g}: the model and the data "
                              f"evaluated fine at epoch 0, the step is too large; kept epoch {best.epoch}; try --lr {min(config.lr / 10, QATConfig().lr):g}")
                 break
-            state = graph.latent_state()
-            sim = _candidate_sim(model, graph, state, calibration, quant, base_sim)
             graph.use_activation_ranges(sim)  # the next epoch trains with the ranges these weights get
-            metric, val_loss = score(sim)
             record = EpochRecord(epoch, lr_at(step), total / n, metric, val_loss, time.perf_counter() - epoch_started)
             history.append(record)
             if best_trained is None or better(record, best_trained[0]):
