@@ -62,14 +62,14 @@ def naive_process(model_spec: str, weights: str, data_path: str, out: str) -> No
     Path(out).write_text("done\n")
 
 
-def time_processes(repeats: int) -> dict[str, list[float]]:
+def time_processes(repeats: int, size: int) -> dict[str, list[float]]:
     from safetensors.torch import save_file
 
     work = Path(tempfile.mkdtemp(prefix="quantlens-bench-estimate-"))
     torch.manual_seed(0)
     save_file(residual_cnn().state_dict(), str(work / "weights.safetensors"))
     torch.manual_seed(1)
-    np.savez(work / "data.npz", inputs=torch.randn(SAMPLES, 3, 16, 16).numpy(),
+    np.savez(work / "data.npz", inputs=torch.randn(SAMPLES, 3, size, size).numpy(),
              labels=torch.randint(0, 10, (SAMPLES,)).numpy())
     spec = f"{ROOT / 'benchmarks' / 'bench_estimate.py'}:residual_cnn"
     common = [spec, "--weights", str(work / "weights.safetensors"), "--data", str(work / "data.npz"),
@@ -211,6 +211,7 @@ def map_quality() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--size", type=int, default=32, help="image side of the whole-process benchmark's inputs")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-rank", action="store_true")
     parser.add_argument("--skip-maps", action="store_true")
@@ -220,9 +221,10 @@ def main() -> None:
         naive_process(*args.naive_process)
         return
     if not args.skip_time:
-        times = time_processes(args.repeats)
+        times = time_processes(args.repeats, args.size)
         naive = min(times["naive (full forward per trial)"])
-        print("whole process (best of %d), 20-layer residual CNN, 256 samples, int8+int4 weight-only:" % args.repeats)
+        print(f"whole process (best of {args.repeats}), 20-layer residual CNN, 256 samples of 3x{args.size}x{args.size}, "
+              "int8+int4 weight-only:")
         for name, values in times.items():
             print(f"  {name:<32} {min(values):6.1f} s   {min(values) / naive:.2f}x naive")
     if not args.skip_rank:
