@@ -53,6 +53,7 @@ class OutputGradients:
     grads: dict[Any, list[torch.Tensor]]  # node -> per float leaf of its value: [K, samples, rest]
     signal: float  # Σ FP32 output², for SQNR
     count: int  # output elements
+    values: dict | None = None  # every node's FP32 value (detached) when asked for: the chunk's cache
 
     @property
     def projections(self) -> int:
@@ -61,8 +62,11 @@ class OutputGradients:
 
 
 def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, projections: int = DEFAULT_PROJECTIONS,
-                     seed: int = 0) -> OutputGradients:
+                     seed: int = 0, keep_values: bool = False) -> OutputGradients:
     """One forward with autograd over the chunk, then K backward passes (see the module docstring).
+
+    keep_values: also return every node's value, detached — the same numbers `QuantSim.cache` would
+    compute for the chunk (the forward is the same), so the sweep need not run the chunk twice.
 
     The graph runs on the simulator's private prepared copy; the caller's parameters are read, never
     given gradients (`torch.autograd.grad` returns them instead of accumulating into `.grad`)."""
@@ -91,6 +95,8 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
                 leaves[node] = _float_leaves(value)
             env[node] = value
         output = primary_output(env[prepared.output_node])
+    values = {node: torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)
+              for node, value in env.items()} if keep_values else None
     del env
     flat = output.detach().reshape(samples, -1)
     width = flat.shape[1]
@@ -114,7 +120,7 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
                 grads[node][i][k] = _per_sample(g.detach().float(), samples) if t.numel() % samples == 0 else g.detach().float().reshape(1, -1)
     home = float64_home(flat.device)
     signal = float(flat.to(home).double().pow(2).sum())
-    return OutputGradients(samples, exact, grads, signal, flat.numel())
+    return OutputGradients(samples, exact, grads, signal, flat.numel(), values)
 
 
 def node_difference(quantized: Any, reference: Any) -> Any:

@@ -287,6 +287,15 @@ class QuantSim:
         self._chunk_cache = (chunk[0], env)
         return env
 
+    def adopt_cache(self, chunk: tuple[int, int], values: dict) -> dict:
+        """Use `values` (every node's FP32 value for this chunk, e.g. from the estimate's forward with
+        autograd, which computes exactly what `cache` would) as the chunk's cache."""
+        missing = [n.name for n in self.prepared.nodes if n not in values]
+        if missing:
+            raise ValueError(f"values for chunk {chunk} lack graph node(s) {', '.join(missing[:3])}; pass a full capture")
+        self._chunk_cache = (chunk[0], values)
+        return values
+
     def release_cache(self) -> None:
         self._chunk_cache = None
 

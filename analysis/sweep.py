@@ -147,9 +147,14 @@ class Sweep:
         results: list[TrialResult] = []
         progress = _Progress(total, self.progress, self.should_stop)
         for chunk_index, chunk in enumerate(chunks):
-            cache = sim.cache(chunk)
+            grads = None
+            if mode == "estimated":  # its forward with autograd doubles as the chunk's FP32 capture
+                grads = self._gradients(chunk, perturbed)
+                cache = sim.adopt_cache(chunk, grads.values)
+                grads.values = None
+            else:
+                cache = sim.cache(chunk)
             reference_out = sim.output_of(cache)
-            grads = self._gradients(chunk, perturbed) if mode == "estimated" else None
             local_refs: dict[str, list[torch.Tensor]] = {}
             for trial in trials:
                 progress.check()
@@ -189,7 +194,8 @@ class Sweep:
 
     def _gradients(self, chunk: tuple[int, int], nodes: list) -> OutputGradients:
         try:
-            return output_gradients(self.sim, chunk, nodes, self.config.estimate_projections, self.config.seed)
+            return output_gradients(self.sim, chunk, nodes, self.config.estimate_projections, self.config.seed,
+                                    keep_values=True)
         except Exception as exc:  # noqa: BLE001 — say which mode needs what, not a bare autograd error
             raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
                              f"({_one_line(exc)}); use --output-metrics exact") from None

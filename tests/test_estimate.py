@@ -112,6 +112,15 @@ def test_planted_outlier_layer_ranks_first_in_both():
     assert max(int4, key=estimated.get)[0] == "b"
 
 
+def test_local_metrics_do_not_depend_on_the_output_mode():
+    """The estimate's forward with autograd doubles as the FP32 cache: local numbers must be the
+    exact mode's, bit for bit."""
+    model, data = Classifier().eval(), classification_data(48)
+    exact = {t.key: t.local for t in sweep(model, data).trials}
+    estimated = {t.key: t.local for t in sweep(model, data, output_metrics="estimated").trials}
+    assert exact == estimated
+
+
 def test_output_source_column_says_how_each_row_was_obtained(tmp_path):
     model, data = Classifier().eval(), classification_data(32)
     for mode, expected in (("exact", {"exact"}), ("estimated", {"estimated"}), ("none", {""})):
