@@ -301,3 +301,13 @@ def _layer_weights(prepared: PreparedModel, layers: list[Layer]) -> list[torch.T
     names = {layer.name for layer in layers} | {a for layer in layers for a in layer.aliases}
     return [param for name, param in prepared.graph_module.named_parameters(remove_duplicate=False)
             if _owner_and_param(name)[0] in names or _layer_name_for_param(name) in names]
+
+
+def weight_coverage(table: LayerTable, gm: torch.nn.Module) -> dict[str, int]:
+    """How much of the model's weight matrices (parameters of two or more dimensions: linear, conv,
+    embedding and attention weights; norms and biases are vectors) the layer table can analyse, so a
+    run on a model quantlens only partly understands says so. Tied weights count once. A property of
+    the model, not of a run (a run restricted with `layers` records that in its config)."""
+    total = sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values() if p.dim() >= 2)
+    analysed = sum({id(table.weight(layer.name)): table.weight(layer.name).numel() for layer in table.layers}.values())
+    return {"analysed_weights": int(analysed), "total_weights": int(total)}

@@ -26,7 +26,7 @@ from analysis.data import Dataset
 from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
 from analysis.graph import load_args
-from analysis.layers import Layer
+from analysis.layers import Layer, weight_coverage
 from analysis.metrics import ErrorAccumulator, ErrorHistogram
 from analysis.quantsim import ProgressFn, QuantSim
 from analysis.results import (
@@ -180,7 +180,8 @@ class Sweep:
             trials=tuple(results),
             cumulative=tuple(cumulative),
             histograms=self.histograms(layers),
-            model={"source": sim.prepared.source, "folded_batchnorms": list(sim.prepared.folded_batchnorms)},
+            model={"source": sim.prepared.source, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
+                   "weight_coverage": weight_coverage(sim.table, sim.gm)},
             data={"samples": len(self.data), "task": self.data.task, "fingerprint": self.data.fingerprint(),
                   "chunks": len(chunks)},
             versions=versions(),

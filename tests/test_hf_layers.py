@@ -115,3 +115,27 @@ def test_hugging_face_causal_lms_run_with_their_default_config_and_are_left_alon
     names = set(s.sim.layer_names)
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "lm_head"} <= names
     assert lm.config.use_cache is True
+
+
+def test_a_run_that_covers_part_of_the_weights_says_so(tmp_path, capsys):
+    """nn.Bilinear is not analysed: the CLI says which share of the weight matrices the run covers."""
+    import numpy as np
+
+    from analysis.cli import main
+
+    factory = tmp_path / "partial.py"
+    factory.write_text("import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+                       "    def __init__(self):\n        super().__init__()\n        torch.manual_seed(0)\n"
+                       "        self.fc = nn.Linear(6, 8)\n        self.bi = nn.Bilinear(8, 8, 4)\n\n"
+                       "    def forward(self, x):\n        h = self.fc(x)\n        return self.bi(h, h)\n\n\n"
+                       "def build():\n    return Net()\n")
+    np.savez(tmp_path / "x.npz", inputs=np.random.default_rng(0).normal(size=(16, 6)).astype("float32"))
+    assert main(["analyze", f"{factory}:build", "--data", str(tmp_path / "x.npz"), "--act-formats", "none",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    # fc: 6·8 = 48 weights analysed; bi: 8·8·4 = 256 not: 48 of 304 = 16 %
+    assert "note: the analysed layers hold 16 % of the model's weight-matrix parameters (48 of 304)" in out
+    import json
+
+    coverage = json.loads((tmp_path / "out" / "analysis.json").read_text())["model"]["weight_coverage"]
+    assert coverage == {"analysed_weights": 48, "total_weights": 304}

@@ -126,6 +126,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
+    coverage = result.model.get("weight_coverage") or {}
+    if coverage.get("total_weights") and coverage["analysed_weights"] < coverage["total_weights"]:
+        print(f"note: the analysed layers hold {100 * coverage['analysed_weights'] / coverage['total_weights']:.0f} % "
+              f"of the model's weight-matrix parameters ({coverage['analysed_weights']:,} of "
+              f"{coverage['total_weights']:,}); the rest stay FP32 (see skipped below)")
     for cum in result.cumulative:
         if cum.error is not None:
             print(f"  cumulative view {cum.target} {cum.format} failed: {cum.error}")
