@@ -24,6 +24,7 @@ TARGETS = ("weights", "activations", "both")
 # How the model-output metrics of each trial are obtained: "exact" re-runs the model after the layer,
 # "estimated" carries the local error to the output to first order (analysis.estimate), "none" skips them.
 OUTPUT_METRICS = ("exact", "estimated", "none")
+DEFAULT_PROJECTIONS = 2  # random projections per chunk for estimated output metrics (analysis.estimate)
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
 QUANT_SCHEMA = "quantlens.quant-config/1"
 # The most data a load reads into memory at once (a zip bomb or an endless generator is refused
@@ -108,7 +109,7 @@ class AnalysisConfig:
     num_samples: int | None = 256
     seed: int = 0
     output_metrics: str = "exact"  # one of OUTPUT_METRICS ("none": local metrics only, about one pass)
-    estimate_projections: int = 2  # random projections per chunk for "estimated" (analysis.estimate)
+    estimate_projections: int = DEFAULT_PROJECTIONS
     verify: int = 0  # with "estimated": re-measure exactly the K most sensitive trials of each format
     cumulative: bool = False  # the cumulative view costs a few passes per format: only when asked
     histogram_bins: int = 128
@@ -186,7 +187,7 @@ class AnalysisConfig:
         # `device` is where a run happened, not what it computed: an older file may lack it.
         values.setdefault("device", "cpu")
         # Added after 0.1 with defaults that reproduce what older runs did.
-        values.setdefault("estimate_projections", 2)
+        values.setdefault("estimate_projections", DEFAULT_PROJECTIONS)
         values.setdefault("verify", 0)
         _check_keys(values, sweep_names, where)
         values.update(overrides)

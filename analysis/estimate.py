@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
+from analysis.config import DEFAULT_PROJECTIONS
 from analysis.graph import load_args, placeholders, primary_output, run_node
 from analysis.metrics import ErrorStats, float64_home, sqnr_from_sums
 from analysis.quantsim import QuantSim
-
-DEFAULT_PROJECTIONS = 4
 
 
 def _float_leaves(value: Any) -> list[torch.Tensor]:
@@ -40,7 +39,8 @@ def _float_leaves(value: Any) -> list[torch.Tensor]:
 
 
 def _per_sample(t: torch.Tensor, samples: int) -> torch.Tensor:
-    """[samples, rest]: values of one sample in one row (sample-major layouts, as the sweep assumes)."""
+    """[samples, rest]: values of one sample in one row (sample-major layouts, as the sweep assumes);
+    [1, all] for a value that is not one row per sample, which `NoiseEstimate` leaves out."""
     return t.reshape(samples, -1) if t.numel() % samples == 0 else t.reshape(1, -1)
 
 
@@ -103,9 +103,9 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
     exact = width <= projections
     count = projections if not exact else width
     generator = torch.Generator(device="cpu").manual_seed(seed + chunk[0])
-    grads: dict[Any, list[torch.Tensor]] = {node: [torch.zeros((count, samples, t.numel() // samples if t.numel() % samples == 0 else t.numel()),
-                                                              dtype=torch.float32, device=t.device) for t in ts]
-                                            for node, ts in leaves.items()}
+    grads: dict[Any, list[torch.Tensor]] = {
+        node: [torch.zeros((count, *_per_sample(t, samples).shape), dtype=torch.float32, device=t.device) for t in ts]
+        for node, ts in leaves.items()}
     order = [(node, i, t) for node, ts in leaves.items() for i, t in enumerate(ts)]
     for k in range(count):
         if exact:
@@ -115,9 +115,9 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
             vector = (torch.randint(0, 2, flat.shape, generator=generator) * 2 - 1).to(flat.dtype).to(flat.device)
         got = torch.autograd.grad(output.reshape(samples, -1), [t for _, _, t in order], grad_outputs=vector,
                                   retain_graph=k < count - 1, allow_unused=True)
-        for (node, i, t), g in zip(order, got):
+        for (node, i, _), g in zip(order, got):
             if g is not None:
-                grads[node][i][k] = _per_sample(g.detach().float(), samples) if t.numel() % samples == 0 else g.detach().float().reshape(1, -1)
+                grads[node][i][k] = _per_sample(g.detach().float(), samples)
     home = float64_home(flat.device)
     signal = float(flat.to(home).double().pow(2).sum())
     return OutputGradients(samples, exact, grads, signal, flat.numel(), values)
@@ -137,7 +137,6 @@ class NoiseEstimate:
 
     def __init__(self, diagonal: bool = False) -> None:
         self.diagonal = diagonal
-        self.noise = 0.0
         self.signal = 0.0
         self.count = 0
         self._pending: list[torch.Tensor] = []
@@ -147,9 +146,8 @@ class NoiseEstimate:
         dots = None
         for node, delta in deltas.items():
             for g, d in zip(grads.grads[node], _float_leaves(delta)):
-                d = d.detach().float()
-                d = _per_sample(d, grads.samples) if d.numel() % grads.samples == 0 else d.reshape(1, -1)
-                if d.shape[0] != g.shape[1]:
+                d = _per_sample(d.detach().float(), grads.samples)
+                if d.shape[0] != grads.samples:  # not one row per sample: no per-sample dot to take
                     continue
                 if self.diagonal:
                     term = torch.einsum("ksn,sn->k", g.pow(2), d.pow(2)).reshape(-1, 1)

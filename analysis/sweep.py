@@ -220,8 +220,10 @@ class Sweep:
                 by_label.setdefault((result.target, result.format), []).append(index)
         chosen = sorted(index for indices in by_label.values()
                         for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
-        accumulators = {index: _Accumulators(ErrorAccumulator(), ErrorAccumulator(self.data.logits)) for index in chosen}
+        accumulators = {index: self._accumulators("exact") for index in chosen}
         sim = self.sim
+        # The budget counted every trial of a label; failed trials are not re-measured.
+        progress.total = progress.done + len(chosen) * len(sim.chunks())
         for chunk in sim.chunks():
             cache = sim.cache(chunk)
             reference_out = sim.output_of(cache)
