@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Union
 
 import torch
 
@@ -11,15 +14,88 @@ TASKS = ("classification", "language-model", "other")
 IGNORE_INDEX = -100  # torch's cross-entropy skips these token labels (padding); perplexity does too
 
 
+POSITIONAL = "inputs"  # the one name passed to forward positionally; every other name is a keyword
+
+
+@dataclass(frozen=True)
+class NamedInputs:
+    """Several tensors per sample (samples along dimension 0 of each), passed to `forward` by name:
+    `model(inputs, **rest)` when a tensor is named "inputs", else `model(**tensors)` — e.g.
+    input_ids + attention_mask for a Hugging Face model. Behaves like a tensor where the engine
+    needs it to: `len`, slicing along samples, `.to(device)`, `.nbytes`."""
+
+    tensors: Mapping[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise ValueError("no input tensors given; a data set needs at least one")
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+        lengths = {name: (len(t) if t.dim() else 0) for name, t in self.tensors.items()}
+        if any(t.dim() == 0 for t in self.tensors.values()) or len(set(lengths.values())) != 1:
+            shown = ", ".join(f"{name}: {n}" for name, n in lengths.items())
+            raise ValueError(f"input tensors must hold the same number of samples along dimension 0 ({shown})")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.tensors)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: Any) -> "NamedInputs":
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return NamedInputs({name: t[index] for name, t in self.tensors.items()})
+
+    def to(self, device: Any) -> "NamedInputs":
+        return NamedInputs({name: t.to(device) for name, t in self.tensors.items()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def call_arguments(self) -> tuple[tuple, dict]:
+        """(args, kwargs) for forward."""
+        kwargs = dict(self.tensors)
+        positional = kwargs.pop(POSITIONAL, None)
+        return ((positional,) if positional is not None else ()), kwargs
+
+
+Inputs = Union[torch.Tensor, NamedInputs]
+
+
+def call_model(model: Any, inputs: Inputs) -> Any:
+    """Run `model` (a module, a GraphModule, any callable) on a data set's inputs."""
+    if isinstance(inputs, NamedInputs):
+        args, kwargs = inputs.call_arguments()
+        return model(*args, **kwargs)
+    return model(inputs)
+
+
+def input_tensors(inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Every input tensor by name (a plain tensor is "inputs")."""
+    return dict(inputs.tensors) if isinstance(inputs, NamedInputs) else {POSITIONAL: inputs}
+
+
+def samples_differ(inputs: Inputs, i: int, j: int) -> bool:
+    """Whether samples i and j differ in any input tensor."""
+    return any(not torch.equal(t[i], t[j]) for t in input_tensors(inputs).values())
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Samples along dimension 0 of `inputs`; `labels` (if any) align with them.
+    """Samples along dimension 0 of `inputs` (one tensor, or several named ones: `NamedInputs`);
+    `labels` (if any) align with them.
 
     task: "classification" (labels [N], outputs [N, C] logits), "language-model" (labels [N, T] next
     tokens, outputs [N, T, V] logits) or "other" (no logit metrics, no task metric).
     """
 
-    inputs: torch.Tensor
+    inputs: Inputs
     labels: torch.Tensor | None = None
     task: str = "other"
     name: str = "data"
@@ -27,7 +103,7 @@ class Dataset:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
-        if self.inputs.dim() == 0 or len(self.inputs) == 0:
+        if (isinstance(self.inputs, torch.Tensor) and self.inputs.dim() == 0) or len(self.inputs) == 0:
             raise ValueError(f"data set {self.name!r} is empty; provide at least one sample")
         if self.labels is not None and len(self.labels) != len(self.inputs):
             raise ValueError(
@@ -53,8 +129,11 @@ class Dataset:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for tensor in (self.inputs, self.labels):
+        named = isinstance(self.inputs, NamedInputs)
+        for name, tensor in [*input_tensors(self.inputs).items(), ("labels", self.labels)]:
             if tensor is not None:
+                if named:  # a single tensor hashes as it always did: stored runs keep their provenance
+                    digest.update(name.encode())
                 digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
                 # raw bytes: bfloat16 (and other dtypes numpy lacks) hash the same way as the rest
                 digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())

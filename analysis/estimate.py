@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from analysis.config import DEFAULT_PROJECTIONS
-from analysis.graph import load_args, placeholders, primary_output, run_node
+from analysis.graph import bind_inputs, load_args, primary_output, run_node
 from analysis.metrics import ErrorStats, float64_home, sqnr_from_sums
 from analysis.quantsim import QuantSim
 
@@ -72,17 +72,14 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
     given gradients (`torch.autograd.grad` returns them instead of accumulating into `.grad`)."""
     prepared = sim.prepared
     gm = prepared.graph_module
-    holders = placeholders(prepared)
     inputs = sim.data.inputs[chunk[0]:chunk[1]].to(sim.device)
     samples = chunk[1] - chunk[0]
     wanted = set(nodes)
-    env: dict = {}
+    env: dict = bind_inputs(prepared, inputs)
     leaves: dict[Any, list[torch.Tensor]] = {}
     with torch.enable_grad():
         for node in prepared.nodes:
             if node.op == "placeholder":
-                index = holders.index(node)
-                env[node] = inputs if index == 0 else (node.args[0] if node.args else None)
                 continue
             args, kwargs = load_args(node, env)
             value = run_node(gm, node, args, kwargs)

@@ -19,7 +19,7 @@ from torch import nn
 
 from analysis.calibration import CALIBRATION_METHODS
 from analysis.config import QuantConfig
-from analysis.data import Dataset
+from analysis.data import Dataset, Inputs, call_model
 from analysis.evaluate import Evaluator
 from analysis.formats import Format, parse_format
 from analysis.metrics import compare
@@ -46,7 +46,7 @@ def _fold_copy(model: nn.Module) -> nn.Module:
     return torch.fx.symbolic_trace(private)
 
 
-def smooth_model(model: nn.Module, layer: str, inputs: torch.Tensor, alpha: float = 0.5) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+def smooth_model(model: nn.Module, layer: str, inputs: Inputs, alpha: float = 0.5) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     """SmoothQuant migration for one Linear (or groups=1 convolution) layer: a traced copy in which the
     layer's input is divided by s and its weight's input columns multiplied by s, with
     s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (X on `inputs`). Exact in FP32; it moves outliers from
@@ -70,7 +70,7 @@ def smooth_model(model: nn.Module, layer: str, inputs: torch.Tensor, alpha: floa
     try:
         with torch.inference_mode():
             for start in range(0, len(inputs), 256):
-                gm(inputs[start:start + 256])
+                call_model(gm, inputs[start:start + 256])
     finally:
         handle.remove()
     x_max = torch.stack(amax).amax(dim=0).float()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -21,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.fx
 from torch import nn
+
+from analysis.data import POSITIONAL, Inputs, NamedInputs
 
 
 class ModelPreparationError(ValueError):
@@ -68,14 +71,14 @@ class PreparedModel:
 
 def prepare_model(
     model: nn.Module | torch.export.ExportedProgram, fold_batchnorm: bool = True,
-    example_inputs: tuple[torch.Tensor, ...] | None = None, share_weights: bool = False,
+    example_inputs: Inputs | None = None, share_weights: bool = False,
 ) -> PreparedModel:
     """Trace a private copy of `model`; the caller's model is never modified.
 
     Eager models are traced with torch.fx (module calls stay visible, so BatchNorm can be folded and
     layers keep their module types). Models fx cannot trace (shape-dependent Python, e.g. slicing a
-    mask by `x.shape[1]`) fall back to torch.export with a dynamic batch dimension when
-    `example_inputs` are given.
+    mask by `x.shape[1]`; most Hugging Face models) fall back to torch.export with a dynamic batch
+    dimension when `example_inputs` (a tensor or `NamedInputs`, as the data set holds them) are given.
 
     share_weights: the copy reuses the caller's parameter tensors instead of duplicating them (a
     100M-parameter model then costs its size once, not twice). Only for callers that never write to
@@ -96,11 +99,13 @@ def prepare_model(
     if share_weights:
         memo = {id(t): t for t in model.parameters()}
     private = copy.deepcopy(model, memo).eval()
-    hf_config = getattr(private, "config", None)
-    if getattr(hf_config, "use_cache", False) is True:
-        # Hugging Face models return a key/value cache by default: analysis never reads it, and a
-        # cache object is not something a traced graph can return. The copy's config is private.
-        hf_config.use_cache = False
+    for module in private.modules():
+        hf_config = getattr(module, "config", None)
+        if getattr(hf_config, "use_cache", False) is True:
+            # Hugging Face models return a key/value cache by default: analysis never reads it, and a
+            # cache object is not something a traced graph can return. The copy's config is private
+            # (encoder-decoders give their decoder stack a config of its own, hence every module).
+            hf_config.use_cache = False
     for module in private.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
@@ -115,8 +120,7 @@ def prepare_model(
             raise ModelPreparationError(f"could not trace the model with torch.fx ({_first_line(fx_error)}); "
                                         "export it with torch.export and pass the .pt2 file instead") from None
         try:
-            dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
-            exported = torch.export.export(private, tuple(example_inputs), dynamic_shapes=dynamic)
+            exported = _export(private, example_inputs)
         except Exception as export_error:  # noqa: BLE001
             raise ModelPreparationError(
                 f"could not trace the model: torch.fx said {_first_line(fx_error)}; torch.export said "
@@ -127,6 +131,18 @@ def prepare_model(
         return prepared
     _make_out_of_place(graph_module)
     return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
+
+
+def _export(model: nn.Module, example: Inputs) -> torch.export.ExportedProgram:
+    """torch.export with every input's batch dimension dynamic (chunks have other sizes)."""
+    args, kwargs = example.call_arguments() if isinstance(example, NamedInputs) else ((example,), {})
+    try:
+        names = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    except TypeError as exc:
+        raise ModelPreparationError(f"the data's inputs do not fit the model's forward ({exc}); name the input "
+                                    "arrays after forward's parameters") from None
+    dynamic = {name: {0: torch.export.Dim.AUTO} for name in names}
+    return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
 
 
 # Characters torch.fx cannot put into the Python it generates from module names (it quotes them).
@@ -283,19 +299,43 @@ def placeholders(prepared: PreparedModel) -> list[torch.fx.Node]:
     return [n for n in prepared.nodes if n.op == "placeholder"]
 
 
-@torch.inference_mode()
-def capture(prepared: PreparedModel, inputs: tuple[torch.Tensor, ...]) -> Env:
-    """Run the graph once and keep every node's value (the FP32 cache for one chunk)."""
-    env: Env = {}
+def bind_inputs(prepared: PreparedModel, inputs: Inputs) -> Env:
+    """The graph's placeholders bound to a batch: a plain tensor (or the tensor named "inputs") is
+    forward's first argument; every other named tensor goes to the parameter of its name; a
+    parameter the data does not provide takes its default."""
     holders = placeholders(prepared)
-    if len(inputs) < len([h for h in holders if not h.args]):
+    named = dict(inputs.tensors) if isinstance(inputs, NamedInputs) else {POSITIONAL: inputs}
+    env: Env = {}
+    positional = named.pop(POSITIONAL, None)
+    if positional is not None:
+        if not holders:
+            raise ModelPreparationError("the model's forward takes no inputs but the data provides some")
+        env[holders[0]] = positional
+    by_name = {str(h.target).lstrip("*"): h for h in holders if h not in env}
+    unknown = [name for name in named if name not in by_name]
+    if unknown:
+        takes = ", ".join(by_name) or "nothing else"
         raise ModelPreparationError(
-            f"the model's forward takes {len(holders)} inputs but the data provides {len(inputs)}"
-        )
+            f"the model's forward has no parameter {unknown[0]!r} (it takes {takes}); name the data's input arrays "
+            "after forward's parameters")
+    for name, value in named.items():
+        env[by_name[name]] = value
+    for holder in holders:
+        if holder not in env:
+            if not holder.args:
+                raise ModelPreparationError(
+                    f"the model's forward needs input {str(holder.target)!r}, which the data does not provide; add an "
+                    f"array named {str(holder.target)!r} to the data")
+            env[holder] = holder.args[0]
+    return env
+
+
+@torch.inference_mode()
+def capture(prepared: PreparedModel, inputs: Inputs) -> Env:
+    """Run the graph once and keep every node's value (the FP32 cache for one chunk)."""
+    env: Env = bind_inputs(prepared, inputs)
     for node in prepared.nodes:
         if node.op == "placeholder":
-            index = holders.index(node)
-            env[node] = inputs[index] if index < len(inputs) else (node.args[0] if node.args else None)
             continue
         args, kwargs = load_args(node, env)
         env[node] = run_node(prepared.graph_module, node, args, kwargs)

@@ -24,14 +24,14 @@ import torch
 
 from analysis import calibration
 from analysis.config import DEFAULT_CACHE_BYTES, QuantConfig
-from analysis.data import Dataset
+from analysis.data import Dataset, Inputs, call_model, samples_differ
 from analysis.device import free_memory_bytes, resolve_device
 from analysis.formats import (
     Format, block_quantize, check_finite, dynamic_quantize, from_rows, quantize_with_range, scale_and_zero_point,
     to_rows,
 )
 from analysis.graph import (
-    ModelPreparationError, PreparedModel, capture, check_batch_output, load_args, prepare_model, primary_output, rerun,
+    ModelPreparationError, PreparedModel, bind_inputs, capture, check_batch_output, load_args, prepare_model, primary_output, rerun,
     tensor_bytes, unchanged,
 )
 from analysis.layers import ActFn, Layer, LayerTable, ModuleSite, Site, discover_layers
@@ -152,7 +152,7 @@ class QuantSim:
         self.data = data.take(self.config.num_samples)
         example = self.data.inputs[:2]
         self.prepared: PreparedModel = prepare_model(
-            model, fold_batchnorm=self.config.fold_batchnorm, example_inputs=(example,),
+            model, fold_batchnorm=self.config.fold_batchnorm, example_inputs=example,
             share_weights=not self._moves(model))
         if self._moves(model):
             self.prepared.graph_module.to(self.device)  # a private deep copy: moving it is safe
@@ -217,9 +217,9 @@ class QuantSim:
         same input: quantization error is measured against that output, so a random one (dropout
         forced on, noise, sampling) would be reported as error, or hide it."""
         n = min(2, len(self.data))
-        first = self.output_of(capture(self.prepared, (self._inputs(0, n),)))
+        first = self.output_of(capture(self.prepared, self._inputs(0, n)))
         check_batch_output(first, n)
-        second = self.output_of(capture(self.prepared, (self._inputs(0, n),)))
+        second = self.output_of(capture(self.prepared, self._inputs(0, n)))
         agreement = run_to_run_sqnr_db(first, second)
         if agreement < DETERMINISM_DB:
             raise ModelPreparationError(
@@ -242,7 +242,7 @@ class QuantSim:
         first_param = next(iter(eager.parameters()), None)
         where = first_param.device if first_param is not None else torch.device("cpu")
         with unchanged(eager), torch.inference_mode():
-            real = primary_output(eager(self.data.inputs[:n].to(where)))
+            real = primary_output(call_model(eager, self.data.inputs[:n].to(where)))
         agreement = run_to_run_sqnr_db(real.float(), traced.to(real.device).float())
         if agreement < FAITHFUL_DB:
             raise ModelPreparationError(
@@ -252,15 +252,15 @@ class QuantSim:
                 "them (export the model with torch.export and pass the .pt2, or make those steps out of place)")
 
     @staticmethod
-    def _constant_output(output: torch.Tensor, inputs: torch.Tensor) -> bool:
+    def _constant_output(output: torch.Tensor, inputs: Inputs) -> bool:
         """Different inputs, identical outputs."""
-        return (output.shape[0] >= 2 and not torch.equal(inputs[0], inputs[1])
+        return (output.shape[0] >= 2 and samples_differ(inputs, 0, 1)
                 and bool((output == output[:1]).all()))
 
     # chunks ---------------------------------------------------------------------------------
 
     def _plan_chunks(self) -> int:
-        env = capture(self.prepared, (self._inputs(0, 1),))
+        env = capture(self.prepared, self._inputs(0, 1))
         self._measure_macs(env)
         per_sample = max(1, tensor_bytes(env.values()))
         bound = self.cache_bytes
@@ -271,7 +271,7 @@ class QuantSim:
         # temporaries (metrics, calibration, the per-sample estimate missing kernel workspaces).
         return max(1, min(len(self.data), bound // (3 * per_sample)))
 
-    def _inputs(self, start: int, stop: int) -> torch.Tensor:
+    def _inputs(self, start: int, stop: int) -> Inputs:
         return self.data.inputs[start:stop].to(self.device)
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -283,7 +283,7 @@ class QuantSim:
         if self._chunk_cache is not None and self._chunk_cache[0] == chunk[0]:
             return self._chunk_cache[1]
         self._chunk_cache = None  # free the old chunk before computing the next
-        env = capture(self.prepared, (self._inputs(*chunk),))
+        env = capture(self.prepared, self._inputs(*chunk))
         self._chunk_cache = (chunk[0], env)
         return env
 
@@ -449,18 +449,17 @@ class QuantSim:
                 result[site.node] = compose_override(site, self.gm, weight, act, result.get(site.node))
         return result
 
-    def forward(self, inputs: torch.Tensor, assignment: Assignment | None = None) -> torch.Tensor:
+    def forward(self, inputs: Inputs, assignment: Assignment | None = None) -> torch.Tensor:
         """The model's primary output on any inputs with `assignment` quantized (float if empty),
         using the quantizers calibrated on this simulator's data. Returned on the simulator's device."""
         assignment = assignment or {}
         self.calibrate_assignment(assignment)
         overrides = self.overrides(assignment)
         nodes = [n for n in self.prepared.nodes if n.op != "placeholder"]
-        holder = next(n for n in self.prepared.nodes if n.op == "placeholder")
         outputs = []
         for start in range(0, len(inputs), self.chunk_size):
             batch = inputs[start:start + self.chunk_size].to(self.device)
-            env = rerun(self.prepared, {holder: batch}, nodes, overrides)
+            env = rerun(self.prepared, bind_inputs(self.prepared, batch), nodes, overrides)
             outputs.append(primary_output(env[self.prepared.output_node]))
         return torch.cat(outputs)
 

@@ -97,7 +97,7 @@ CASES = [
     # truncated / corrupt / wrong-kind data files
     Case("truncated-data", "load", data="truncated.npz", expect="truncated or corrupt"),
     Case("text-as-npz", "load", data="text_as.npz", expect="not a .npz archive"),
-    Case("weights-as-data", "load", data="weights_as_data.safetensors", expect="no key 'inputs'"),
+    Case("weights-as-data", "load", data="weights_as_data.safetensors", expect="cannot be a parameter name of forward"),
     # data that does not fit the model, or has nothing in it
     Case("wrong-shape", "load", data="wrong_shape.npz", expect="cannot run on the data"),
     Case("int-inputs-for-float-model", "load", data="int_inputs_for_float_model.npz", expect="dtype int64"),

@@ -512,13 +512,24 @@ def test_python_function_data(tmp_path):
         assert expected in message(excinfo), name
 
 
-def test_missing_inputs_key_lists_keys_found(tmp_path):
+def test_arrays_are_passed_by_name_and_checked_against_forward(tmp_path):
+    # Every array but 'labels' is an input passed to forward under its name: x and y here.
     path = tmp_path / "d.npz"
-    np.savez(path, x=np.zeros((2, 2)), y=np.zeros(2))
+    np.savez(path, x=np.zeros((2, 2), dtype=np.float32), y=np.zeros(2, dtype=np.float32))
+    data = load_data(str(path))
+    assert data.inputs.names == ("x", "y") and data.labels is None
+    with pytest.raises(LoadError) as excinfo:
+        check_compatible(nn.Linear(2, 3), data)  # forward(input): no parameter x
+    text = message(excinfo)
+    assert "input array 'x'" in text and "no parameter of that name" in text and "(it takes input)" in text
+
+
+def test_no_input_arrays_lists_keys_found(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, labels=np.zeros(2, dtype=np.int64))
     with pytest.raises(LoadError) as excinfo:
         load_data(str(path))
-    text = message(excinfo)
-    assert "no key 'inputs'" in text and "'x'" in text and "'y'" in text
+    assert "no input arrays (keys found: 'labels')" in message(excinfo)
 
 
 def test_misspelt_labels_key_is_not_silently_dropped(tmp_path):
@@ -526,7 +537,7 @@ def test_misspelt_labels_key_is_not_silently_dropped(tmp_path):
     save_file({"inputs": torch.zeros(2, 2), "label": torch.zeros(2, dtype=torch.long)}, path)
     with pytest.raises(LoadError) as excinfo:
         load_data(str(path))
-    assert "unexpected keys 'label'" in message(excinfo)
+    assert "has key 'label'; did you mean 'labels'?" in message(excinfo)
 
 
 def test_label_count_mismatch(tmp_path):

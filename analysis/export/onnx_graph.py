@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis.data import NamedInputs
 from analysis.export.registry import ExportError
 
 if TYPE_CHECKING:  # onnx is an optional dependency ("real" extra); torch/numpy load on first use
@@ -164,6 +165,11 @@ def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model:
     import torch
 
     path = Path(path)
+    if isinstance(sim.data.inputs, NamedInputs):
+        raise ExportError(
+            f"ONNX export takes one input tensor, but the data passes {', '.join(sim.data.inputs.names)} by name; "
+            "export a single-input wrapper of the model, or use another export target (torchao, compressed-tensors, "
+            "modelopt, aimet)")
     example = (sim.data.inputs[:2],)
     errors = []
     sources = [sim.gm] + ([model] if model is not None else [])

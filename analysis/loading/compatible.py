@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import Dataset, check_labels
+from ..data import POSITIONAL, Dataset, NamedInputs, call_model, check_labels, input_tensors
 from ..graph import check_batch_output, unchanged
 from .errors import LoadError, _dtype, _first_line, _shape
 
@@ -18,13 +19,17 @@ def check_compatible(model: nn.Module | torch.export.ExportedProgram, data: Data
     """Run the model on the first sample; LoadError if it fails or gives no floating-point output."""
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     sample = data.inputs[:1]
-    described = f"input of shape {_shape(sample.shape)} dtype {_dtype(sample.dtype)} from {data.name}"
+    described = "input " + ", ".join(
+        f"{'' if name == POSITIONAL else name + ' '}of shape {_shape(t.shape)} dtype {_dtype(t.dtype)}"
+        for name, t in input_tensors(sample).items()) + f" from {data.name}"
+    if isinstance(sample, NamedInputs):
+        _check_names(module, sample, data.name)
     try:
         # The caller's model itself: in eval mode, with its buffers and mode restored afterwards (a
         # program's module() is a fresh copy each time, and refuses eval()).
         guard = contextlib.nullcontext() if isinstance(model, torch.export.ExportedProgram) else unchanged(module)
         with guard, torch.inference_mode():
-            output = module(sample)
+            output = call_model(module, sample)
     except Exception as exc:
         hint = "check that the data matches the model's expected input"
         if isinstance(model, torch.export.ExportedProgram):
@@ -65,3 +70,22 @@ def _first_float(output: Any) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def _check_names(module: Any, inputs: NamedInputs, shown: str) -> None:
+    """LoadError naming the first input array forward has no parameter for (when forward's signature
+    is readable and takes no **kwargs)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    keywords = [name for name, p in parameters.items()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for name in inputs.names:
+        if name != POSITIONAL and name not in keywords:
+            raise LoadError(
+                f"the data {shown} has an input array {name!r} but the model's forward has no parameter of that name "
+                f"(it takes {', '.join(keywords) or 'no named parameters'}); name the arrays after forward's "
+                f"parameters, use 'inputs' for the first one, and 'labels' for labels")

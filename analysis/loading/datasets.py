@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import zipfile
 from collections.abc import Mapping
@@ -12,18 +13,18 @@ import numpy as np
 import torch
 
 from ..config import MAX_DATA_BYTES
-from ..data import TASKS, Dataset, infer_task
+from ..data import POSITIONAL, TASKS, Dataset, NamedInputs, infer_task
 from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
 from .tensor_files import _safetensors_load, _torch_load
 from .user_code import _split_callable_spec, _user_callable
 
-_DATA_KEYS = ("inputs", "labels")
 _SAVE_DATA = (
     'save plain tensors with torch.save({"inputs": x, "labels": y}, path), '
     "numpy.savez(path, inputs=x, labels=y) or safetensors.torch.save_file({...}, path)"
 )
 _DATA_FORMS = (
-    "pass sample:<name>, a .npz/.pt/.safetensors file with key 'inputs' (and 'labels') or path/to/file.py:function"
+    "pass sample:<name>, a .npz/.pt/.safetensors file with key 'inputs' (or arrays named after forward's "
+    "parameters, e.g. input_ids and attention_mask) and optionally 'labels', or path/to/file.py:function"
 )
 
 
@@ -52,7 +53,7 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
     if spec.startswith("sample:"):
         name = spec.removeprefix("sample:")
         inputs, labels, sample_task = _load_sample_split(name, split)
-        return _finish(*limit.rows(inputs, labels), task or sample_task, f"{name}/{split}", spec)
+        return _finish(*limit.rows({POSITIONAL: inputs}, labels), task or sample_task, f"{name}/{split}", spec)
 
     function = _split_callable_spec(spec)
     if function is not None:
@@ -75,7 +76,7 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
     else:
         raise LoadError(f"unsupported data file {spec} (extension {suffix or 'none'!r}); {_DATA_FORMS}")
     inputs, labels = _split_keys(tensors, spec)
-    inputs = _as_tensor(inputs, "inputs", spec)
+    inputs = {name: _as_tensor(value, name, spec) for name, value in inputs.items()}
     labels = None if labels is None else _as_tensor(labels, "labels", spec)
     return _finish(*limit.rows(inputs, labels), task, path.name, spec)
 
@@ -86,13 +87,14 @@ class _Limit:
     def __init__(self, samples: int | None, max_bytes: int) -> None:
         self.samples, self.max_bytes = samples, max_bytes
 
-    def rows(self, inputs: Any, labels: Any) -> tuple[Any, Any]:
-        """The first `samples` rows of inputs and labels (labels are cut only where they pair up)."""
-        if self.samples is None or getattr(inputs, "ndim", 0) == 0:
+    def rows(self, inputs: dict[str, Any], labels: Any) -> tuple[dict[str, Any], Any]:
+        """The first `samples` rows of every input and of the labels (each cut only where it has rows)."""
+        if self.samples is None:
             return inputs, labels
-        if labels is not None and getattr(labels, "ndim", 0) and len(labels) == len(inputs):
+        if labels is not None and getattr(labels, "ndim", 0):
             labels = labels[: self.samples]
-        return inputs[: self.samples], labels
+        return {name: value[: self.samples] if getattr(value, "ndim", 0) else value
+                for name, value in inputs.items()}, labels
 
     def too_big(self, shown: str, what: str, size: int, fix: str) -> LoadError:
         return LoadError(
@@ -158,10 +160,9 @@ def _read_npz(path: Path, shown: str, limit: _Limit) -> dict[str, Any]:
         _split_keys(members, shown)  # refuses unknown keys before anything is decompressed
         budget = limit.max_bytes
         tensors: dict[str, Any] = {}
-        for key in _DATA_KEYS:
-            if key in members:
-                tensors[key] = _read_npy_member(archive, members[key], key, shown, limit, budget)
-                budget -= tensors[key].nbytes
+        for key, member in members.items():
+            tensors[key] = _read_npy_member(archive, member, key, shown, limit, budget)
+            budget -= tensors[key].nbytes
     return tensors
 
 
@@ -211,22 +212,27 @@ def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, 
     return array[: limit.samples] if limit.samples is not None and shape else array
 
 
-def _split_keys(tensors: Mapping[str, Any], shown: str) -> tuple[Any, Any]:
-    # Strict on purpose: a misspelt "label" would otherwise silently drop the labels (and the task metric).
+def _split_keys(tensors: Mapping[str, Any], shown: str) -> tuple[dict[str, Any], Any]:
+    """(inputs by name, labels): every key but 'labels' is an input, passed to forward under its name
+    ('inputs' positionally)."""
     found = sorted(map(str, tensors))
     listing = ", ".join(repr(k) for k in found) if found else "none"
-    if "inputs" not in tensors:
+    names = [k for k in found if k != "labels"]
+    if not names:
         raise LoadError(
-            f"{shown} has no key 'inputs' (keys found: {listing}); "
-            f"store the inputs under 'inputs' and labels under 'labels'"
+            f"{shown} has no input arrays (keys found: {listing}); store the inputs under 'inputs' (or under the "
+            f"names of forward's parameters) and labels under 'labels'"
         )
-    extra = [k for k in found if k not in _DATA_KEYS]
-    if extra:
-        raise LoadError(
-            f"{shown} has unexpected keys {', '.join(repr(k) for k in extra)} (keys found: {listing}); "
-            f"only 'inputs' and optionally 'labels' are read"
-        )
-    return tensors["inputs"], tensors.get("labels")
+    for name in names:
+        # Strict on purpose: a misspelt "label" would otherwise be passed to forward, or drop the labels.
+        if difflib.get_close_matches(name.lower(), ["labels"], n=1, cutoff=0.75):
+            raise LoadError(f"{shown} has key {name!r}; did you mean 'labels'? (keys found: {listing})")
+        if not name.isidentifier():
+            raise LoadError(
+                f"{shown} has key {name!r}, which cannot be a parameter name of forward (keys found: {listing}); "
+                f"name input arrays after forward's parameters, e.g. 'inputs' or 'input_ids'"
+            )
+    return {name: tensors[name] for name in names}, tensors.get("labels")
 
 
 def _as_tensor(value: Any, what: str, shown: str) -> torch.Tensor:
@@ -253,8 +259,8 @@ _FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3f
 
 
 def _data_from_function(spec: str, file_text: str, attr: str,
-                        limit: _Limit) -> tuple[torch.Tensor, torch.Tensor | None]:
-    inputs: list[torch.Tensor] = []
+                        limit: _Limit) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    inputs: list[dict[str, torch.Tensor]] = []
     labels: list[torch.Tensor] = []
     samples = held = 0
     with _user_callable(spec, file_text, attr, "function", _DATA_FORMS) as function:
@@ -272,6 +278,9 @@ def _data_from_function(spec: str, file_text: str, attr: str,
                 ) from None
             for index, batch in enumerate(iterator):
                 x, y = _parse_batch(batch, index, spec)
+                if index and set(x) != set(inputs[0]):
+                    raise LoadError(f"{spec}: batch {index} has inputs {', '.join(sorted(x))} but batch 0 had "
+                                    f"{', '.join(sorted(inputs[0]))}; every batch needs the same input names")
                 if index and (y is None) != (not labels):
                     this, first = ("has no", "has") if y is None else ("has", "has none")
                     raise LoadError(
@@ -280,8 +289,12 @@ def _data_from_function(spec: str, file_text: str, attr: str,
                 inputs.append(x)
                 if y is not None:
                     labels.append(y)
-                samples += len(x)
-                held += x.nbytes + (0 if y is None else y.nbytes)
+                lengths = {len(t) for t in x.values()} | ({len(y)} if y is not None else set())
+                if len(lengths) > 1:
+                    raise LoadError(f"{spec}: batch {index} has inputs and labels of different lengths "
+                                    f"({', '.join(map(str, sorted(lengths)))}); each needs one row per sample")
+                samples += len(next(iter(x.values())))
+                held += sum(t.nbytes for t in x.values()) + (0 if y is None else y.nbytes)
                 if limit.samples is not None and samples >= limit.samples:
                     break  # an endless generator stops here; it is closed below
                 if held > limit.max_bytes:
@@ -300,26 +313,27 @@ def _data_from_function(spec: str, file_text: str, attr: str,
             ) from None
     if not inputs:
         raise LoadError(f"{spec} has no samples: {attr}() produced no batches")
-    return limit.rows(_concat(inputs, "inputs", spec), _concat(labels, "labels", spec) if labels else None)
+    joined = {name: _concat([batch[name] for batch in inputs], name, spec) for name in inputs[0]}
+    return limit.rows(joined, _concat(labels, "labels", spec) if labels else None)
 
 
-def _parse_batch(batch: Any, index: int, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _parse_batch(batch: Any, index: int, spec: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    where = f"{spec} batch {index}"
     if isinstance(batch, Mapping):
-        x, y = _split_keys(batch, f"{spec} batch {index}")
+        named, y = _split_keys(batch, where)
     elif isinstance(batch, (tuple, list)):
         if len(batch) not in (1, 2):
             raise LoadError(
                 f"{spec}: batch {index} has {len(batch)} items; a batch is inputs, (inputs, labels) or a dict"
             )
-        x, y = batch[0], (batch[1] if len(batch) == 2 else None)
+        named, y = {POSITIONAL: batch[0]}, (batch[1] if len(batch) == 2 else None)
     else:
-        x, y = batch, None
-    where = f"{spec} batch {index}"
-    x = _as_tensor(x, "inputs", where)
+        named, y = {POSITIONAL: batch}, None
+    x = {name: _as_tensor(value, name, where) for name, value in named.items()}
     if isinstance(y, (int, float, list)):
         y = torch.as_tensor(y)
     y = None if y is None else _as_tensor(y, "labels", where)
-    for name, tensor in (("inputs", x), ("labels", y)):
+    for name, tensor in (*x.items(), ("labels", y)):
         if tensor is not None and tensor.dim() == 0:
             raise LoadError(
                 f"{where}: {name} are a scalar; batches need a leading batch dimension "
@@ -340,23 +354,38 @@ def _concat(parts: list[torch.Tensor], what: str, spec: str) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _finish(inputs: torch.Tensor, labels: torch.Tensor | None, task: str | None, name: str, shown: str) -> Dataset:
-    """Validate inputs and labels, settle the task, and build the Dataset."""
-    if inputs.dtype == torch.bool or inputs.is_complex() or not (inputs.is_floating_point() or _is_integer(inputs)):
-        raise LoadError(
-            f"{shown}: inputs have dtype {_dtype(inputs.dtype)}; use floating-point values or integer token ids"
-        )
-    if inputs.dim() == 0:
-        raise LoadError(f"{shown}: inputs are a scalar; store samples along dimension 0")
-    if len(inputs) == 0:
-        raise LoadError(f"{shown} has no samples: inputs have shape {_shape(inputs.shape)}")
-    _check_finite(inputs, "inputs", shown)
+def _finish(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, task: str | None, name: str,
+            shown: str) -> Dataset:
+    """Validate inputs and labels, settle the task, and build the Dataset (a lone 'inputs' array stays a
+    plain tensor; several arrays become `NamedInputs`)."""
+    for key, tensor in inputs.items():
+        what = "inputs" if key == POSITIONAL else f"input {key!r}"
+        mask = key != POSITIONAL and tensor.dtype == torch.bool  # boolean attention masks are inputs too
+        if not mask and (tensor.dtype == torch.bool or tensor.is_complex()
+                         or not (tensor.is_floating_point() or _is_integer(tensor))):
+            raise LoadError(
+                f"{shown}: {what} {'have' if key == POSITIONAL else 'has'} dtype {_dtype(tensor.dtype)}; use "
+                "floating-point values or integer token ids"
+            )
+        if tensor.dim() == 0:
+            raise LoadError(f"{shown}: {what} {'are' if key == POSITIONAL else 'is'} a scalar; store samples along "
+                            "dimension 0")
+        if len(tensor) == 0:
+            raise LoadError(f"{shown} has no samples: {what} {'have' if key == POSITIONAL else 'has'} shape "
+                            f"{_shape(tensor.shape)}")
+        _check_finite(tensor, what, shown)
+    lengths = {key: len(t) for key, t in inputs.items()}
+    if len(set(lengths.values())) > 1:
+        shown_lengths = ", ".join(f"{key}: {n}" for key, n in lengths.items())
+        raise LoadError(f"{shown}: the input arrays hold different numbers of samples ({shown_lengths}); each needs "
+                        "one row per sample")
+    samples = next(iter(lengths.values()))
 
     if labels is not None:
         if labels.dim() == 0:
             raise LoadError(f"{shown}: labels are a scalar; store one label per sample along dimension 0")
-        if len(labels) != len(inputs):
-            raise LoadError(f"{shown} has {len(inputs)} inputs but {len(labels)} labels; they must pair up one to one")
+        if len(labels) != samples:
+            raise LoadError(f"{shown} has {samples} inputs but {len(labels)} labels; they must pair up one to one")
         if labels.is_floating_point():
             _check_finite(labels, "labels", shown)
         elif labels.dtype == torch.bool or labels.is_complex() or not _is_integer(labels):
@@ -377,8 +406,9 @@ def _finish(inputs: torch.Tensor, labels: torch.Tensor | None, task: str | None,
         if labels.dim() != need:
             layout = "[N] class ids" if need == 1 else "[N, T] next-token ids"
             raise LoadError(f"{shown}: labels have shape {_shape(labels.shape)} but task {task!r} needs {layout}")
+    value = inputs[POSITIONAL] if list(inputs) == [POSITIONAL] else NamedInputs(inputs)
     try:
-        return Dataset(inputs, labels, task, name)
+        return Dataset(value, labels, task, name)
     except ValueError as exc:
         raise LoadError(f"{shown}: {exc}") from None
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.config import QATConfig
-from analysis.data import Dataset
+from analysis.data import Dataset, call_model
 from analysis.data import check_labels as data_check_labels
 from analysis.evaluate import Evaluator, metric_drop, task_metric
 from analysis.graph import primary_output
@@ -280,7 +280,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
                 step += 1
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step)
-                output = primary_output(graph.gm(split.train.inputs[index]))
+                output = primary_output(call_model(graph.gm, split.train.inputs[index]))
                 loss = loss_of(output, index, split.train, targets)
                 if not torch.isfinite(loss):
                     diverged = f"the training loss became {float(loss)} at epoch {epoch}"

@@ -24,7 +24,7 @@ from torch import nn
 
 from analysis import costs
 from analysis.config import QuantConfig
-from analysis.data import Dataset
+from analysis.data import Dataset, Inputs, call_model
 from analysis.evaluate import Evaluation, Evaluator, metric_drop, task_metric
 from analysis.layers import Layer
 from analysis.metrics import ErrorAccumulator, compare
@@ -88,14 +88,15 @@ def _model_bytes(model: nn.Module) -> int:
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def _forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _forward(model: nn.Module, inputs: Inputs, batch_size: int) -> torch.Tensor:
     from analysis.graph import primary_output
 
     with torch.inference_mode():
-        return torch.cat([primary_output(model(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
+        return torch.cat([primary_output(call_model(model, inputs[i:i + batch_size]))
+                          for i in range(0, len(inputs), batch_size)])
 
 
-def _time_pair(models: list[nn.Module], inputs: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> list[float]:
+def _time_pair(models: list[nn.Module], inputs: Inputs, batch_size: int, warmup: int, repeats: int) -> list[float]:
     """Median seconds for one pass over `inputs`, per model; runs interleaved so that load drifting on
     a shared machine hits every model alike."""
     for _ in range(warmup):
