@@ -127,6 +127,21 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:n]
         return Dataset(self.inputs[:n], labels, self.task, self.name)
 
+    def token_mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """For language models, [n, T] booleans of the positions of samples start..stop that count in
+        every output metric: not padding (labels = IGNORE_INDEX, or attention_mask = 0). None when all
+        count (or for other tasks)."""
+        if self.task != "language-model":
+            return None
+        mask = None
+        if self.labels is not None and self.labels.dim() == 2:
+            mask = self.labels[start:stop] != IGNORE_INDEX
+        attention = self.inputs.tensors.get("attention_mask") if isinstance(self.inputs, NamedInputs) else None
+        if attention is not None and attention.dim() == 2:
+            valid = attention[start:stop] != 0
+            mask = valid if mask is None else mask & valid
+        return None if mask is None or bool(mask.all()) else mask
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         named = isinstance(self.inputs, NamedInputs)

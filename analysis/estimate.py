@@ -97,6 +97,13 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
     del env
     flat = output.detach().reshape(samples, -1)
     width = flat.shape[1]
+    # Positions that do not count (language-model padding) get no projection weight: their error is
+    # neither estimated nor part of the signal, as in the exact metrics.
+    mask = sim.output_mask(chunk)
+    keep = None
+    if mask is not None:
+        keep = mask.reshape(*mask.shape, *([1] * (output.dim() - mask.dim()))).expand_as(output)
+        keep = keep.reshape(samples, -1).to(flat.dtype)
     exact = width <= projections
     count = projections if not exact else width
     generator = torch.Generator(device="cpu").manual_seed(seed + chunk[0])
@@ -110,14 +117,18 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
             vector[:, k] = 1.0
         else:
             vector = (torch.randint(0, 2, flat.shape, generator=generator) * 2 - 1).to(flat.dtype).to(flat.device)
+        if keep is not None:
+            vector = vector * keep
         got = torch.autograd.grad(output.reshape(samples, -1), [t for _, _, t in order], grad_outputs=vector,
                                   retain_graph=k < count - 1, allow_unused=True)
         for (node, i, _), g in zip(order, got):
             if g is not None:
                 grads[node][i][k] = _per_sample(g.detach().float(), samples)
     home = float64_home(flat.device)
-    signal = float(flat.to(home).double().pow(2).sum())
-    return OutputGradients(samples, exact, grads, signal, flat.numel(), values)
+    counted = flat if keep is None else flat * keep
+    signal = float(counted.to(home).double().pow(2).sum())
+    elements = flat.numel() if keep is None else int(keep.sum())
+    return OutputGradients(samples, exact, grads, signal, elements, values)
 
 
 def node_difference(quantized: Any, reference: Any) -> Any:

@@ -103,7 +103,7 @@ class Evaluator:
         output = self.sim.forward(self.evaluation.inputs, assignment)
         seconds = time.perf_counter() - started
         acc = ErrorAccumulator(self.evaluation.logits)
-        acc.update(self.reference, output)
+        acc.update(self.reference, output, self.evaluation.token_mask())
         name, value = task_metric(self.evaluation.task, output, _on(self.evaluation.labels, output))
         return Evaluation(
             label, "simulated", name, value, metric_drop(name, self.fp32_metric, value), acc.result(),
@@ -124,7 +124,11 @@ class Evaluator:
         if self._calibration_reference is None:
             self._calibration_reference = self.sim.forward(self.calibration.inputs, {})
         output = self.sim.forward(self.calibration.inputs, assignment)
-        noise = float(((output.double() - self._calibration_reference.double()) ** 2).mean())
+        difference = output.double() - self._calibration_reference.double()
+        mask = self.calibration.token_mask()
+        if mask is not None:  # padding positions are not scored
+            difference = difference[mask.to(difference.device)]
+        noise = float((difference ** 2).mean())
         result = {"noise": noise}
         if self.evaluation.labels is not None and self.metric_name is not None:
             eval_output = self.sim.forward(self.evaluation.inputs, assignment)

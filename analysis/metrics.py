@@ -102,9 +102,17 @@ class ErrorAccumulator:
         self._agree: torch.Tensor | None = None  # int64 scalar
         self._nonfinite: torch.Tensor | None = None  # bool scalar: some update saw NaN or Inf
 
-    def update(self, reference: torch.Tensor, quantized: torch.Tensor) -> None:
+    def update(self, reference: torch.Tensor, quantized: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """`mask`: booleans over the leading dimensions of the outputs (e.g. [N, T] token positions of
+        [N, T, V] logits); only the positions it marks are compared (padding is not)."""
         if reference.shape != quantized.shape:
             raise ValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(quantized.shape)}")
+        if mask is not None:
+            if tuple(mask.shape) != tuple(reference.shape[:mask.dim()]):
+                raise ValueError(f"a mask of shape {tuple(mask.shape)} does not cover outputs of shape "
+                                 f"{tuple(reference.shape)}")
+            mask = mask.to(reference.device)
+            reference, quantized = reference[mask], quantized[mask]
         if reference.numel() == 0:
             return
         home = float64_home(reference.device)

@@ -296,6 +296,12 @@ class QuantSim:
         self._chunk_cache = (chunk[0], values)
         return values
 
+    def output_mask(self, chunk: tuple[int, int]) -> torch.Tensor | None:
+        """The output positions of a chunk that count in output metrics (`Dataset.token_mask`:
+        language-model padding does not), on the simulator's device; None when all count."""
+        mask = self.data.token_mask(*chunk)
+        return None if mask is None else mask.to(self.device)
+
     def release_cache(self) -> None:
         self._chunk_cache = None
 

@@ -155,13 +155,15 @@ class Sweep:
             else:
                 cache = sim.cache(chunk)
             reference_out = sim.output_of(cache)
+            mask = sim.output_mask(chunk)
             local_refs: dict[str, list[torch.Tensor]] = {}
             for trial in trials:
                 progress.check()
                 acc = accumulators[id(trial)]
                 if acc.failure is None:
                     try:
-                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads)
+                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
+                                        mask=mask)
                     except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
                         acc.failure = _one_line(exc)
                 progress.step(trial.layer)
@@ -227,6 +229,7 @@ class Sweep:
         for chunk in sim.chunks():
             cache = sim.cache(chunk)
             reference_out = sim.output_of(cache)
+            mask = sim.output_mask(chunk)
             local_refs: dict[str, list[torch.Tensor]] = {}
             for index in chosen:
                 progress.check()
@@ -234,7 +237,7 @@ class Sweep:
                 if acc.failure is None:
                     try:
                         self._run_trial(trials[index], cache, reference_out, descendants[trials[index].layer],
-                                        local_refs, acc, None)
+                                        local_refs, acc, None, mask=mask)
                     except Exception as exc:  # noqa: BLE001
                         acc.failure = _one_line(exc)
                 progress.step(trials[index].layer)
@@ -247,7 +250,8 @@ class Sweep:
 
     def _run_trial(self, trial: Trial, cache: dict, reference_out: torch.Tensor,
                    affected: list, local_refs: dict[str, list[torch.Tensor]], acc: _Accumulators,
-                   grads: OutputGradients | None = None) -> None:
+                   grads: OutputGradients | None = None, mask: torch.Tensor | None = None) -> None:
+        """One trial on one chunk. `mask`: the chunk's output positions that count (padding does not)."""
         sim = self.sim
         sites = sim.sites(trial.layer)
         weight = sim.quantized_weight(trial.layer, trial.weight_format)
@@ -262,7 +266,7 @@ class Sweep:
         env: dict = {}
         if acc.output is not None:
             env = sim.rerun(cache, affected, sim.overrides({trial.layer: (trial.weight_format, trial.act_format)}))
-            acc.output.update(reference_out, sim.output_of(env))
+            acc.output.update(reference_out, sim.output_of(env), mask)
         deltas: dict = {}
         with torch.inference_mode():
             for site, act, reference in zip(sites, acts, local_refs[trial.layer]):
@@ -297,7 +301,7 @@ class Sweep:
                 for chunk in sim.chunks():
                     cache = sim.cache(chunk)
                     env = sim.rerun(cache, nodes, overrides)
-                    output.update(sim.output_of(cache), sim.output_of(env))
+                    output.update(sim.output_of(cache), sim.output_of(env), sim.output_mask(chunk))
                     with torch.inference_mode():
                         for name, (lwf, laf) in assignment.items():
                             for site in sim.sites(name):

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _text_data(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
@@ -39,6 +40,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quantlens: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _text_data(args) -> None:
+    """--data corpus.txt with --tokenizer/--seq-len becomes the data spec a run records
+    ("corpus.txt#tokenizer=DIR,seq_len=N"), so that suggest/evaluate/export load the same samples.
+    A text file with no --tokenizer uses the model directory's tokenizer when it has one."""
+    from pathlib import Path
+
+    from analysis.cli.parser import DEFAULT_SEQ_LEN
+    from analysis.loading.hf import TEXT_SUFFIXES, has_tokenizer, split_text_spec, text_spec
+
+    data = getattr(args, "data", None)
+    if not data or split_text_spec(data) is not None:
+        return
+    tokenizer, seq_len = getattr(args, "tokenizer", None), getattr(args, "seq_len", None)
+    model = getattr(args, "model", None)
+    if tokenizer is None and Path(data).suffix.lower() in TEXT_SUFFIXES and model and has_tokenizer(model):
+        tokenizer = model
+    if tokenizer is None and seq_len is None:
+        return
+    if tokenizer is None:
+        raise CLIError("--seq-len applies to text data tokenized with --tokenizer DIR; pass the tokenizer directory")
+    args.data = text_spec(data, tokenizer, seq_len or DEFAULT_SEQ_LEN)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -28,7 +28,7 @@ def _load(args: argparse.Namespace, split: str = "calibration"):
         raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
     from analysis.loading import check_compatible, load_data, load_model
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_remote_code=getattr(args, "trust_remote_code", False))
     data = load_data(args.data, split=split, task=args.task, max_samples=args.samples)
     check_compatible(model, data)
     return model, data
@@ -388,7 +388,7 @@ def cmd_remedies(args: argparse.Namespace) -> int:
 
     if args.model is None:
         raise CLIError("name the model: sample:<name>, path/to/file.py:factory or model.pt2")
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_remote_code=getattr(args, "trust_remote_code", False))
     calibration = load_data(args.data, split="calibration", task=args.task, max_samples=args.samples)
     check_compatible(model, calibration)
     spec, split = _eval_spec(args.data, args.eval_data)

@@ -10,17 +10,28 @@ from __future__ import annotations
 import argparse
 
 from analysis.config import OUTPUT_METRICS
+
+DEFAULT_SEQ_LEN = 128
 from analysis.cli.commands import (
     cmd_analyze, cmd_dashboard, cmd_evaluate, cmd_export, cmd_finetune, cmd_remedies, cmd_suggest,
 )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="sample:<name> | path/to/file.py:factory | model.pt2 "
-                        "(with --map it may be left out: the map records its model)")
+    parser.add_argument("model", nargs="?", help="sample:<name> | Hugging Face model directory | "
+                        "path/to/file.py:factory | model.pt2 (with --map it may be left out: the map records its model)")
     parser.add_argument("--weights", help="state dict for a file.py:factory model (.safetensors or .pt)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a Hugging Face model directory run the Python files it ships (off by default)")
     parser.add_argument("--data", required=True,
-                        help="sample:<name> | data.npz/.pt/.safetensors (keys inputs, labels) | file.py:function")
+                        help="sample:<name> | data.npz/.pt/.safetensors (array 'inputs' or arrays named after "
+                             "forward's parameters, e.g. input_ids, attention_mask; 'labels') | file.py:function | "
+                             "corpus.txt with --tokenizer")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenize a text --data with this local Hugging Face tokenizer directory (default: the "
+                             "model's directory when it has one); never downloaded")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+                        help=f"tokens per sample for text data (default {DEFAULT_SEQ_LEN})")
     parser.add_argument("--task", choices=("classification", "language-model", "other"),
                         help="what the labels mean (default: inferred from their shape)")
     parser.add_argument("--samples", type=int, default=None,

@@ -15,6 +15,7 @@ import torch
 from ..config import MAX_DATA_BYTES
 from ..data import POSITIONAL, TASKS, Dataset, NamedInputs, infer_task
 from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
+from .hf import TEXT_SUFFIXES, load_text, split_text_spec
 from .tensor_files import _safetensors_load, _torch_load
 from .user_code import _split_callable_spec, _user_callable
 
@@ -24,13 +25,17 @@ _SAVE_DATA = (
 )
 _DATA_FORMS = (
     "pass sample:<name>, a .npz/.pt/.safetensors file with key 'inputs' (or arrays named after forward's "
-    "parameters, e.g. input_ids and attention_mask) and optionally 'labels', or path/to/file.py:function"
+    "parameters, e.g. input_ids and attention_mask) and optionally 'labels', path/to/file.py:function, "
+    "or a text file with --tokenizer DIR --seq-len N"
 )
 
 
 def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
-              max_samples: int | None = None, max_bytes: int = MAX_DATA_BYTES) -> Dataset:
-    """Load the data set `spec` names ("sample:<name>", a .npz/.pt/.safetensors file or "file.py:function").
+              max_samples: int | None = None, max_bytes: int = MAX_DATA_BYTES,
+              tokenizer: str | None = None, seq_len: int | None = None) -> Dataset:
+    """Load the data set `spec` names ("sample:<name>", a .npz/.pt/.safetensors file, "file.py:function",
+    or a text file with `tokenizer` (a local Hugging Face tokenizer directory) and `seq_len`, which the
+    spec may also carry in its recorded form "corpus.txt#tokenizer=DIR,seq_len=N").
 
     `split` ("calibration" or "evaluation") only applies to samples; a user's file is one set and the
     caller takes the first N samples. `task` defaults to the sample's task or `infer_task(labels)`.
@@ -49,6 +54,19 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
     limit = _Limit(max_samples, max_bytes)
     if not spec:
         raise LoadError(f"no data given; {_DATA_FORMS}")
+
+    recorded = split_text_spec(spec)
+    if recorded is not None:
+        spec, tokenizer, seq_len = recorded
+    if tokenizer is not None or seq_len is not None:
+        if tokenizer is None or seq_len is None:
+            raise LoadError(f"text data needs both --tokenizer DIR and --seq-len N (got only "
+                            f"{'--tokenizer' if tokenizer else '--seq-len'})")
+        path = _existing_file(spec, "text file", _DATA_FORMS)
+        dataset = load_text(path, spec, tokenizer, seq_len, max_samples, max_bytes)
+        if task not in (None, "language-model"):
+            raise LoadError(f"text data is next-token language modelling; drop --task {task}")
+        return dataset
 
     if spec.startswith("sample:"):
         name = spec.removeprefix("sample:")
@@ -73,6 +91,9 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
         tensors = _safetensors_load(path, spec)
     elif suffix == ".py":
         raise LoadError(f"{spec} is Python source: name the function that returns the batches too, as {spec}:function")
+    elif suffix in TEXT_SUFFIXES:
+        raise LoadError(f"{spec} is text: tokenize it with --tokenizer DIR (a local Hugging Face tokenizer directory, "
+                        "e.g. the model's) and --seq-len N")
     else:
         raise LoadError(f"unsupported data file {spec} (extension {suffix or 'none'!r}); {_DATA_FORMS}")
     inputs, labels = _split_keys(tensors, spec)

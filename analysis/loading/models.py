@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from .errors import LoadError, _existing_file, _first_line, _some
+from .hf import is_model_dir, load_model_dir
 from .user_code import _split_callable_spec, _user_callable
 from .weights import _WEIGHT_EXTENSIONS, _check_weights_path, _load_weights
 
 _MODEL_FORMS = (
-    "pass sample:<name>, path/to/file.py:factory (with --weights for the weights) or a torch.export model.pt2"
+    "pass sample:<name>, a Hugging Face model directory (config.json + model.safetensors), "
+    "path/to/file.py:factory (with --weights for the weights) or a torch.export model.pt2"
 )
 
 
@@ -46,22 +48,32 @@ def _captured_log(name: str) -> Iterator[_CaptureLog]:
         logger.removeFilter(capture)
 
 
-def load_model(spec: str, weights: str | None = None) -> nn.Module | torch.export.ExportedProgram:
-    """Load the model `spec` names ("sample:<name>", "file.py:factory" or "model.pt2"), in eval mode.
+def load_model(spec: str, weights: str | None = None, *,
+               trust_remote_code: bool = False) -> nn.Module | torch.export.ExportedProgram:
+    """Load the model `spec` names ("sample:<name>", a Hugging Face model directory, "file.py:factory"
+    or "model.pt2"), in eval mode.
 
     `weights` (.safetensors, .pt or .pth holding a state dict) only goes with "file.py:factory".
+    `trust_remote_code`: let a Hugging Face directory run the Python files it ships (off by default).
     Raises LoadError with a one-line message for anything wrong with the spec or the files,
     including NaN/Inf in a parameter (which leaves quantization ranges undefined).
     """
-    model = _load_model(spec, weights)
+    model = _load_model(spec, weights, trust_remote_code)
     _check_finite_parameters(model, str(weights) if weights is not None else str(spec).strip())
     return model
 
 
-def _load_model(spec: str, weights: str | None) -> nn.Module | torch.export.ExportedProgram:
+def _load_model(spec: str, weights: str | None, trust_remote_code: bool) -> nn.Module | torch.export.ExportedProgram:
     spec = str(spec).strip()
     if not spec:
         raise LoadError(f"no model given; {_MODEL_FORMS}")
+    if is_model_dir(spec):
+        if weights is not None:
+            raise LoadError(f"{spec} is a Hugging Face model directory with its own weights; drop --weights {weights}")
+        return load_model_dir(spec, spec, trust_remote_code)
+    if Path(spec).is_dir():
+        raise LoadError(f"{spec} is a directory without config.json, not a Hugging Face model directory; "
+                        f"{_MODEL_FORMS}")
     if spec.startswith("sample:"):
         if weights is not None:
             raise LoadError(f"{spec} comes with its own weights; drop --weights {weights}")

@@ -165,7 +165,7 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     real_out = _forward(quantized, inputs, batch_size)
     reference = evaluator.reference
     acc = ErrorAccumulator(evaluation.logits)
-    acc.update(reference, real_out)
+    acc.update(reference, real_out, evaluation.token_mask())
     name, value = task_metric(evaluation.task, real_out, evaluation.labels)
 
     simulated = evaluator.sim.forward(inputs, real_assignment)
