@@ -175,20 +175,30 @@ def _build(key: str) -> nn.Module:
     return model
 
 
+def _checked_layers(key: str, layers: set[str]) -> set[str]:
+    """The layers compared with the reference: all of them, except in vit_b_16 (86M parameters),
+    whose twelve encoder blocks are alike: there the first and last block, the patch embedding and the head."""
+    if key != "vit_b_16":
+        return layers
+    inner = tuple(f"encoder.layers.encoder_layer_{i}." for i in range(1, 11))
+    return {name for name in layers if not name.startswith(inner)}
+
+
 @pytest.mark.parametrize("key", list(VISION_MODELS))
 def test_every_weighted_layer_is_analysed_and_matches_the_naive_reference(key):
     model = _build(key)
-    data = _images()
+    data = _images(n=2 if key == "vit_b_16" else 4)
+    expected = _expected_layers(model)
+    checked = _checked_layers(key, expected)
     config = AnalysisConfig(weight_formats=("int4",), act_formats=(), targets=("weights",),
-                            weight_calibration="minmax", num_samples=len(data))
+                            weight_calibration="minmax", num_samples=len(data), layers=tuple(sorted(checked)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sweep = Sweep(model, data, config)
         result = sweep.run()
     assert not [w for w in caught if issubclass(w.category, QuantlensWarning)], [str(w.message) for w in caught]
 
-    analysed = {layer.name for layer in sweep.layers}
-    assert analysed == _expected_layers(model)
+    assert {layer.name for layer in sweep.sim.layers} == expected
     pairs = _conv_batchnorm_pairs(model, data.inputs)
     batchnorms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     assert set(pairs) == batchnorms and None not in pairs.values()
@@ -200,8 +210,8 @@ def test_every_weighted_layer_is_analysed_and_matches_the_naive_reference(key):
         fp32 = model(data.inputs)
         assert _sqnr_db(fp32, reference(data.inputs)) > 90  # the hand fold computes the same function
         trials = {t.layer: t for t in result.trials}
-        assert set(trials) == analysed and not [t.error for t in trials.values() if t.error]
-        for layer in sorted(analysed):
+        assert set(trials) == checked and not [t.error for t in trials.values() if t.error]
+        for layer in sorted(checked):
             weight = _weight_of(reference, layer)
             original = weight.detach().clone()
             engine = sweep.sim.quantized_weight(layer, int4)
@@ -294,8 +304,8 @@ def test_library_specs_build_with_options_the_same_weights_every_time(torchvisio
     assert first.fc.out_features == 7 and not first.training
     assert model_fingerprint(first) == model_fingerprint(second)
     assert model_fingerprint(first) != model_fingerprint(load_model("torchvision:resnet18?num_classes=8"))
-    vit = load_model("torchvision:vit_b_16?image_size=32&num_classes=3&attention_dropout=0.0")
-    assert vit.image_size == 32 and vit.heads.head.out_features == 3
+    small = load_model("torchvision:mobilenet_v3_small?num_classes=3&width_mult=0.5&dropout=0.0")
+    assert small.classifier[-1].out_features == 3 and small.features[0][0].out_channels == 8
 
 
 def test_library_weights_load_from_a_local_state_dict(torchvision, tmp_path):
