@@ -16,9 +16,11 @@ from analysis.cli.commands import (
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="sample:<name> | path/to/file.py:factory | model.pt2 "
+    parser.add_argument("model", nargs="?", help="sample:<name> | torchvision:<name> | timm:<name> (options as "
+                        "?num_classes=10&key=value) | path/to/file.py:factory | model.pt2 "
                         "(with --map it may be left out: the map records its model)")
-    parser.add_argument("--weights", help="state dict for a file.py:factory model (.safetensors or .pt)")
+    parser.add_argument("--weights", help="state dict for a file.py:factory, torchvision or timm model "
+                        "(.safetensors or .pt)")
     parser.add_argument("--data", required=True,
                         help="sample:<name> | data.npz/.pt/.safetensors (keys inputs, labels) | file.py:function")
     parser.add_argument("--task", choices=("classification", "language-model", "other"),
