@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from analysis.data import POSITIONAL, Inputs, NamedInputs
@@ -212,7 +213,8 @@ def _prepare_exported(program: torch.export.ExportedProgram) -> PreparedModel:
 
 
 def _fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
-    """Fold eval-mode BatchNorm into the conv/linear that feeds only it (torch's own fuser does the math)."""
+    """Fold eval-mode BatchNorm into the conv/linear that feeds only it (torch's own fuser does the math),
+    then the BatchNorm subclasses that tracing runs through (timm's norm + activation modules)."""
     from torch.fx.experimental.optimization import fuse
 
     traced = torch.fx.symbolic_trace(model)
@@ -225,7 +227,92 @@ def _fold_batchnorm(model: nn.Module) -> tuple[torch.fx.GraphModule, tuple[str, 
         n.target for n in fused.graph.nodes
         if n.op == "call_module" and isinstance(fused.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
     }
-    return fused, tuple(sorted(batchnorms - remaining))
+    folded = (batchnorms - remaining) | set(_fold_functional_batchnorm(fused, model))
+    return fused, tuple(sorted(folded))
+
+
+# Attributes of a tensor that say nothing about its values: a node reading only these (timm asserts
+# `x.ndim == 4` on a convolution's output) still holds after the convolution's output changes.
+_SHAPE_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device"})
+_SHAPE_METHODS = frozenset({"dim", "size"})
+_FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _fold_functional_batchnorm(gm: torch.fx.GraphModule, model: nn.Module) -> list[str]:
+    """Fold BatchNorm modules that tracing ran through into the convolution feeding them; returns their names.
+
+    torch.fx traces a BatchNorm subclass from outside torch.nn (timm's `BatchNormAct2d`: BatchNorm,
+    then dropout and an activation, in one module) as an `F.batch_norm` call on the module's own
+    buffers, followed by its activation's module call. Deployment folds the normalisation into the
+    convolution and keeps the activation; so does this: the convolution gets the folded weight and
+    bias, the `F.batch_norm` node goes, and the activation now reads the convolution directly.
+    Folded only where that is exact: eval-mode statistics of a `_BatchNorm` module, on the output
+    of a plain convolution that nothing else reads (shape checks aside). `model` is what `gm` was
+    traced from: a traced module keeps only the tensors of the modules tracing ran through."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    signature = inspect.signature(F.batch_norm)
+    folded: list[str] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.batch_norm:
+            continue
+        try:
+            bound = signature.bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        arguments = bound.arguments
+        conv_node, stats = arguments["input"], arguments["running_mean"]
+        if not (isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"
+                and isinstance(stats, torch.fx.Node) and stats.op == "get_attr"):
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        owner = stats.target.rpartition(".")[0]
+        bn = _submodule(model, owner)
+        if not (isinstance(conv, _FOLDABLE_CONVS) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                and arguments["training"] is False and arguments["eps"] == bn.eps
+                and bn.running_mean is not None and bn.running_var is not None
+                and conv.out_channels == bn.num_features
+                and all(_reads(arguments[key], gm, getattr(bn, attr))
+                        for key, attr in (("running_mean", "running_mean"), ("running_var", "running_var"),
+                                          ("weight", "weight"), ("bias", "bias")))
+                and all(user is node or _reads_shape_only(user) for user in conv_node.users)):
+            continue
+        _replace_module(gm, conv_node.target, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(node)
+        for argument in (arguments["running_mean"], arguments["running_var"], arguments["weight"], arguments["bias"]):
+            if isinstance(argument, torch.fx.Node) and not argument.users:
+                gm.graph.erase_node(argument)
+        folded.append(owner)
+    if folded:
+        gm.recompile()
+    return folded
+
+
+def _reads(argument: Any, gm: torch.fx.GraphModule, tensor: torch.Tensor | None) -> bool:
+    """Whether a batch_norm argument is exactly `tensor` (None for None)."""
+    if tensor is None:
+        return argument is None
+    return isinstance(argument, torch.fx.Node) and argument.op == "get_attr" and _fetch_attr(gm, argument.target) is tensor
+
+
+def _reads_shape_only(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name) if name else None
+    except AttributeError:
+        return None
+
+
+def _replace_module(gm: torch.fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def _make_out_of_place(gm: torch.fx.GraphModule) -> None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from analysis.loading.libraries import is_library_spec
+
 
 class ProvenanceError(ValueError):
     """A result is about to be reused with a model, weights or data other than its own."""
@@ -52,11 +54,12 @@ class Provenance:
 
 
 def absolute_spec(spec: str | None) -> str | None:
-    """A model or data spec with its file part made absolute ("sample:..." unchanged)."""
+    """A model or data spec with its file part made absolute ("sample:..." and library models such as
+    "torchvision:resnet18" unchanged)."""
     if spec is None:
         return None
     spec = str(spec).strip()
-    if not spec or spec.startswith("sample:"):
+    if not spec or spec.startswith("sample:") or is_library_spec(spec):
         return spec
     path_part, sep, attr = spec.rpartition(":")
     if sep and path_part and Path(path_part).suffix == ".py" and attr.isidentifier():

@@ -18,9 +18,11 @@ from analysis.cli.commands import (
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="sample:<name> | Hugging Face model directory | "
-                        "path/to/file.py:factory | model.pt2 (with --map it may be left out: the map records its model)")
-    parser.add_argument("--weights", help="state dict for a file.py:factory model (.safetensors or .pt)")
+    parser.add_argument("model", nargs="?", help="sample:<name> | Hugging Face model directory | torchvision:<name> | "
+                        "timm:<name> (options as ?num_classes=10&key=value) | path/to/file.py:factory | model.pt2 "
+                        "(with --map it may be left out: the map records its model)")
+    parser.add_argument("--weights", help="state dict for a file.py:factory, torchvision or timm model "
+                        "(.safetensors or .pt)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a Hugging Face model directory run the Python files it ships (off by default)")
     parser.add_argument("--data", required=True,

@@ -1,4 +1,5 @@
-"""Load a model from a sample name, a "file.py:factory" (plus weights) or a torch.export program."""
+"""Load a model from a sample name, a library's model name ("torchvision:resnet18", "timm:..."), a
+"file.py:factory" (plus weights) or a torch.export program."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from torch import nn
 
 from .errors import LoadError, _existing_file, _first_line, _some
 from .hf import is_model_dir, load_model_dir
+from .libraries import build_library_model, library_spec
 from .user_code import _split_callable_spec, _user_callable
 from .weights import _WEIGHT_EXTENSIONS, _check_weights_path, _load_weights
 
 _MODEL_FORMS = (
-    "pass sample:<name>, a Hugging Face model directory (config.json + model.safetensors), "
-    "path/to/file.py:factory (with --weights for the weights) or a torch.export model.pt2"
+    "pass sample:<name>, a Hugging Face model directory (config.json + model.safetensors), torchvision:<name> or "
+    "timm:<name> (options as ?num_classes=10), path/to/file.py:factory (with --weights for the weights) or a "
+    "torch.export model.pt2"
 )
 
 
@@ -50,10 +53,11 @@ def _captured_log(name: str) -> Iterator[_CaptureLog]:
 
 def load_model(spec: str, weights: str | None = None, *,
                trust_remote_code: bool = False) -> nn.Module | torch.export.ExportedProgram:
-    """Load the model `spec` names ("sample:<name>", a Hugging Face model directory, "file.py:factory"
-    or "model.pt2"), in eval mode.
+    """Load the model `spec` names ("sample:<name>", a Hugging Face model directory, "torchvision:<name>",
+    "timm:<name>", "file.py:factory" or "model.pt2"), in eval mode.
 
-    `weights` (.safetensors, .pt or .pth holding a state dict) only goes with "file.py:factory".
+    `weights` (.safetensors, .pt or .pth holding a state dict) goes with "file.py:factory" and library
+    models (see `analysis.loading.libraries`).
     `trust_remote_code`: let a Hugging Face directory run the Python files it ships (off by default).
     Raises LoadError with a one-line message for anything wrong with the spec or the files,
     including NaN/Inf in a parameter (which leaves quantization ranges undefined).
@@ -79,10 +83,11 @@ def _load_model(spec: str, weights: str | None, trust_remote_code: bool) -> nn.M
             raise LoadError(f"{spec} comes with its own weights; drop --weights {weights}")
         return _load_sample_model(spec.removeprefix("sample:"))
 
-    factory = _split_callable_spec(spec)
-    if factory is not None:
+    library = library_spec(spec)
+    factory = _split_callable_spec(spec) if library is None else None
+    if library is not None or factory is not None:
         weight_path = _check_weights_path(weights) if weights is not None else None
-        model = _call_factory(spec, *factory)
+        model = build_library_model(spec, *library) if library is not None else _call_factory(spec, *factory)
         if weight_path is not None:
             _load_weights(model, weight_path, str(weights))
         # The analysis measures inference: dropout off, BatchNorm on its running statistics.
