@@ -258,7 +258,8 @@ def _connect(ray: Any, config: AnalysisConfig) -> bool:
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start it with "
                              "`ray start --head` or pass its address") from None
         return True
-    ray.init(num_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    # "local": a new cluster of this machine's cores, even where RAY_ADDRESS or a `ray start` names another.
+    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
              include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
     return True
 
@@ -282,6 +283,7 @@ class _Dispatcher:
         self.finished_steps = 0
         self.live: dict[int, tuple[int, str]] = {}  # worker -> its progress in the running shard
         self.label = ""  # the layer a worker reported last
+        self.reported = 0  # never backwards, also when a killed worker's shard starts again
 
     def run(self) -> tuple[list[AnalysisResult], list]:
         ray = self.ray
@@ -365,7 +367,8 @@ class _Dispatcher:
             if polls[ref] in self.live:
                 self.live[polls[ref]] = (done, layer)
                 self.label = layer or self.label
-        self.sweep.progress(min(self._done(), self.total), self.total, self.label)
+        self.reported = max(self.reported, min(self._done(), self.total))
+        self.sweep.progress(self.reported, self.total, self.label)
 
     def _with_failures(self, results: dict[int, AnalysisResult], failures: dict[int, str]) -> list[AnalysisResult]:
         """The shards' results in shard order, a failed shard as a result of failed rows (no
