@@ -166,6 +166,23 @@ def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_pat
     assert steps and steps[-1] == (total, total) and all(a[0] <= b[0] for a, b in zip(steps, steps[1:]))
 
 
+@pytest.mark.slow
+def test_a_cancelled_distributed_run_resumes_on_the_workers(cluster, one_thread, tmp_path):
+    from analysis.sweep import AnalysisCancelled
+
+    model, ds = _cnn()
+    single = analyze_to_directory(model, ds, CNN_CONFIG, tmp_path / "single")
+    config, out, streamed = dataclasses.replace(CNN_CONFIG, workers=2), tmp_path / "two", []
+    with pytest.raises(AnalysisCancelled):  # stopped once the first shard is in trials.jsonl
+        analyze_to_directory(model, ds, config, out, on_result=streamed.append, should_stop=lambda: bool(streamed))
+    kept = (out / "trials.jsonl").read_text().splitlines()
+    assert 0 < len(kept) < len(single.trials) and json.loads((out / "meta.json").read_text())["status"] == "cancelled"
+    resumed = []
+    analyze_to_directory(model, ds, config, out, resume=True, on_result=resumed.append)
+    assert (out / "layers.csv").read_bytes() == (tmp_path / "single" / "layers.csv").read_bytes()
+    assert len(resumed) == len(single.trials) - len(kept)  # the shards skip what was kept
+
+
 def _shard_workers() -> dict[int, str]:
     """pid -> title of this machine's Ray processes running the ShardWorker actor."""
     found = {}
@@ -208,7 +225,7 @@ def _cli(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_workers_and_resume_finishes_the_table(tmp_path):
+def test_ctrl_c_stops_the_workers_and_a_resume_finishes_the_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the workers' one thread each
     subprocess.run(_cli(tmp_path / "single"), check=True, capture_output=True, timeout=600, env=env, cwd=ROOT)
     out = tmp_path / "two"
@@ -228,8 +245,8 @@ def test_ctrl_c_stops_the_workers_and_resume_finishes_the_table(tmp_path):
     assert 0 < kept < total and not (out / "layers.csv").exists()
     time.sleep(2)
     assert set(_shard_workers()) <= before  # the run's workers are gone
-    done = subprocess.run(_cli(out, "--workers", "2", "--resume"), capture_output=True, text=True, timeout=600,
-                          env=env, cwd=ROOT)
+    # --workers only changes where trials run: one process continues what two began.
+    done = subprocess.run(_cli(out, "--resume"), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert (out / "layers.csv").read_bytes() == (tmp_path / "single" / "layers.csv").read_bytes()
     lines = trials.read_text().splitlines()  # the kept trials were not run again
