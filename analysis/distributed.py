@@ -71,7 +71,15 @@ def check_distributed(config: AnalysisConfig) -> None:
     if config.device not in ("cpu", "cuda"):
         raise ValueError(f"--device {config.device} with --workers/--ray: name cpu or cuda; Ray gives each worker "
                          "its own GPU")
+    if config.ray_address is None and config.workers > local_cores():
+        raise ValueError(f"--workers {config.workers} is more than the {local_cores()} CPU cores this machine has; "
+                         f"use at most {local_cores()} (each worker needs a core)")
     _ray()
+
+
+def local_cores() -> int:
+    """The cores this process may run on (a local cluster gets all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _ray():
@@ -259,8 +267,7 @@ def _connect(ray: Any, config: AnalysisConfig) -> bool:
                              "`ray start --head` or pass its address") from None
         return True
     # "local": a new cluster of this machine's cores, even where RAY_ADDRESS or a `ray start` names another.
-    ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-             include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+    ray.init(address="local", num_cpus=local_cores(), include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
     return True
 
 

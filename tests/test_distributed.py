@@ -72,11 +72,23 @@ def test_workers_are_checked_and_do_not_change_what_a_resume_compares():
     ({"output_metrics": "estimated", "verify": 2}, "--verify"),
     ({"device": "cuda:1"}, "name cpu or cuda"),
     ({"device": "mps"}, "name cpu or cuda"),
+    ({"workers": 10_000}, "more than the"),
 ])
 def test_what_shards_cannot_do_is_refused_in_one_line(changes, needle):
     with pytest.raises(ValueError, match=needle) as info:
-        check_distributed(AnalysisConfig(workers=2, **changes))
+        check_distributed(AnalysisConfig(**{"workers": 2, **changes}))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("workers,needle", [("0", "--workers must be at least 1"), ("999", "more than the")])
+def test_the_cli_refuses_impossible_workers_before_writing(tmp_path, capsys, workers, needle):
+    from analysis.cli import main
+
+    code = main(["analyze", "sample:mlp", "--data", "sample:mlp", "--samples", "16", "--quiet", "--workers", workers,
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_without_ray_the_refusal_names_the_install(monkeypatch):
@@ -145,9 +157,10 @@ CNN_CONFIG = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8"
 
 
 @pytest.mark.slow
-def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_path):
+@pytest.mark.parametrize("changes", [{"cumulative": True}, {"output_metrics": "estimated"}], ids=["exact", "estimated"])
+def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_path, changes):
     model, ds = _cnn()
-    config = dataclasses.replace(CNN_CONFIG, cumulative=True)
+    config = dataclasses.replace(CNN_CONFIG, **changes)
     single = analyze_to_directory(model, ds, config, tmp_path / "single")
     steps, streamed = [], []
     shards = analyze_to_directory(model, ds, dataclasses.replace(config, workers=2), tmp_path / "two",
