@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from analysis.config import AnalysisConfig
+from analysis.quantsim import QuantlensWarning
 from analysis.results import AnalysisResult, TrialResult
 
 if TYPE_CHECKING:
@@ -225,7 +227,11 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
     actors: list = []
     try:
         place = placement(ray, config)
-        payload = ray.put((sweep.model, sweep.data))
+        try:
+            payload = ray.put((sweep.model, sweep.data))
+        except Exception as exc:  # noqa: BLE001 — whatever the pickler met, say what it means
+            raise ValueError(f"the model or data cannot be sent to the workers ({_one_line(exc)}); run without "
+                             "--workers/--ray, or make the model picklable") from None
         remote = ray.remote(num_cpus=place.cpus, num_gpus=place.gpus, max_restarts=RETRIES, max_task_retries=RETRIES,
                             concurrency_groups={"progress": 1})(ShardWorker)
         worker_config = replace(config, device=place.device)
@@ -243,8 +249,12 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
         if own_cluster:
             ray.shutdown()
     merged = AnalysisResult.merge(*results)
-    return replace(merged, config=config.to_dict(), cumulative=tuple(cumulative),
-                   seconds=time.perf_counter() - started)
+    recorded = config.to_dict()
+    if config.cumulative and cumulative is None:
+        recorded["cumulative"] = False
+        warnings.warn("the cumulative view was lost with its worker and is left out; rerun with --cumulative "
+                      "to compute it", QuantlensWarning, stacklevel=2)
+    return replace(merged, config=recorded, cumulative=tuple(cumulative or ()), seconds=time.perf_counter() - started)
 
 
 def _connect(ray: Any, config: AnalysisConfig) -> bool:
@@ -292,7 +302,7 @@ class _Dispatcher:
         self.label = ""  # the layer a worker reported last
         self.reported = 0  # never backwards, also when a killed worker's shard starts again
 
-    def run(self) -> tuple[list[AnalysisResult], list]:
+    def run(self) -> tuple[list[AnalysisResult], list | None]:
         ray = self.ray
         # The most expensive shards first, so the last ones to finish are short.
         queue: deque = deque(sorted(range(len(self.shards)), key=lambda i: -self.costs[i]))
@@ -302,7 +312,7 @@ class _Dispatcher:
         pending: dict = {}  # ObjectRef -> (worker, item)
         results: dict[int, AnalysisResult] = {}
         failures: dict[int, str] = {}
-        cumulative: list = []
+        cumulative: list | None = []
         while queue or pending:
             self._check_stop()
             while queue and idle:
@@ -317,7 +327,9 @@ class _Dispatcher:
                 pending[ref] = (worker, item)
             if not pending:  # every worker is gone: what is left fails
                 for item in queue:
-                    if item != "cumulative":
+                    if item == "cumulative":
+                        cumulative = None
+                    else:
                         failures[item] = "no worker left (all died)"
                 break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
@@ -332,7 +344,7 @@ class _Dispatcher:
                 except ray.exceptions.RayError as exc:  # the worker died and retries ran out
                     reason = _one_line(exc)
                     if item == "cumulative":
-                        cumulative = []  # left out: the merged config then says cumulative was not computed
+                        cumulative = None  # lost: the merged config then says it was not computed
                     else:
                         failures[item] = reason
                     if not isinstance(exc, ray.exceptions.RayActorError):

@@ -122,6 +122,75 @@ def test_adopted_activation_statistics_give_the_same_ranges_without_calibrating(
         second.adopt_activation_statistics({("nowhere", 0): next(iter(first.activation_statistics().values()))})
 
 
+class _FakeRay:
+    """Just enough of Ray for the dispatcher, in this process: calls run when their result is read,
+    and a worker 'dies' (as Ray reports a worker whose retries ran out) on any shard holding `doomed`."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayTaskError(RayError):
+            pass
+
+        class RayActorError(RayError):
+            pass
+
+    def __init__(self, doomed):
+        self.doomed = doomed
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref()
+
+
+class _FakeWorker:
+    def __init__(self, fake, sim, config):
+        self.fake, self.sim, self.config = fake, sim, config
+        self.run = self.progress = self.cumulative = self  # every method is this one callable
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args):
+        if len(args) != 4:  # a progress poll
+            return lambda: (0, "")
+        _, layers, skip, _ = args
+
+        def result():
+            if self.fake.doomed in layers:
+                raise self.fake.exceptions.RayActorError("The actor died unexpectedly before finishing this task.")
+            return Sweep(None, None, dataclasses.replace(self.config, layers=layers), sim=self.sim).run(skip=skip)
+        return result
+
+
+def test_a_shard_whose_worker_cannot_be_brought_back_becomes_failed_rows_kept_out_of_the_stream():
+    from analysis.distributed import _Dispatcher  # noqa: PLC2701 — the dispatch logic under test
+
+    model, ds = Chain().eval(), data()
+    single = analyze(model, ds, CONFIG)
+    sweep = Sweep(model, ds, CONFIG)
+    fake = _FakeRay(doomed="c")
+    workers = [_FakeWorker(fake, sweep.sim, CONFIG) for _ in range(2)]
+    streamed = []
+    trials = sweep.plan()
+    dispatcher = _Dispatcher(fake, sweep, workers, [None], layer_costs(sweep, trials), 2, trials, {}, streamed.append)
+    results, cumulative = dispatcher.run()
+    assert [shard for shard in dispatcher.shards] == [("a",), ("b",), ("c",), ("d",)]
+    rows = {t.key: t for r in results for t in r.trials}
+    assert {key for key, t in rows.items() if not t.ok} == {t.key for t in single.trials if t.layer == "c"}
+    assert all("worker lost (RayActorError: The actor died" in t.error and "--resume" in t.error
+               for t in rows.values() if not t.ok)
+    assert [t for t in single.trials if t.layer != "c"] == sorted(streamed, key=single.trials.index)
+    assert all(t.layer != "c" for t in streamed)  # a --resume runs the lost shard again
+    from analysis.results import AnalysisResult
+
+    merged = AnalysisResult.merge(*results)
+    assert [t.key for t in merged.trials] == [t.key for t in single.trials] and "c" not in merged.histograms
+
+
 # --- on a local Ray cluster -------------------------------------------------------------------------
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'quantlens[ray]' runs these tests")
