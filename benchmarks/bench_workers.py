@@ -7,6 +7,8 @@ waits for), one after the other in one session:
   model shipping and each worker's own preparation included);
 - one process with every core's thread (torch's default), for context.
 Random initialisation, weight-only int8/int4 with exact output metrics (the numbers are about time).
+CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
+other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
 Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
 """
 
@@ -15,13 +17,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def worker_cpu_seconds(stop: threading.Event, seen: dict[int, float]) -> None:
+    """Until `stop`: the CPU seconds (user + system) of each Ray ShardWorker process on this machine,
+    read from /proc twice a second (the workers are gone once the sweep returns)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.5):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if not (entry / "cmdline").read_bytes().startswith(b"ray::ShardWorker"):
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seen[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -38,12 +59,21 @@ def sweep(args: argparse.Namespace) -> None:
     data = Dataset(idx, torch.roll(idx, -1, dims=1), "language-model", "random tokens")
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
                             num_samples=args.sequences, workers=args.workers)
+    stop, workers = threading.Event(), {}
+    sampler = threading.Thread(target=worker_cpu_seconds, args=(stop, workers), daemon=True)
+    sampler.start()
     started = time.perf_counter()
     result = analyze(model, data, config)
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
     result.to_frame().to_csv(args.table, index=False)
-    print(json.dumps({"sweep_seconds": round(time.perf_counter() - started, 1), "layers": len(result.layers),
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"sweep_seconds": round(seconds, 1), "layers": len(result.layers),
                       "trials": len(result.trials), "threads": torch.get_num_threads(),
-                      "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}))
+                      "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                      "cpu_seconds_this_process": round(usage.ru_utime + usage.ru_stime, 1),
+                      "cpu_seconds_workers": sorted(round(v, 1) for v in workers.values())}))
 
 
 def main() -> None:
@@ -76,6 +106,7 @@ def main() -> None:
             sys.exit(f"{label} failed:\n{child.stderr[-2000:]}")
         report = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append({"mode": label, "wall_seconds": round(wall, 1), **report, "load_average_after": round(load, 1)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it finishes
     reference = (work / "0.csv").read_bytes()
     for index, row in enumerate(rows):
         row["vs_1_process_1_thread"] = round(row["wall_seconds"] / rows[0]["wall_seconds"], 2)

@@ -236,7 +236,8 @@ def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_pat
                                   progress=lambda done, total, layer: steps.append((done, total)),
                                   on_result=streamed.append)
     assert (tmp_path / "two" / "layers.csv").read_bytes() == (tmp_path / "single" / "layers.csv").read_bytes()
-    assert shards.trials == single.trials and shards.histograms == single.histograms
+    saved, reference = shards.to_json_dict(), single.to_json_dict()  # NaN as null: estimated rows hold NaN
+    assert saved["trials"] == reference["trials"] and saved["histograms"] == reference["histograms"]
     assert shards.cumulative == single.cumulative  # computed on one worker with every layer
     assert {k: v for k, v in shards.config.items() if k != "workers"} == \
         {k: v for k, v in single.config.items() if k != "workers"} and shards.config["workers"] == 2
