@@ -51,6 +51,42 @@ def test_layer_costs_count_what_a_trial_reruns():
     assert layer_costs(local, local.plan()[:7]) == {"a": 5 * 128, "b": 2 * 256, "c": 0, "d": 0}
 
 
+class _Cluster:
+    """What `placement` reads of a Ray cluster: its resources and nodes."""
+
+    def __init__(self, nodes):
+        self._nodes = [{"Alive": True, "Resources": node} for node in nodes]
+
+    def cluster_resources(self):
+        return {key: sum(node["Resources"].get(key, 0) for node in self._nodes) for key in ("CPU", "GPU")}
+
+    def nodes(self):
+        return self._nodes
+
+
+@pytest.mark.parametrize("workers,device,expected", [
+    (4, "cuda", (4, 0.5)),  # 16 CPUs / 4; 4 workers on 2 GPUs: two share each
+    (2, "cuda", (8, 1.0)),
+    (3, "cuda", (5, 0.5)),  # 3 on 2 GPUs: up to two per GPU
+    (1, "cpu", (8, 0.0)),  # no worker asks for more cores than one node has
+])
+def test_placement_splits_cores_and_gpus(workers, device, expected):
+    from analysis.distributed import placement
+
+    cluster = _Cluster([{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}])
+    place = placement(cluster, AnalysisConfig(workers=workers, device=device, ray_address="auto"))
+    assert (place.workers, place.cpus, place.gpus, place.device) == (workers, *expected, device)
+
+
+def test_placement_refuses_what_the_cluster_cannot_run():
+    from analysis.distributed import placement
+
+    with pytest.raises(ValueError, match="no GPU"):
+        placement(_Cluster([{"CPU": 4}]), AnalysisConfig(workers=2, device="cuda", ray_address="auto"))
+    with pytest.raises(ValueError, match="more than the 4 CPU cores the Ray cluster has"):
+        placement(_Cluster([{"CPU": 4}]), AnalysisConfig(workers=5, ray_address="auto"))
+
+
 def test_workers_are_checked_and_do_not_change_what_a_resume_compares():
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ConfigError, match="workers must be a positive integer"):
