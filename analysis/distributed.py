@@ -30,6 +30,7 @@ forward per chunk of samples per shard), and the driver calibrates alone before 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
@@ -180,6 +181,12 @@ class ShardWorker:
 
             from analysis.sweep import Sweep
 
+            if importlib.util.find_spec("torchvision") is not None:
+                # Unpickling a model may import transformers, which imports torchvision: its wheel
+                # built for another torch must not fail that import (see analysis.compat).
+                from analysis.compat import import_torchvision
+
+                import_torchvision()
             model, data = ray.get(payload[0])
             self.sim = Sweep(model, data, self.config).sim
             # The driver's chunks (the same samples per FP32 capture, so the same sums), unless this
