@@ -10,8 +10,8 @@ $(STAMP): pyproject.toml
 	@mkdir -p .quantlens
 	# torch first and pinned: the CPU wheel on this machine. An unpinned resolve pulls CUDA builds.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	# torch pinned again next to what depends on it (torchao, compressed-tensors, modelopt, torchvision, timm).
-	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[real,test,hf,llm,vision]"
+	# torch pinned again next to what depends on it (torchao, compressed-tensors, modelopt, torchvision, timm, ray).
+	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[real,test,hf,llm,vision,ray]"
 	@touch $@
 
 setup: $(STAMP)
@@ -38,3 +38,4 @@ bench: setup
 	$(PYTHON) benchmarks/bench_allocator.py
 	$(PYTHON) benchmarks/bench_qat.py
 	$(PYTHON) benchmarks/bench_big_model.py
+	$(PYTHON) benchmarks/bench_workers.py --blocks 2 --sequences 2 --tokens 32

@@ -116,6 +116,10 @@ class AnalysisConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     layers: tuple[str, ...] | None = None  # restrict the sweep to these layers
     device: str = "cpu"  # where trials run; results do not depend on it beyond float rounding
+    # Scale-out (analysis.distributed): worker processes, each with its own model copy, and the Ray
+    # cluster they run on (None: a local one started for the run; "auto" or "host:port": an existing one).
+    workers: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         # Lists from JSON or callers become tuples, and duplicates go: "int8,int8" is one format.
@@ -141,6 +145,10 @@ class AnalysisConfig:
             raise ConfigError("the activation cache bound is too small; allow at least 64 KiB (--cache-mb 1)")
         if self.histogram_bins < 2:
             raise ConfigError("histogram_bins must be at least 2")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be a positive integer, not {self.workers!r}")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise ConfigError(f"ray_address must be 'auto' or host:port, not {self.ray_address!r}")
         from analysis.device import resolve_device
 
         resolve_device(self.device)
@@ -149,6 +157,11 @@ class AnalysisConfig:
             f.name_for("weight") for f in self.parsed_weight_formats())))
         object.__setattr__(self, "act_formats", tuple(dict.fromkeys(
             f.name_for("activation") for f in self.parsed_act_formats())))
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the sweep runs on Ray workers (analysis.distributed) rather than in this process."""
+        return self.workers > 1 or self.ray_address is not None
 
     @property
     def quant(self) -> QuantConfig:
@@ -189,6 +202,8 @@ class AnalysisConfig:
         # Added after 0.1 with defaults that reproduce what older runs did.
         values.setdefault("estimate_projections", DEFAULT_PROJECTIONS)
         values.setdefault("verify", 0)
+        values.setdefault("workers", 1)
+        values.setdefault("ray_address", None)
         _check_keys(values, sweep_names, where)
         values.update(overrides)
         try:
@@ -198,7 +213,7 @@ class AnalysisConfig:
 
 
 # Sweep options that change memory use or speed, not numbers: a resumed run may change them.
-RESULT_NEUTRAL = ("cache_bytes", "device")
+RESULT_NEUTRAL = ("cache_bytes", "device", "workers", "ray_address")
 
 
 def upgrade_config_dict(payload: Any) -> dict[str, Any]:

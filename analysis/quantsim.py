@@ -390,6 +390,23 @@ class QuantSim:
         self.calibrate_activations([s for name, (_, af) in assignment.items() if af is not None and not af.block_scaled
                                     for s in self.table.sites[name]])
 
+    def activation_statistics(self) -> dict[tuple[str, int], calibration.Histogram]:
+        """The calibrated input histograms so far, by (graph node name, input index): everything
+        static activation ranges are computed from. Another simulator of the same model and data
+        takes them with `adopt_activation_statistics` instead of calibrating again (the shards of a
+        distributed sweep all quantize with the ranges calibrated once)."""
+        return dict(self._act_hists)
+
+    def adopt_activation_statistics(self, statistics: dict[tuple[str, int], calibration.Histogram]) -> None:
+        """Use histograms from `activation_statistics` of a simulator of the same model and data."""
+        nodes = {node.name for node in self.prepared.nodes}
+        unknown = sorted({name for name, _ in statistics} - nodes)
+        if unknown:
+            raise ValueError(f"activation statistics name graph node(s) {', '.join(unknown[:3])} that this model "
+                             "does not have; they come from another model")
+        self._act_hists.update(statistics)
+        self._act_ranges = {key: value for key, value in self._act_ranges.items() if key[:2] not in statistics}
+
     def activation_indices(self, site: Site) -> list[int]:
         """The distinct inputs of a site that are quantized (calibrated ones; [0] before calibration)."""
         return sorted(i for (node, i) in self._act_hists if node == site.node.name) or [0]

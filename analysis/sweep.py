@@ -92,6 +92,7 @@ class Sweep:
                  progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
                  sim: QuantSim | None = None) -> None:
         self.config = config or AnalysisConfig()
+        self.model = model  # what a distributed run sends its workers
         self.progress = progress
         self.should_stop = should_stop
         cache_bytes = self.config.cache_bytes
@@ -100,7 +101,10 @@ class Sweep:
             # gradients of every analysed layer: chunks shrink so all of it stays within the bound
             # (on a GPU too, where the simulator also caps chunks at half the free memory).
             cache_bytes = max(1 << 16, cache_bytes // (2 + self.config.estimate_projections))
-        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device, cache_bytes=cache_bytes)
+        # A distributed sweep's own simulator only plans and calibrates (on the CPU); its workers
+        # place their copies on config.device (analysis.distributed).
+        device = "cpu" if self.config.distributed else self.config.device
+        self.sim = sim or QuantSim(model, data, self.config.quant, device=device, cache_bytes=cache_bytes)
         if self.config.layers is not None:
             unknown = set(self.config.layers) - set(self.sim.layer_names)
             if unknown:
@@ -123,20 +127,33 @@ class Sweep:
         """ValueError (one line) when `run` would have nothing to do: no formats, or no layers."""
         if not self.config.weight_formats and not self.config.act_formats:
             raise ValueError("nothing to sweep: give at least one weight or activation format")
+        if self.config.distributed:
+            from analysis.distributed import check_distributed
+
+            check_distributed(self.config)
         if not self.layers:
             skipped = ", ".join(f"{s.name} ({s.kind})" for s in self.sim.table.skipped[:4]) or "none"
             raise ValueError(f"the model has no quantizable layers (Linear, Conv, Embedding, attention projections); "
                              f"modules with weights that were skipped: {skipped}")
 
+    def calibrate(self) -> None:
+        """Calibrate the inputs of the analysed layers (when activation formats are swept)."""
+        if self.config.act_formats:
+            self.sim.calibrate_activations([s for layer in self.layers if layer.quantizable_input
+                                            for s in self.sim.sites(layer.name)])
+
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
             skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
         self.check_runnable()
+        if self.config.distributed:  # the same sweep, sharded by layer over Ray workers
+            from analysis.distributed import run_distributed
+
+            return run_distributed(self, on_result=on_result, skip=skip)
         sim = self.sim
         started = time.perf_counter()
         layers = self.layers
         trials = [t for t in self.plan() if not skip or t.key not in skip]
-        if self.config.act_formats:
-            sim.calibrate_activations([s for layer in layers if layer.quantizable_input for s in sim.sites(layer.name)])
+        self.calibrate()
         chunks = sim.chunks()
         mode = self.config.output_metrics
         verify = self._verification_budget(trials)
@@ -280,6 +297,10 @@ class Sweep:
                     deltas[site.node] = node_difference(value, cache[site.node])
         if acc.estimate is not None and grads is not None:
             acc.estimate.update(grads, deltas)
+
+    def cumulative_view(self) -> list[CumulativeResult]:
+        """The cumulative view of the analysed layers (what `run` adds with `cumulative=True`)."""
+        return self._cumulative(self.layers)
 
     def _cumulative(self, layers: list[Layer]) -> list[CumulativeResult]:
         """Every analysed layer quantized at once, per uniform configuration. A configuration that

@@ -84,6 +84,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError("--samples must be at least 1")
     if not 1 <= args.cache_mb <= MAX_CACHE_MB:
         raise CLIError(f"--cache-mb {args.cache_mb} is out of range; use 1 to {MAX_CACHE_MB} (MiB)")
+    if args.workers < 1:
+        raise CLIError(f"--workers must be at least 1, not {args.workers}")
     if args.low_memory:
         from analysis.memory import return_freed_memory_to_the_os
 
@@ -106,6 +108,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         cumulative=args.cumulative,
         cache_bytes=args.cache_mb * 1024 * 1024,
         device=args.device,
+        workers=args.workers,
+        ray_address=args.ray,
     )
     out = Path(args.out)
     if out.exists() and not out.is_dir():

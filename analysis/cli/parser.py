@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="return freed activation buffers to the OS (glibc): keeps the process near its "
                               "cache bound on big models, but every large allocation then costs page faults "
                               "(≈1.6x slower on small models)")
+    analyze.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="run the sweep in N worker processes on Ray (pip install 'quantlens[ray]'), one model "
+                              "copy each, the CPU cores split between them; results equal a single-process run")
+    analyze.add_argument("--ray", metavar="ADDRESS", default=None,
+                         help="run the workers on an existing Ray cluster: 'auto' or host:port (with --device cuda, "
+                              "each worker gets a GPU)")
     analyze.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.add_argument("--out", required=True, help="output directory (layers.csv, analysis.json, report.html)")

@@ -1,0 +1,420 @@
+"""The per-layer sweep fanned out over worker processes, GPUs or machines with Ray.
+
+Each trial quantizes one layer and reads every other in FP32, so the sweep splits by layer with no
+communication between the parts. `run_distributed` is what `Sweep.run` calls when
+`AnalysisConfig.workers > 1` or `ray_address` is set (`quantlens analyze --workers N`, `--ray auto`):
+
+1. This process (the driver) prepared the model once, on the CPU, for the `Sweep` it was given. It
+   plans the trials and calibrates the analysed layers' inputs once; every worker takes those
+   histograms (`QuantSim.adopt_activation_statistics`), so every shard quantizes with the ranges a
+   single-process run computes.
+2. N Ray actors receive the model and data once (one copy in Ray's object store) and build their own
+   simulator once, on the device Ray assigns them (`num_gpus` per worker with `device="cuda"`), with
+   `cores // N` intra-op threads each, so N workers never oversubscribe the cores.
+3. The layers are cut into shards of about equal cost (contiguous in execution order, a few per
+   worker, the most expensive first); an idle worker takes the next shard. A finished shard's
+   trials go to `on_result` (trials.jsonl) as it finishes: `--resume` after the driver dies loses
+   at most the shards that were running.
+4. Shards merge with `AnalysisResult.merge`: the table is the one a single-process run writes with
+   the same number of intra-op threads, byte for byte (float32 kernels sum in a different order
+   with another thread count: then the numbers differ in the last bits, ~1e-5 relative).
+
+Faults: a worker process that dies (killed, out of memory) is restarted by Ray and its shard run
+again (`max_restarts`, `max_task_retries`); a shard that fails even so becomes failed rows naming
+the reason, which are not written to trials.jsonl, so `--resume` runs them again. Ctrl-C (or the
+sweep's `should_stop`) kills the workers and stops a local cluster started for the run.
+
+What does not scale: each worker prepares the model and captures the FP32 activations itself (one
+forward per chunk of samples per shard), and the driver calibrates alone before the shards start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from analysis.config import AnalysisConfig
+from analysis.quantsim import QuantlensWarning
+from analysis.results import AnalysisResult, TrialResult
+
+if TYPE_CHECKING:
+    from analysis.sweep import Sweep, Trial
+
+__all__ = ["Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
+
+SHARDS_PER_WORKER = 3  # more: finer load balance and less lost to a driver crash; each costs an FP32 pass
+RETRIES = 2  # times Ray restarts a dead worker and re-runs its shard
+POLL_SECONDS = 0.5  # how often the driver collects progress and checks for a stop
+INSTALL_HINT = "pip install 'quantlens[ray]'"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What each of `workers` actors asks Ray for, and the device its simulator uses."""
+
+    workers: int
+    cpus: int  # per worker, also its intra-op threads
+    gpus: float  # per worker (a fraction when several share one GPU)
+    device: str
+
+
+def check_distributed(config: AnalysisConfig) -> None:
+    """ValueError (one line) for a distributed sweep that cannot run, before anything is written."""
+    if config.verify:
+        raise ValueError("--verify re-measures the most sensitive trials across all layers, which layer shards "
+                         "cannot choose; run it without --workers/--ray, or drop --verify")
+    if config.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {config.device} with --workers/--ray: name cpu or cuda; Ray gives each worker "
+                         "its own GPU")
+    if config.ray_address is None and config.workers > local_cores():
+        raise ValueError(f"--workers {config.workers} is more than the {local_cores()} CPU cores this machine has; "
+                         f"use at most {local_cores()} (each worker needs a core)")
+    _ray()
+
+
+def local_cores() -> int:
+    """The cores this process may run on (a local cluster gets all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(f"--workers/--ray run the sweep on Ray, which is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def layer_costs(sweep: "Sweep", trials: list["Trial"]) -> dict[str, float]:
+    """Relative cost of each analysed layer's trials, in execution order: its trial count times the
+    multiply-accumulates a trial re-runs (the layer and, with exact output metrics, every layer
+    after it)."""
+    sim = sweep.sim
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.layer] = counts.get(trial.layer, 0) + 1
+    weight_of_node = {site.node: max(1, layer.macs) for layer in sim.layers for site in sim.sites(layer.name)}
+    costs = {}
+    for layer in sweep.layers:
+        nodes = [site.node for site in sim.sites(layer.name)]
+        if sweep.config.output_metrics == "exact":
+            nodes = sim.prepared.descendants(nodes)
+        per_trial = sum(weight_of_node.get(node, 0) for node in nodes) or 1
+        costs[layer.name] = float(counts.get(layer.name, 0) * per_trial)
+    return costs
+
+
+def plan_shards(costs: dict[str, float], count: int) -> list[tuple[str, ...]]:
+    """At most `count` shards of consecutive layers (in the order of `costs`) whose costs are about
+    equal: a shard ends where the running total crosses the next multiple of total / count, and
+    every shard holds at least one layer."""
+    names = list(costs)
+    count = max(1, min(count, len(names)))
+    total = sum(costs.values())
+    shards: list[tuple[str, ...]] = []
+    current: list[str] = []
+    running = 0.0
+    for index, name in enumerate(names):
+        current.append(name)
+        running += costs[name]
+        shards_left = count - len(shards) - 1  # after closing this one
+        layers_left = len(names) - index - 1
+        if shards_left and layers_left and (running >= total * (len(shards) + 1) / count
+                                            or layers_left == shards_left):
+            shards.append(tuple(current))
+            current = []
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def placement(ray: Any, config: AnalysisConfig) -> Placement:
+    """Split the cluster's CPUs (and GPUs, for device cuda) between the workers; refuse a number of
+    workers the cluster cannot run at once."""
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 0))
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    if config.workers > cpus:
+        where = "this machine has" if config.ray_address is None else "the Ray cluster has"
+        raise ValueError(f"--workers {config.workers} is more than the {cpus} CPU cores {where}; "
+                         f"use at most {cpus} (each worker needs a core)")
+    per_worker = max(1, min(cpus // config.workers, max(node_cpus, default=1)))
+    gpus = 0.0
+    if config.device == "cuda":
+        available = float(resources.get("GPU", 0))
+        if available < 1:
+            raise ValueError("--device cuda: the Ray cluster has no GPU; use --device cpu, or a cluster with GPUs")
+        share = -(-config.workers // int(available))  # workers per GPU, rounded up
+        gpus = 1.0 if share <= 1 else 1.0 / share
+    return Placement(config.workers, per_worker, gpus, config.device)
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+class ShardWorker:
+    """One worker process (a Ray actor): its own model copy and simulator, built once; runs shards."""
+
+    def __init__(self, config: AnalysisConfig, threads: int, chunk_size: int) -> None:
+        torch.set_num_threads(threads)
+        self.threads, self.chunk_size = threads, chunk_size
+        self.config = replace(config, workers=1, ray_address=None, cumulative=False, layers=None)
+        self.sim = None
+        self.status: tuple[int, str] = (0, "")
+
+    def load(self, payload: list) -> dict[str, Any]:
+        """Build the simulator from [ref to (model, data)] unless built: the first call after a
+        start or a restart (the ref is wrapped in a list so that only this call reads it)."""
+        if self.sim is None:
+            import ray
+
+            from analysis.sweep import Sweep
+
+            if importlib.util.find_spec("torchvision") is not None:
+                # Unpickling a model may import transformers, which imports torchvision: its wheel
+                # built for another torch must not fail that import (see analysis.compat).
+                from analysis.compat import import_torchvision
+
+                import_torchvision()
+            model, data = ray.get(payload[0])
+            self.sim = Sweep(model, data, self.config).sim
+            # The driver's chunks (the same samples per FP32 capture, so the same sums), unless this
+            # device has room for fewer.
+            self.sim.chunk_size = min(self.sim.chunk_size, self.chunk_size)
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.sim.device),
+                "threads": self.threads}
+
+    def progress(self) -> tuple[int, str]:
+        """(trial steps done in the current shard, the layer of the last one)."""
+        return self.status
+
+    def _step(self, done: int, total: int, layer: str) -> None:
+        self.status = (done, layer)
+
+    def run(self, payload: list, layers: tuple[str, ...], skip: set, statistics: dict) -> AnalysisResult:
+        from analysis.sweep import Sweep
+
+        self.load(payload)
+        self.sim.adopt_activation_statistics(statistics)
+        self.status = (0, "")
+        return Sweep(None, None, replace(self.config, layers=layers), progress=self._step, sim=self.sim).run(skip=skip)
+
+    def cumulative(self, payload: list, layers: tuple[str, ...] | None, statistics: dict) -> list:
+        from analysis.sweep import Sweep
+
+        self.load(payload)
+        self.sim.adopt_activation_statistics(statistics)
+        return Sweep(None, None, replace(self.config, layers=layers), sim=self.sim).cumulative_view()
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | None = None,
+                    skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
+    """`sweep.run` on Ray workers (see the module docstring): the same result, with `seconds` the
+    wall time. Connects to `config.ray_address`, or starts a local cluster for the run and stops it
+    after."""
+    config = sweep.config
+    check_distributed(config)
+    ray = _ray()
+    started = time.perf_counter()
+    own_cluster = _connect(ray, config)
+    actors: list = []
+    try:
+        place = placement(ray, config)
+        try:
+            payload = ray.put((sweep.model, sweep.data))
+        except Exception as exc:  # noqa: BLE001 — whatever the pickler met, say what it means
+            raise ValueError(f"the model or data cannot be sent to the workers ({_one_line(exc)}); run without "
+                             "--workers/--ray, or make the model picklable") from None
+        remote = ray.remote(num_cpus=place.cpus, num_gpus=place.gpus, max_restarts=RETRIES, max_task_retries=RETRIES,
+                            concurrency_groups={"progress": 1})(ShardWorker)
+        worker_config = replace(config, device=place.device)
+        actors = [remote.remote(worker_config, place.cpus, sweep.sim.chunk_size) for _ in range(place.workers)]
+        for actor in actors:  # queued first on each worker: the model loads while the driver calibrates
+            actor.load.remote([payload])
+        sweep.calibrate()  # once, while the workers load the model
+        statistics = ray.put(sweep.sim.activation_statistics())
+        trials = [t for t in sweep.plan() if not skip or t.key not in skip]
+        results, cumulative = _Dispatcher(ray, sweep, actors, [payload], layer_costs(sweep, trials), place.workers,
+                                          trials, statistics, on_result).run()
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if own_cluster:
+            ray.shutdown()
+    merged = AnalysisResult.merge(*results)
+    recorded = config.to_dict()
+    if config.cumulative and cumulative is None:
+        recorded["cumulative"] = False
+        warnings.warn("the cumulative view was lost with its worker and is left out; rerun with --cumulative "
+                      "to compute it", QuantlensWarning, stacklevel=2)
+    return replace(merged, config=recorded, cumulative=tuple(cumulative or ()), seconds=time.perf_counter() - started)
+
+
+def _connect(ray: Any, config: AnalysisConfig) -> bool:
+    """Join the cluster the config names, or start a local one; True when this call started Ray
+    (then the caller stops it). A process already connected (a test, a notebook) stays connected."""
+    import logging
+
+    if ray.is_initialized():
+        return False
+    # Workers import the driver's quantlens (a local cluster shares this machine's files).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    common = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if config.ray_address is not None:
+        try:
+            ray.init(address=config.ray_address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"cannot connect to the Ray cluster at {config.ray_address!r} "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start it with "
+                             "`ray start --head` or pass its address") from None
+        return True
+    # "local": a new cluster of this machine's cores, even where RAY_ADDRESS or a `ray start` names another.
+    ray.init(address="local", num_cpus=local_cores(), include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+    return True
+
+
+class _Dispatcher:
+    """Hands shards to idle workers, collects finished ones (reported as they finish), polls
+    progress, and turns a shard whose worker could not be brought back into failed rows."""
+
+    def __init__(self, ray: Any, sweep: "Sweep", actors: list, payload: list, costs: dict[str, float], workers: int,
+                 trials: list["Trial"], statistics: Any, on_result: Callable[[TrialResult], None] | None) -> None:
+        self.ray, self.sweep, self.actors, self.payload = ray, sweep, actors, payload
+        self.statistics, self.on_result = statistics, on_result
+        self.shards = shards = plan_shards(costs, workers * SHARDS_PER_WORKER)
+        self.costs = [sum(costs[name] for name in shard) for shard in shards]
+        self.trials = {shard: [t for t in trials if t.layer in set(shard)] for shard in shards}
+        self.skip = {shard: {t.key for t in sweep.plan() if t.layer in set(shard)} - {t.key for t in self.trials[shard]}
+                     for shard in shards}
+        chunks = len(sweep.sim.chunks())
+        self.steps = {shard: len(self.trials[shard]) * chunks for shard in shards}
+        self.total = sum(self.steps.values())
+        self.finished_steps = 0
+        self.live: dict[int, tuple[int, str]] = {}  # worker -> its progress in the running shard
+        self.label = ""  # the layer a worker reported last
+        self.reported = 0  # never backwards, also when a killed worker's shard starts again
+
+    def run(self) -> tuple[list[AnalysisResult], list | None]:
+        ray = self.ray
+        # The most expensive shards first, so the last ones to finish are short.
+        queue: deque = deque(sorted(range(len(self.shards)), key=lambda i: -self.costs[i]))
+        if self.sweep.config.cumulative:
+            queue.appendleft("cumulative")  # the longest single item: started first
+        idle = list(range(len(self.actors)))
+        pending: dict = {}  # ObjectRef -> (worker, item)
+        results: dict[int, AnalysisResult] = {}
+        failures: dict[int, str] = {}
+        cumulative: list | None = []
+        while queue or pending:
+            self._check_stop()
+            while queue and idle:
+                worker, item = idle.pop(0), queue.popleft()
+                actor = self.actors[worker]
+                if item == "cumulative":
+                    ref = actor.cumulative.remote(self.payload, self.sweep.config.layers, self.statistics)
+                else:
+                    shard = self.shards[item]
+                    ref = actor.run.remote(self.payload, shard, self.skip[shard], self.statistics)
+                    self.live[worker] = (0, "")
+                pending[ref] = (worker, item)
+            if not pending:  # every worker is gone: what is left fails
+                for item in queue:
+                    if item == "cumulative":
+                        cumulative = None
+                    else:
+                        failures[item] = "no worker left (all died)"
+                break
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            for ref in done:
+                worker, item = pending.pop(ref)
+                self.live.pop(worker, None)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # the sweep itself raised: as a single run would
+                    cause = getattr(exc, "cause", None)
+                    raise cause if isinstance(cause, Exception) else exc from None
+                except ray.exceptions.RayError as exc:  # the worker died and retries ran out
+                    reason = _one_line(exc)
+                    if item == "cumulative":
+                        cumulative = None  # lost: the merged config then says it was not computed
+                    else:
+                        failures[item] = reason
+                    if not isinstance(exc, ray.exceptions.RayActorError):
+                        idle.append(worker)
+                    continue
+                idle.append(worker)
+                if item == "cumulative":
+                    cumulative = value
+                    continue
+                results[item] = value
+                self.finished_steps += self.steps[self.shards[item]]
+                if self.on_result:
+                    for trial in value.trials:
+                        self.on_result(trial)
+            self._poll_progress(pending)
+        return self._with_failures(results, failures), cumulative
+
+    def _check_stop(self) -> None:
+        from analysis.sweep import AnalysisCancelled
+
+        if self.sweep.should_stop is not None and self.sweep.should_stop():
+            raise AnalysisCancelled(f"stopped after {self._done()} of {self.total} trials")
+
+    def _done(self) -> int:
+        return self.finished_steps + sum(done for done, _ in self.live.values())
+
+    def _poll_progress(self, pending: dict) -> None:
+        if self.sweep.progress is None:
+            return
+        ray = self.ray
+        polls = {self.actors[worker].progress.options(concurrency_group="progress").remote(): worker
+                 for worker in self.live}
+        answered, _ = ray.wait(list(polls), num_returns=len(polls), timeout=POLL_SECONDS) if polls else ([], [])
+        for ref in answered:
+            try:
+                done, layer = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue  # a dead worker reports nothing; its shard is retried or failed
+            if polls[ref] in self.live:
+                self.live[polls[ref]] = (done, layer)
+                self.label = layer or self.label
+        self.reported = max(self.reported, min(self._done(), self.total))
+        self.sweep.progress(self.reported, self.total, self.label)
+
+    def _with_failures(self, results: dict[int, AnalysisResult], failures: dict[int, str]) -> list[AnalysisResult]:
+        """The shards' results in shard order, a failed shard as a result of failed rows (no
+        histograms), so the merged table says which trials were lost and why."""
+        if not results:
+            reasons = "; ".join(sorted(set(failures.values())))[:300]
+            raise RuntimeError(f"every shard of the distributed sweep failed ({reasons}); check the workers' "
+                               "memory, or run without --workers")
+        template = next(iter(results.values()))
+        out = []
+        for index, shard in enumerate(self.shards):
+            if index in results:
+                out.append(results[index])
+                continue
+            reason = f"worker lost ({failures[index]}); rerun with --resume to retry"
+            rows = tuple(TrialResult(t.layer, t.target, *t.names, error=reason) for t in self.trials[shard])
+            out.append(replace(template, config={**template.config, "layers": list(shard)}, trials=rows, histograms={}))
+        return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__

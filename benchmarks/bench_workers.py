@@ -1,0 +1,118 @@
+"""The ~100M-parameter GPT of bench_big_model.py swept in one process and in `--workers 2`, side by side.
+
+Each mode runs as a fresh process timed from outside (import, model, sweep, table: what a user
+waits for), one after the other in one session:
+- one process, 1 intra-op thread (the reference the workers' table must equal byte for byte);
+- `workers=2` on a local Ray cluster: 2 worker processes of 1 intra-op thread each (Ray start-up,
+  model shipping and each worker's own preparation included);
+- one process with every core's thread (torch's default), for context.
+Random initialisation, weight-only int8/int4 with exact output metrics (the numbers are about time).
+CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
+other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
+Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def worker_cpu_seconds(stop: threading.Event, seen: dict[int, float]) -> None:
+    """Until `stop`: the CPU seconds (user + system) of each Ray ShardWorker process on this machine,
+    read from /proc twice a second (the workers are gone once the sweep returns)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.5):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if not (entry / "cmdline").read_bytes().startswith(b"ray::ShardWorker"):
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seen[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """One mode in this process: build the model, sweep, write the table."""
+    import torch
+
+    from analysis.data import Dataset
+    from analysis.sweep import AnalysisConfig, analyze
+    from bench_big_model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(blocks=args.blocks, context=args.tokens).eval()
+    idx = torch.randint(0, 16384, (args.sequences, args.tokens))
+    data = Dataset(idx, torch.roll(idx, -1, dims=1), "language-model", "random tokens")
+    config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
+                            num_samples=args.sequences, workers=args.workers)
+    stop, workers = threading.Event(), {}
+    sampler = threading.Thread(target=worker_cpu_seconds, args=(stop, workers), daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    result = analyze(model, data, config)
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    result.to_frame().to_csv(args.table, index=False)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"sweep_seconds": round(seconds, 1), "layers": len(result.layers),
+                      "trials": len(result.trials), "threads": torch.get_num_threads(),
+                      "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                      "cpu_seconds_this_process": round(usage.ru_utime + usage.ru_stime, 1),
+                      "cpu_seconds_workers": sorted(round(v, 1) for v in workers.values())}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=12, help="12: the ~100M model; fewer for a quick run")
+    parser.add_argument("--sequences", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # a child's mode
+    parser.add_argument("--table", help=argparse.SUPPRESS)  # where a child writes its layers.csv
+    args = parser.parse_args()
+    if args.table:
+        sweep(args)
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    work = Path(tempfile.mkdtemp(prefix="quantlens-bench-workers-"))
+    modes = [("1 process, 1 thread", 1, "1"), (f"--workers {cores}, 1 thread each", cores, "1"),
+             (f"1 process, {cores} threads", 1, str(cores))]
+    rows = []
+    for label, workers, threads in modes:
+        table = work / f"{len(rows)}.csv"
+        env = {**os.environ, "OMP_NUM_THREADS": threads,
+               "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
+        started = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
+                                "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table)],
+                               capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+        load = os.getloadavg()[0]  # other processes on the machine: the wall times depend on them
+        if child.returncode:
+            sys.exit(f"{label} failed:\n{child.stderr[-2000:]}")
+        report = json.loads(child.stdout.strip().splitlines()[-1])
+        rows.append({"mode": label, "wall_seconds": round(wall, 1), **report, "load_average_after": round(load, 1)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it finishes
+    reference = (work / "0.csv").read_bytes()
+    for index, row in enumerate(rows):
+        row["vs_1_process_1_thread"] = round(row["wall_seconds"] / rows[0]["wall_seconds"], 2)
+        row["table_identical_to_1_thread"] = (work / f"{index}.csv").read_bytes() == reference
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
