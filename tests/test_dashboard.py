@@ -532,37 +532,37 @@ def test_launch_serves_the_dashboard_on_the_address_and_port_asked_for(monkeypat
 # --- cancel and resume ---------------------------------------------------------------------------
 
 
-class _StopAfter:
-    """A `should_stop` flag that trips after `n` trials of the full run (a Cancel press mid-run)."""
+class StopAfter:
+    """A job's stop flag that trips once `n` trials are in the run's trials.jsonl (Cancel pressed
+    mid-run; the sweep checks it before every trial)."""
 
     def __init__(self, job: state.Job, n: int) -> None:
-        self.job, self.n, self.calls = job, n, 0
+        self.job, self.n, self.pressed = job, n, False
 
     def is_set(self) -> bool:
-        if self.job.phase != "full":
-            return False
-        self.calls += 1
-        return self.calls > self.n
+        self.pressed = self.pressed or len(self.job.trials) >= self.n
+        return self.pressed
 
     def set(self) -> None:
-        self.calls = self.n
+        self.pressed = True
 
 
-def test_cancelled_run_is_kept_and_resumes(tmp_path):
+def test_cancelled_run_is_kept_and_resumes(tmp_path, monkeypatch):
     from analysis.loading import load_data, load_model
     from analysis.sweep import AnalysisConfig
 
+    monkeypatch.setenv("QUANTLENS_AUTOSTART", "0")  # alone in the store: the cancelled run opens
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
     run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
-    job.stop = _StopAfter(job, 5)
+    job.stop = StopAfter(job, 5)
     job.run()
-    assert job.phase == "cancelled" and job.local_result is not None and len(job.trials) == 5
+    assert job.phase == "cancelled" and len(job.trials) == 5
     assert state.get_run(run_id).status == "cancelled"
 
     at = AppTest.from_file(APP, default_timeout=120).run()
     _ok(at)
-    assert len(_run_dirs(tmp_path)) == 1  # a stored (cancelled) run: no auto start
+    assert len(_run_dirs(tmp_path)) == 1
     _page(at, "sensitivity")
     assert any("cancelled" in w.value for w in at.warning)
     at.button(key="resume_run").click().run()
@@ -570,6 +570,34 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path):
     assert state.get_run(run_id).status == "done"
     assert at.session_state.run_id == run_id
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_a_store_without_finished_runs_starts_the_sample_and_marks_the_others(tmp_path):
+    """A fresh user whose store holds only an interrupted run (another process's, gone) and a run
+    another live process is analysing lands on a new sample analysis, not on either of them."""
+    import os
+    import socket
+
+    store = tmp_path / "runs"
+    _, interrupted = runstore.new_run_dir(store, "old")
+    runstore.write_meta(interrupted, status="running", pid=2**22 + 7, host=socket.gethostname(), created=1.0,
+                        model="old-model")  # a pid that does not exist: interrupted
+    _, foreign = runstore.new_run_dir(store, "cli")
+    runstore.write_meta(foreign, status="running", pid=os.getppid(), host=socket.gethostname(), created=2.0,
+                        model="cli-model")  # alive, not this process: another quantlens
+    at = _open(tmp_path)
+    info = state.get_run(at.session_state.run_id)
+    assert info is not None and info.done and info.model == "sample:mlp"
+    assert len(_run_dirs(tmp_path)) == 3
+
+    for run, expected in ((interrupted, "interrupted: the process analysing it stopped"),
+                          (foreign, "being analysed by another process")):
+        state.select_run(run.name)
+        at.session_state.run_id = run.name
+        at.run()
+        _ok(at)
+        shown = " ".join(c.value for c in at.sidebar.caption)
+        assert expected in shown, shown
 
 
 def test_toolchain_exports(tmp_path, template_runs, downloads):

@@ -196,7 +196,7 @@ with right:
             m1.metric("Layers analysed", len(result.layers))
             m2.metric("Skipped", len(result.skipped))
             m3.metric("Trials", len(frame), delta=f"{failed} failed" if failed else None, delta_color="inverse")
-            m4.metric("Sweep time", f"{result.seconds:.1f} s", help="The full sweep; the sidebar's time includes loading and the local-only first pass.")
+            m4.metric("Sweep time", f"{result.seconds:.1f} s", help="The sweep itself; the sidebar's time also counts loading the model and data.")
             targets = charts.swept_targets(result)
             if targets:
                 metric = "output_sqnr_db" if charts.has_values(result, "output_sqnr_db") else "sqnr_db"

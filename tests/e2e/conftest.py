@@ -1,7 +1,7 @@
 """Fixtures of the browser tests: the real dashboard server, a headless Chromium, one fresh page per test.
 
 The server is the launcher's command (`streamlit run dashboard/serve.py`: the pages behind the Host
-check) on a free port, an empty run store and the bundled mlp at 64 samples; analyses run in real background threads (no
+check) on a free port, an empty run store and the bundled mlp at 64 samples; analyses run in worker processes (no
 QUANTLENS_SYNC_JOBS), so the progress fragment's polling is exercised too.
 """
 
