@@ -5,7 +5,7 @@ interpreter (and its GIL) with the pages that watch it. The worker reads what to
 run folder's meta.json (the inputs and config `analysis.runstore.create_run` recorded), loads the
 model and data as `quantlens analyze` does, and runs the CLI's engine call,
 `analysis.runs.analyze_to_directory`, into the folder: trials stream to trials.jsonl, the status
-goes to meta.json. Progress (trial steps done of the total, the current layer) is added to meta.json
+goes to meta.json, and report.html is written at the end. Progress (trial steps done of the total, the current layer) is added to meta.json
 at most once a second; pages poll those two files.
 
 Cancel is SIGTERM: the sweep stops after the trial in progress and the run is marked cancelled
@@ -47,6 +47,11 @@ class _ProgressWriter:
         runstore.write_meta(self.path, progress={"done": done, "total": total, "label": label})
 
 
+def report_title(inputs: Any) -> str:
+    """The title of a run's report.html (the CLI's, with the run's label)."""
+    return f"quantlens: {inputs.label or inputs.model_spec}"
+
+
 def check_expected(expected: dict[str, str]) -> None:
     """Refuse (one line) a file whose sha256 is no longer the one the server checked."""
     from dashboard.uploads import sha256_of
@@ -80,6 +85,7 @@ def run(path: str | Path, *, resume: bool = False, should_stop: Callable[[], boo
     `loaded`: (inputs, config, model, data) already loaded (the inline mode); else loaded here.
     Failures are recorded in meta.json (status failed, one-line error) and raised; a cancel
     (`should_stop`) ends with status cancelled and AnalysisCancelled raised."""
+    from analysis.report import write_report
     from analysis.runs import analyze_to_directory
     from analysis.sweep import AnalysisCancelled
 
@@ -93,6 +99,8 @@ def run(path: str | Path, *, resume: bool = False, should_stop: Callable[[], boo
             raise AnalysisCancelled("cancelled before the sweep started")
         result = analyze_to_directory(model, data, config, path, resume=resume, progress=_ProgressWriter(path),
                                       should_stop=should_stop, inputs=inputs)
+        # as `quantlens analyze` does: the Export page then serves the file instead of building it
+        write_report(result, path / "report.html", title=report_title(inputs))
         # meta.json's seconds: the whole job as the user waited for it, loading included
         runstore.write_meta(path, seconds=round(time.time() - started, 2))
         return result

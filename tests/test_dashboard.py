@@ -225,6 +225,35 @@ def test_mixed_precision_budget_edit_and_evaluate(tmp_path, template_runs):
     assert any("cannot be met" in e for e in _errors(at))
 
 
+def test_mixed_precision_shows_the_measured_figures_and_the_true_sample_count(tmp_path, template_runs):
+    """A max-drop search shows the measured drop of the map it chose (recomputed here from a plain
+    evaluation of that map); Evaluate says how many samples it really used (500 in the split, 10000 asked)."""
+    from analysis.evaluate import Evaluator
+    from analysis.loading import load_data, load_model
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_eval_samples").set_value(10_000).run()
+    at.selectbox(key="mp_kind").set_value("max-drop").run()
+    at.number_input(key="mp_value_max-drop").set_value(1.0).run()
+    at.button(key="mp_maxdrop_search").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    pmap = at.session_state.current_maps[at.session_state.run_id]
+    result = state.load_run_result(state.get_run(at.session_state.run_id))
+    evaluation = load_data("sample:mlp", split="evaluation")
+    evaluator = Evaluator(load_model("sample:mlp"), load_data("sample:mlp").take(64), evaluation,
+                          state.config_from_dict(result.config).quant)
+    row = evaluator.evaluate(pmap, "found").as_row()
+    assert float(_metric(at, "Measured drop (points)")) == pytest.approx(row["drop"], abs=0.006)
+    assert float(_metric(at, "Measured task metric")) == pytest.approx(row["value"], abs=0.006)
+    assert row["drop"] <= 1.0
+
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    shown = " ".join(c.value for c in at.caption)
+    assert f"Evaluated on {len(evaluation)} samples of the evaluation split of sample:mlp" in shown, shown
+
+
 def test_mixed_precision_other_budget_kinds_and_bad_map_file(tmp_path, template_runs):
     at = _page(_open(tmp_path, template_runs), "mixed_precision")
     for kind in ("size-kb", "bops", "min-sqnr"):

@@ -53,6 +53,18 @@ eval_samples = int(c3.number_input("Evaluation samples", min_value=1, max_value=
                                    help="Samples of the evaluation data used by Evaluate and by max-drop."))
 shadow["eval_samples"] = eval_samples
 
+def measured_box(measured: dict | None, title: str) -> None:
+    """The measured figures of a map (what `suggest` records as `measured`), shown as such."""
+    if not measured:
+        return
+    st.markdown(f"**{title}** — measured, not predicted:")
+    cols = st.columns(3)
+    cols[0].metric("Measured output SQNR", f"{measured['sqnr_db']:.1f} dB")
+    if measured.get("metric") is not None:
+        cols[1].metric("Measured task metric", f"{measured['metric']:.2f}")
+        cols[2].metric("Measured drop (points)", f"{measured['drop']:+.2f}")
+
+
 sug = None
 if kind == "max-drop":
     found = ss.setdefault("_mp_maxdrop", {})
@@ -71,6 +83,7 @@ if kind == "max-drop":
     if sug is None:
         st.info("Press the button to search (it runs a few evaluations of the model).")
         st.stop()
+
 else:
     try:
         sug = derived.suggestion(info.key, kind, value, prob, result)
@@ -182,6 +195,7 @@ with metrics_box:
               delta_color="inverse")
     m3.metric("Weight size", f"{summary['size-kb']:.1f} KiB", delta=_delta("size-kb", "+.1f"), delta_color="inverse")
     m4.metric("BOPs / sample", f"{summary['bops']:.3g}")
+    measured_box(pmap.measured, "This map")
     if unmeasured:
         st.caption("No prediction: the sweep never measured "
                    + ", ".join(unmeasured[:4]) + " at the chosen format(s). Evaluate to measure.")
@@ -211,8 +225,8 @@ if inputs is not None:
     spec, split = inputs.eval_source()
     where = f"the {split} split of {spec}" if spec.startswith("sample:") else "the uploaded evaluation data"
     st.caption(f"Runs FP32, the uniform baselines ({', '.join(f'{w}/{a}' if a else w for w, a in derived.baseline_pairs(result))}) "
-               f"and this map on {eval_samples} samples of {where}, with the quantizers and ranges the sweep "
-               "calibrated (simulated quantization).")
+               f"and this map on the first {eval_samples} samples of {where} (all of it if it holds fewer), with "
+               "the quantizers and ranges the sweep calibrated (simulated quantization).")
 if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
     try:
         evaluator, lock = derived.run_evaluator(info, result, eval_samples)
@@ -223,11 +237,15 @@ if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
             # and the task metric's drop with labelled data.
             measured = evaluator.measure(pmap.assignment(evaluator.layer_names))
         stored = ss.evaluations[info.id] = {"rows": [*rows, row], "map": pmap, "measured": measured,
-                                            "samples": eval_samples}
+                                            "samples": len(evaluator.evaluation), "where": where}
         pmap = ss.current_maps[info.id] = finish_map(prob, pmap, map_budget, measured)
     except Exception as exc:  # noqa: BLE001 — missing files, unknown layers, model errors: one line
         st.error(f"Evaluation failed: {escape(state.one_line(exc))}")
+    else:
+        st.rerun()  # the measured figures go next to the predicted ones at the top
 if stored:
+    if stored.get("where"):
+        st.caption(f"Evaluated on {stored['samples']} samples of {stored['where']}.")
     st.dataframe(derived.evaluation_table(stored["rows"]), hide_index=True, key="mp_eval_table", placeholder="–",
                  column_config={
                      "value": st.column_config.NumberColumn(format="%.2f"),

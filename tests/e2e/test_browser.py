@@ -352,3 +352,38 @@ def test_watching_the_page_does_not_slow_the_analysis(page, server, tmp_path):
     no_error(page)
     cli_s = run_sample_with_the_cli(RATIO_SAMPLE, RATIO_SAMPLES, tmp_path / "cli")
     assert page_s <= RATIO_LIMIT * cli_s, f"page open {page_s:.1f} s vs CLI {cli_s:.1f} s"
+
+
+def test_downloads_clicked_in_quick_succession_all_arrive(page, server, tmp_path):
+    """Three download buttons clicked back to back (well within a second): each file arrives whole."""
+    url, runs = server
+    open_app(page, url)
+    go_to(page, "Export & reports")
+    arrived = []
+    page.on("download", arrived.append)
+    labels = ("Per-layer report (HTML)", "layers.csv", "Precision map (JSON)")
+    buttons = [page.locator(f"{MAIN} [data-testid='stDownloadButton']").filter(has_text=label).locator("button")
+               for label in labels]
+    for button in buttons:
+        _expect()(button).to_be_visible(timeout=UI_TIMEOUT_MS)
+    for button in buttons:
+        button.click()
+    deadline = time.monotonic() + 30
+    while len(arrived) < len(labels) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    names = sorted(d.suggested_filename for d in arrived)
+    assert [n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names] == \
+        sorted(["report.html", "layers.csv", "precision-map.json"]), names
+    for download in arrived:
+        assert download.failure() is None, (download.suggested_filename, download.failure())
+        path = tmp_path / download.suggested_filename
+        download.save_as(str(path))
+        body = path.read_bytes()
+        assert body, download.suggested_filename
+        if path.suffix == ".html":
+            assert body.startswith(b"<!DOCTYPE html>") and all(n.encode() in body for n in MLP_LAYERS)
+        elif path.suffix == ".csv":
+            assert body.splitlines()[0].startswith(b"layer,")
+        else:
+            assert set(MLP_LAYERS) <= set(json.loads(body)["layers"])
+    no_exception(page)
