@@ -100,6 +100,12 @@ def spec_digest(spec: str | None) -> str:
     return runstore.file_stamp(Path(spec).expanduser())
 
 
+def server_path(path: str) -> Path:
+    """A path the user typed for a file on the server, made absolute from the folder the dashboard
+    was started in (the worker processes run elsewhere, and a run records absolute paths)."""
+    return Path(path).expanduser().absolute()
+
+
 def save_upload(uploaded: Any) -> Path:
     """Write an uploaded file to the private upload folder (`dashboard.uploads`); returns its path."""
     return uploads.save(uploaded.name, uploaded.getvalue())

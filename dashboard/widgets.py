@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import runstore
-from dashboard import state
+from dashboard import state, tables
 from dashboard.markup import code, escape
 
 POLL_SECONDS = 2.0  # the job's two small files are re-read at most this often; the sweep runs elsewhere
@@ -46,7 +46,8 @@ def _job_body(where: str, detailed: bool) -> None:
             table = streamed_table(trials)
             st.caption(f"{len(trials)} of {job.planned} trials finished; the {min(STREAM_ROWS, len(table))} "
                        "with the lowest output SQNR so far:")
-            st.dataframe(table.head(STREAM_ROWS), hide_index=True, key=f"stream_{where}")
+            st.dataframe(table.head(STREAM_ROWS), hide_index=True, key=f"stream_{where}",
+                         column_config=tables.fit(table.head(STREAM_ROWS)))
 
 
 def streamed_table(trials: list) -> pd.DataFrame:

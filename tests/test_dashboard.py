@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 import sample_models
 from analysis import runstore
-from dashboard import state
+from dashboard import state, uploads
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 MLP_LAYERS = 3
@@ -157,6 +157,20 @@ def test_sensitivity_page_table_charts_filters_and_tabs(tmp_path, template_runs)
     at.session_state["sens_view"] = "Cumulative"
     at.run()
     assert any('"scatter"' in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_table_columns_are_as_wide_as_their_headers_and_values(tmp_path, template_runs):
+    """Every column of the sensitivity table gets a width that holds its header and its longest shown
+    value (7 px a character at least), so nothing is cut to 'top…'."""
+    at = _page(_open(tmp_path, template_runs), "sensitivity")
+    table = at.dataframe(key="sens_table")
+    config = json.loads(table.proto.columns)
+    frame = table.value
+    for column in frame.columns:
+        entry = config.get(column) or {}
+        label = entry.get("label") or column
+        longest = max([len(label), *(len(str(v)) for v in frame[column] if isinstance(v, str))])
+        assert isinstance(entry.get("width"), int) and entry["width"] >= 7 * longest, (column, entry, longest)
 
 
 def test_layer_detail_page(tmp_path, template_runs):
@@ -302,6 +316,33 @@ def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_mea
     assert exported["provenance"]["model_fingerprint"] == exported["model"] == result.model["fingerprint"]
 
 
+def test_a_map_exported_from_the_dashboard_evaluates_the_same_with_the_cli(tmp_path, template_runs, downloads):
+    """The map downloaded after Evaluate (every evaluation sample) carries measured figures that
+    `python -m analysis.cli evaluate --map` reproduces from the file alone."""
+    import subprocess
+    import sys
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_eval_samples").set_value(10_000).run()  # the whole split, as the CLI evaluates
+    at.number_input(key="mp_value_avg-bits").set_value(5.0).run()
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    _page(at, "export")
+    name, body = downloads(at, "dl_map_json")
+    exported = json.loads(body)
+    assert {"budget", "predicted", "measured"} <= set(exported)
+    path = tmp_path / name
+    path.write_bytes(body)
+    out = tmp_path / "evaluated.json"
+    subprocess.run([sys.executable, "-m", "analysis.cli", "evaluate", "--data", "sample:mlp", "--map", str(path),
+                    "--out", str(out)], check=True, capture_output=True, cwd=str(Path(APP).parents[1]))
+    fp32, evaluated = json.loads(out.read_text())
+    assert evaluated["metric"] == pytest.approx(exported["measured"]["metric"], abs=1e-9)
+    assert evaluated["metric_drop"] == pytest.approx(exported["measured"]["drop"], abs=1e-9)
+    assert fp32["metric"] - evaluated["metric"] == pytest.approx(exported["measured"]["drop"], abs=1e-9)
+
+
 @pytest.fixture
 def downloads(monkeypatch):
     """Reads what a download button would serve: records the media file manager AppTest makes for
@@ -362,6 +403,7 @@ def test_export_page_downloads_hold_the_run(tmp_path, template_runs, downloads):
     as_json = json.loads(files["dl_map_json"][1])
     assert yaml.safe_load(files["dl_map_yaml"][1]) == as_json
     pmap = map_from_dict(as_json)
+    assert as_json["budget"] == {"kind": "avg-bits", "value": 6.0} and as_json["predicted"]["avg-bits"] <= 6.0
     names = [layer.name for layer in result.layers]
     pmap.validate(names)
     assert set(as_json["layers"]) == set(names)
@@ -427,6 +469,50 @@ def test_bad_uploads_show_one_line_errors_and_keep_results(tmp_path, template_ru
     assert len(_run_dirs(tmp_path)) == 1  # nothing half-made in the run store
     _page(at, "sensitivity")
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_upload_the_model_code_behind_the_trust_switch(tmp_path, template_runs, monkeypatch):
+    """The .py that builds the model is uploaded with the weights: refused until 'I trust this code' is
+    ticked, then analysed from the upload folder. A relative server path is taken from the folder the
+    dashboard was started in, which the page names."""
+    at = _open(tmp_path, template_runs)
+    at.radio(key="md_source").set_value("upload").run()
+    calib = sample_models.load_split("mlp", "calibration")
+    weights = io.BytesIO()
+    torch.save(sample_models.load_model("mlp").state_dict(), weights)
+    code_text = b"from sample_models.models import DigitsMLP\n\n\ndef build():\n    return DigitsMLP()\n"
+    at.file_uploader(key="md_factory_file").upload("net.py", code_text)
+    at.text_input(key="md_factory").set_value("build")
+    at.file_uploader(key="md_model_file").upload("weights.pt", weights.getvalue())
+    at.file_uploader(key="md_calib_file").upload(
+        "calib.npz", _npz(inputs=calib["inputs"].numpy()[:32], labels=calib["labels"].numpy()[:32]))
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert len(_errors(at)) == 1 and "net.py is Python code" in _errors(at)[0] and "I trust this code" in _errors(at)[0]
+    assert len(_run_dirs(tmp_path)) == 1
+
+    at.checkbox(key="md_trust").set_value(True)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and info.model == "net.py:build + weights.pt"
+    spec = info.get_inputs().model_spec
+    assert spec.endswith("/net.py:build") and Path(spec.rpartition(":")[0]).read_bytes() == code_text
+    assert uploads.is_upload(Path(spec.rpartition(":")[0]))
+
+    # a path on the server, relative: from the dashboard's folder, which the page states
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "net.py").write_bytes(code_text)
+    monkeypatch.chdir(tmp_path)
+    at.file_uploader(key="md_factory_file").clear()
+    at.text_input(key="md_factory").set_value("models/net.py:build")
+    at.button(key="md_run").click().run()  # a form: its fields change with the click that submits it
+    _ok(at)
+    assert any(str(tmp_path) in c.value for c in at.caption)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and info.get_inputs().model_spec == f"{tmp_path / 'models' / 'net.py'}:build"
 
 
 def test_upload_a_state_dict_with_factory_runs(tmp_path, template_runs):

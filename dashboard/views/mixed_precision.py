@@ -9,7 +9,7 @@ import streamlit as st
 
 from analysis import charts
 from analysis.allocate import BUDGET_KINDS, COST_KINDS, Budget, finish_map, suggest
-from dashboard import derived, figures, state
+from dashboard import derived, figures, state, tables
 from dashboard.markup import escape
 
 info, result = state.require_result()
@@ -137,15 +137,13 @@ with left:
         height=min(38 + 35 * len(base_table), 520),
         # The editable formats first: in a half-width column the last columns scroll out of view.
         column_order=["layer", "weight", "activation", "SQNR alone (dB)", "kind", "params"],
-        column_config={
+        column_config=tables.fit(base_table, {
             "weight": st.column_config.SelectboxColumn("weight", options=weight_options, required=True),
             "activation": st.column_config.SelectboxColumn("activation", options=act_options, required=True),
-            "layer": st.column_config.TextColumn(width="medium"),
-            "kind": st.column_config.TextColumn(width="small"),
-            "params": st.column_config.NumberColumn(format="compact", width="small"),
+            "params": st.column_config.NumberColumn(format="compact"),
             "SQNR alone (dB)": st.column_config.NumberColumn(
                 format="%.1f", help="Predicted model-output SQNR with only this layer at this choice"),
-        },
+        }),
     )
     try:
         pmap = derived.map_from_table(edited, result, notes=tuple(base_map.notes))
@@ -246,8 +244,9 @@ if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
 if stored:
     if stored.get("where"):
         st.caption(f"Evaluated on {stored['samples']} samples of {stored['where']}.")
-    st.dataframe(derived.evaluation_table(stored["rows"]), hide_index=True, key="mp_eval_table", placeholder="–",
-                 column_config={
+    evaluation = derived.evaluation_table(stored["rows"])
+    st.dataframe(evaluation, hide_index=True, key="mp_eval_table", placeholder="–",
+                 column_config=tables.fit(evaluation, {
                      "value": st.column_config.NumberColumn(format="%.2f"),
                      "drop (points)": st.column_config.NumberColumn(format="%+.2f"),
                      "output SQNR (dB)": st.column_config.NumberColumn(format="%.1f"),
@@ -257,6 +256,6 @@ if stored:
                      "size (KiB)": st.column_config.NumberColumn(format="%.1f"),
                      "BOPs / sample": st.column_config.NumberColumn(format="compact"),
                      "ms / sample (simulated)": st.column_config.NumberColumn(format="%.3f"),
-                 })
+                 }))
     if not derived.same_precisions(stored["map"], pmap, layer_names):
         st.caption("The map has changed since this evaluation: press Evaluate again to measure it.")

@@ -9,7 +9,7 @@ import streamlit as st
 from analysis import charts
 from analysis.results import TARGETS
 from dashboard import derived, state, widgets
-from dashboard.markup import escape
+from dashboard.markup import code, escape
 
 OUTPUT_MODES = {"exact": "exact", "estimated (fast)": "estimated"}  # label -> AnalysisConfig.output_metrics
 
@@ -50,20 +50,45 @@ def _check_suffix(uploaded, allowed: tuple[str, ...], what: str) -> None:
                          f"use {', '.join('.' + a for a in allowed)}")
 
 
+def _factory_spec(values: dict) -> str:
+    """The model-building function as `file.py:function` with an absolute path: the uploaded .py and
+    the function named, or a file on the server (a relative path is taken from the server's folder)."""
+    factory, code_file = (values["factory"] or "").strip(), values["factory_file"]
+    if code_file is not None:
+        _check_suffix(code_file, ("py",), "Python code")
+        function = factory.rpartition(":")[2].strip()
+        if not function.isidentifier():
+            raise ValueError(f"name the function in {code_file.name} that returns the model (e.g. build_model) "
+                             "in the function field")
+        if not values["trust"]:
+            raise ValueError(f"{code_file.name} is Python code that runs when the model loads: tick "
+                             "'I trust this code' if you do")
+        return f"{state.save_upload(code_file)}:{function}"
+    if not factory:
+        return ""
+    head, sep, function = factory.rpartition(":")
+    if not sep or not head.lower().endswith(".py"):
+        raise ValueError(f"{factory} is not file.py:function; name the file and the function that returns "
+                         "the model, e.g. models/net.py:build_model, or upload the .py file")
+    return f"{state.server_path(head)}:{function}"
+
+
 def _upload_inputs(values: dict) -> state.Inputs:
-    model_file, factory, trust = values["model_file"], (values["factory"] or "").strip(), values["trust"]
+    model_file, trust = values["model_file"], values["trust"]
+    factory = _factory_spec(values)
     calib_file, eval_file = values["calib_file"], values["eval_file"]
     if model_file is None and not factory:
-        raise ValueError("upload a model (.pt2, or a .safetensors/.pt state dict with its factory) "
-                         "or name a factory as file.py:function")
+        raise ValueError("upload a model (.pt2, or a .safetensors/.pt state dict with the code that builds it) "
+                         "or give the code that builds it (upload the .py, or name file.py:function)")
     weights = None
     if model_file is not None:
         _check_suffix(model_file, state.MODEL_UPLOAD_TYPES, "model")
     is_program = model_file is not None and model_file.name.lower().endswith(".pt2")
     if is_program and factory:
-        raise ValueError("a .pt2 program holds its own architecture: clear the factory field")
+        raise ValueError("a .pt2 program holds its own architecture: clear the model-code fields")
     if model_file is not None and not is_program and not factory:
-        raise ValueError(f"{model_file.name} holds weights only: name the architecture as file.py:function")
+        raise ValueError(f"{model_file.name} holds weights only: upload the .py that builds the model "
+                         "(or name file.py:function) and the function's name")
     if not trust:
         what = "a .pt2 program" if is_program else f"the factory {factory}"
         raise ValueError(f"loading {what} runs Python code: tick 'I trust this code' if you do")
@@ -77,9 +102,11 @@ def _upload_inputs(values: dict) -> state.Inputs:
     else:
         model_spec = factory
         weights = str(state.save_upload(model_file)) if model_file is not None else None
-    label = model_file.name if model_file is not None else factory
+    shown_factory = (f"{values['factory_file'].name}:{factory.rpartition(':')[2]}"
+                     if values["factory_file"] is not None else factory)
+    label = model_file.name if model_file is not None else shown_factory
     if model_file is not None and not is_program:
-        label = f"{factory} + {model_file.name}"
+        label = f"{shown_factory} + {model_file.name}"
     inputs = state.Inputs(
         model_spec=model_spec, weights=weights, data_spec=str(state.save_upload(calib_file)),
         eval_spec=str(state.save_upload(eval_file)) if eval_file is not None else None,
@@ -123,17 +150,28 @@ with left:
                 st.caption("Not available: " + "; ".join(missing))
         else:
             values["model_file"] = st.file_uploader(
-                "Model: a torch.export program (.pt2) or a state dict (.safetensors / .pt)",
-                key="md_model_file")
+                "Model file: a saved program (.pt2) or trained weights (.safetensors / .pt)",
+                key="md_model_file",
+                help="A .pt2 is what torch.export.save writes: it holds the model's code and weights. Weights "
+                     "alone (a state dict) also need the Python code that builds the model, below.")
+            values["factory_file"] = st.file_uploader(
+                "Code that builds the model (.py), for weights", key="md_factory_file", type=["py"],
+                help="A Python file with a function that returns the model (an nn.Module) with freshly made "
+                     "layers; the weights file then fills them. It is run as is: it may import installed "
+                     "packages, not other files next to it on your machine.")
             values["factory"] = st.text_input(
-                "Architecture factory for a state dict (file.py:function, on the server)", key="md_factory",
-                placeholder="models/net.py:build_model")
-            values["trust"] = st.checkbox("I trust this code (.pt2 programs and factories run Python code)",
+                "Function that returns the model", key="md_factory", placeholder="build_model",
+                help="Its name in the uploaded .py file. Without an upload: a file on the server as "
+                     "file.py:function, e.g. models/net.py:build_model.")
+            st.caption(f"A path on the server that does not start with / is taken from {code(Path.cwd())}, "
+                       "the folder the dashboard was started in.")
+            values["trust"] = st.checkbox("I trust this code (.pt2 programs and .py files run Python code)",
                                           key="md_trust")
             st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
-                       "a factory is your own Python: tick only for files you wrote or got from someone you "
+                       "the .py is your own Python: tick only for files you wrote or got from someone you "
                        "trust. The dashboard runs code only from a file you name here in this session, and only "
-                       "while it is unchanged.")
+                       "while it is unchanged. Hugging Face model folders and models with several inputs are "
+                       "not accepted here yet.")
             values["calib_file"] = st.file_uploader(
                 "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
                 key="md_calib_file")

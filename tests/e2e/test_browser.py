@@ -282,7 +282,7 @@ def test_bad_upload_shows_an_error_and_keeps_results(page, server, tmp_path):
 
     main.get_by_text("Bring your own", exact=True).click()
     factory_input = main.locator("[data-testid='stTextInput']").filter(
-        has=page.get_by_text(re.compile(r"^Architecture factory"))).locator("input")
+        has=page.get_by_text(re.compile(r"^Function that returns the model"))).locator("input")
     factory_input.fill(f"{factory}:build")
     factory_input.press("Tab")
     main.locator("[data-testid='stCheckbox']").filter(has_text="I trust this code").locator("label").click()
