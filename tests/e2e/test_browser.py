@@ -360,9 +360,9 @@ def test_downloads_clicked_in_quick_succession_all_arrive(page, server, tmp_path
     open_app(page, url)
     go_to(page, "Export & reports")
     arrived = []
-    page.on("download", arrived.append)
+    page.on("download", lambda download: arrived.append(download))
     labels = ("Per-layer report (HTML)", "layers.csv", "Precision map (JSON)")
-    buttons = [page.locator(f"{MAIN} [data-testid='stDownloadButton']").filter(has_text=label).locator("button")
+    buttons = [page.locator(f"{MAIN} [data-testid='stDownloadButton']").get_by_role("button", name=label)
                for label in labels]
     for button in buttons:
         _expect()(button).to_be_visible(timeout=UI_TIMEOUT_MS)
@@ -387,3 +387,54 @@ def test_downloads_clicked_in_quick_succession_all_arrive(page, server, tmp_path
         else:
             assert set(MLP_LAYERS) <= set(json.loads(body)["layers"])
     no_exception(page)
+
+
+def test_upload_the_model_code_and_run_it_behind_the_trust_switch(page, server, tmp_path):
+    """Weights, the .py that builds the model and calibration data uploaded in the browser: refused
+    until 'I trust this code' is ticked, then analysed."""
+    import io
+
+    import numpy as np
+    import torch
+
+    import sample_models
+
+    url, runs = server
+    open_app(page, url)
+    before = set(done_runs(runs))
+    main = page.locator(MAIN)
+    main.get_by_text("Bring your own", exact=True).click()
+
+    def upload(label: str, name: str, body: bytes) -> None:
+        box = main.locator("[data-testid='stFileUploader']").filter(has=page.get_by_text(re.compile(f"^{label}")))
+        box.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(
+            files=[{"name": name, "mimeType": "application/octet-stream", "buffer": body}])
+        _expect()(box.get_by_text(name)).to_be_visible(timeout=UI_TIMEOUT_MS)
+
+    weights = io.BytesIO()
+    torch.save(sample_models.load_model("mlp").state_dict(), weights)
+    split = sample_models.load_split("mlp", "calibration")
+    data = io.BytesIO()
+    np.savez(data, inputs=split["inputs"].numpy()[:48], labels=split["labels"].numpy()[:48])
+    upload("Model file", "weights.pt", weights.getvalue())
+    upload("Code that builds the model", "net.py",
+           b"from sample_models.models import DigitsMLP\n\n\ndef build():\n    return DigitsMLP()\n")
+    upload("Calibration data", "calib.npz", data.getvalue())
+    function = main.locator("[data-testid='stTextInput']").filter(
+        has=page.get_by_text(re.compile(r"^Function that returns the model"))).locator("input")
+    function.fill("build")
+    function.press("Tab")
+    main.get_by_role("button", name="Run analysis").click()
+    error = main.locator(ERROR)
+    _expect()(error.first).to_contain_text("I trust this code", timeout=UI_TIMEOUT_MS)
+    assert set(done_runs(runs)) == before
+
+    main.locator("[data-testid='stCheckbox']").filter(has_text="I trust this code").locator("label").click()
+    main.get_by_role("button", name="Run analysis").click()
+    main.get_by_role("heading", name="Results: net.py:build + weights.pt").wait_for(timeout=ANALYSIS_TIMEOUT_MS)
+    wait_idle(page)
+    no_error(page)
+    new = set(done_runs(runs)) - before
+    assert len(new) == 1
+    meta = json.loads((runs / new.pop() / "meta.json").read_text())
+    assert meta["inputs"]["model_spec"].endswith("/net.py:build") and meta["trials"] == 15
