@@ -100,6 +100,15 @@ def spec_digest(spec: str | None) -> str:
     return runstore.file_stamp(Path(spec).expanduser())
 
 
+def available_devices() -> list[str]:
+    """Where this server can run an analysis: cpu, each CUDA device, mps."""
+    import torch
+
+    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    return devices + (["mps"] if mps is not None and mps.is_available() else [])
+
+
 def server_path(path: str) -> Path:
     """A path the user typed for a file on the server, made absolute from the folder the dashboard
     was started in (the worker processes run elsewhere, and a run records absolute paths)."""

@@ -471,6 +471,20 @@ def test_bad_uploads_show_one_line_errors_and_keep_results(tmp_path, template_ru
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
 
 
+def test_the_device_picker_offers_this_machine_and_the_run_records_the_choice(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    expected = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        expected.append("mps")
+    assert at.selectbox(key="md_device").options == expected
+    at.selectbox(key="md_device").set_value(expected[-1])
+    at.number_input(key="md_samples").set_value(16)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    assert state.get_run(at.session_state.run_id).config["device"] == expected[-1]
+
+
 def test_upload_the_model_code_behind_the_trust_switch(tmp_path, template_runs, monkeypatch):
     """The .py that builds the model is uploaded with the weights: refused until 'I trust this code' is
     ticked, then analysed from the upload folder. A relative server path is taken from the folder the

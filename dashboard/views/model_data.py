@@ -39,7 +39,7 @@ def _config(values: dict):
         weight_calibration=values["wcal"], act_calibration=values["acal"],
         dynamic_activations=values["dynamic"], fold_batchnorm=values["fold"],
         num_samples=int(values["samples"]), cumulative=values["cumulative"],
-        output_metrics=OUTPUT_MODES[values["output"]],
+        output_metrics=OUTPUT_MODES[values["output"]], device=values["device"],
     )
 
 
@@ -203,6 +203,11 @@ with left:
             values["fold"] = st.checkbox("Fold BatchNorm into convolutions", value=True, key="md_fold")
             values["cumulative"] = st.checkbox("Cumulative analysis (all layers quantized at once)", value=True,
                                                key="md_cumulative")
+            devices = state.available_devices()
+            values["device"] = st.selectbox(
+                "Device", devices, key="md_device",
+                help="Where the trials run: the CPU, or a GPU this server has. Results do not depend on it "
+                     "beyond float rounding." + ("" if len(devices) > 1 else " No GPU was found on this server."))
             values["output"] = st.radio(
                 "Output metrics", list(OUTPUT_MODES), key="md_output", horizontal=True,
                 help="Exact re-runs the model after each layer for every trial. Estimated carries each layer's "
