@@ -182,12 +182,9 @@ class Job:
             command += ["--expect", f"{name}={digest}"]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-        log = open(self.path / ".worker.log", "ab")  # the worker's stderr: tracebacks of crashes
-        try:
+        with open(self.path / ".worker.log", "ab") as log:  # the worker's stderr: tracebacks of crashes
             self.proc = subprocess.Popen(command, cwd=str(_ROOT), env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
 
     def run(self) -> None:
         """The inline mode: the worker's own `run`, in this thread, on the model and data given."""

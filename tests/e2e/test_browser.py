@@ -356,7 +356,7 @@ def test_watching_the_page_does_not_slow_the_analysis(page, server, tmp_path):
 
 def test_downloads_clicked_in_quick_succession_all_arrive(page, server, tmp_path):
     """Three download buttons clicked back to back (well within a second): each file arrives whole."""
-    url, runs = server
+    url, _ = server
     open_app(page, url)
     go_to(page, "Export & reports")
     arrived = []
