@@ -170,8 +170,7 @@ with left:
             st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
                        "the .py is your own Python: tick only for files you wrote or got from someone you "
                        "trust. The dashboard runs code only from a file you name here in this session, and only "
-                       "while it is unchanged. Hugging Face model folders and models with several inputs are "
-                       "not accepted here yet.")
+                       "while it is unchanged. Hugging Face model folders are not offered here yet.")
             values["calib_file"] = st.file_uploader(
                 "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
                 key="md_calib_file")
