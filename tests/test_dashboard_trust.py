@@ -329,7 +329,7 @@ def test_the_trust_switch_says_what_runs_code(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLENS_AUTOSTART", "0")
     at = _open(tmp_path)
     at.radio(key="md_source").set_value("upload").run()
-    assert ".pt2 programs and factories run Python code" in at.checkbox(key="md_trust").label
+    assert ".pt2 programs and .py files run Python code" in at.checkbox(key="md_trust").label
     assert any("runs Python that torch generates" in c.value and "only from a file you name here" in c.value
                for c in at.caption)
 
