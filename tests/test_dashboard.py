@@ -701,6 +701,32 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path, monkeypatch):
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
 
 
+def test_cancel_stops_the_worker_process_and_keeps_its_trials(tmp_path, monkeypatch):
+    """A real worker process (no QUANTLENS_SYNC_JOBS): Cancel once its first trials are in; the process
+    ends, the run is marked cancelled and keeps the trials it finished, fewer than planned."""
+    import time
+
+    from analysis.sweep import AnalysisConfig
+    from dashboard import jobs
+
+    monkeypatch.delenv("QUANTLENS_SYNC_JOBS")
+    config = AnalysisConfig(weight_formats=("int8", "int4", "int3"), act_formats=("int8",), num_samples=64)
+    job = jobs.start(state.sample_inputs("transformer"), config, None, None)
+    deadline = time.monotonic() + 240
+    while not job.trials and job.running:
+        assert time.monotonic() < deadline, "no trial finished in 240 s"
+        time.sleep(0.2)
+    assert job.running and job.proc is not None
+    job.cancel()
+    while job.running:
+        assert time.monotonic() < deadline + jobs.KILL_AFTER_S, "the worker did not stop"
+        time.sleep(0.2)
+    assert job.phase == "cancelled" and job.proc.returncode is not None
+    info = state.get_run(job.id)
+    assert info.status == "cancelled"
+    assert 0 < len(job.trials) < job.planned
+
+
 def test_a_store_without_finished_runs_starts_the_sample_and_marks_the_others(tmp_path):
     """A fresh user whose store holds only an interrupted run (another process's, gone) and a run
     another live process is analysing lands on a new sample analysis, not on either of them."""
