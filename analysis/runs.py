@@ -148,7 +148,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
         check_run_folder(out, force=force)
         runstore.write_json_atomic(run_file, header)
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
-    _mark_started(out, config, resume, inputs, provenance)
+    _mark_started(out, config, resume, inputs, provenance, planned=len(sweep.plan()))
     started = time.time()
     try:
         with trials_file.open("a") as sink:
@@ -196,15 +196,16 @@ def _result_config(config: AnalysisConfig) -> dict[str, Any]:
 
 
 def _mark_started(out: Path, config: AnalysisConfig, resume: bool, inputs: Inputs | None,
-                  provenance: provenance_mod.Provenance) -> None:
-    """meta.json for a run that starts now: running, owned by this process, with its labels."""
+                  provenance: provenance_mod.Provenance, planned: int) -> None:
+    """meta.json for a run that starts now: running, owned by this process, with its labels and the
+    number of trials its plan holds (`planned`: what a progress display counts finished trials of)."""
     meta = runstore.read_meta(out)
     # The dashboard creates the record (labels, creation time) before its quick local pass; a
     # leftover from an earlier run in a reused --out folder is replaced instead.
     prepared = resume or (meta.get("status") == "running" and meta.get("pid") == os.getpid())
     # The whole config (cache size and device too): what a resume from the dashboard starts with.
     updates: dict[str, Any] = {"id": out.name, "config": _jsonable(config.to_dict()), "seconds": None,
-                               "layers": None, "trials": None}
+                               "layers": None, "trials": None, "planned": planned}
     if not prepared or not meta.get("created"):
         updates["created"] = time.time()
     if inputs is not None:
@@ -222,6 +223,13 @@ def _mark_started(out: Path, config: AnalysisConfig, resume: bool, inputs: Input
 def write_outputs(result: AnalysisResult, out: Path) -> None:
     runstore.write_atomic(out / "analysis.json", result.save)
     runstore.write_atomic(out / "layers.csv", lambda tmp: result.to_frame().to_csv(tmp, index=False))
+
+
+def read_trials(out: str | Path) -> list[TrialResult]:
+    """The trials a run in `out` has finished so far (its trials.jsonl, also while it runs), one per
+    trial in the order they finished: a trial reported again (verified by `--verify`) keeps its last row."""
+    latest = {t.key: t for t in _read_trials(Path(out) / TRIALS_FILE)}
+    return list(latest.values())
 
 
 def _read_trials(path: Path) -> list[TrialResult]:

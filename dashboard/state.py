@@ -100,6 +100,21 @@ def spec_digest(spec: str | None) -> str:
     return runstore.file_stamp(Path(spec).expanduser())
 
 
+def available_devices() -> list[str]:
+    """Where this server can run an analysis: cpu, each CUDA device, mps."""
+    import torch
+
+    devices = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    return devices + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def server_path(path: str) -> Path:
+    """A path the user typed for a file on the server, made absolute from the folder the dashboard
+    was started in (the worker processes run elsewhere, and a run records absolute paths)."""
+    return Path(path).expanduser().absolute()
+
+
 def save_upload(uploaded: Any) -> Path:
     """Write an uploaded file to the private upload folder (`dashboard.uploads`); returns its path."""
     return uploads.save(uploaded.name, uploaded.getvalue())
@@ -227,7 +242,21 @@ def start_job(inputs: Inputs, config: Any, resume_run: RunInfo | None = None) ->
         latest = get_run(resume_run.id)
         if latest is None or latest.status == "running":
             raise ValueError(f"run {resume_run.id} is gone or still being analysed; pick it again in the run list")
-    return jobs.start(inputs, config, model, data, resume_run)
+    return jobs.start(inputs, config, model, data, resume_run, expect=_checked_files(inputs))
+
+
+def _checked_files(inputs: Inputs) -> dict[str, str]:
+    """The code and uploaded files of `inputs`, checked just now, with their sha256: the worker
+    process refuses to load one that changed before it got to it."""
+    files: dict[str, str] = {}
+    for spec in (inputs.model_spec, inputs.weights, inputs.data_spec, inputs.eval_spec):
+        if not spec or spec.startswith("sample:"):
+            continue
+        code = uploads.code_file(spec)
+        path = code or Path(spec).expanduser().absolute()
+        if path.is_file() and (code is not None or uploads.is_upload(path)):
+            files[str(path)] = uploads.sha256_of(path)
+    return files
 
 
 def config_from_dict(payload: dict, **overrides: Any) -> Any:
@@ -278,8 +307,9 @@ def acknowledge_job() -> None:
     st.session_state.job_id = None
     if job.phase == "done":
         select_run(job.id)
+        meta = job.meta()
         st.session_state.notices.append(("success", f"Analysis of {escape(job.inputs.label)} finished: "
-                                         f"{len(job.result.layers)} layers, {len(job.result.trials)} trials."))
+                                         f"{meta.get('layers')} layers, {meta.get('trials')} trials."))
     elif job.phase == "failed":
         st.session_state.notices.append(("error", f"Analysis of {escape(job.inputs.label)} failed: {escape(job.error)}"))
     elif job.trials or job.resume:
@@ -295,7 +325,9 @@ def select_run(run_id: str | None) -> None:
 
 
 def maybe_autostart() -> None:
-    """First open with an empty run store: analyse the bundled sample so results appear in seconds."""
+    """First open with no finished run in the store (empty, or only runs that are interrupted, failed
+    or another process's): analyse the bundled sample so results appear in seconds. With a finished
+    run, `init_session` has opened the newest one."""
     ss = st.session_state
     if ss.get("_autostart_checked"):
         return
@@ -306,7 +338,7 @@ def maybe_autostart() -> None:
     if running:  # another tab (or a closed one) is analysing: follow it instead of showing nothing
         ss.job_id = running[-1].id
         return
-    if not autostart_enabled() or list_runs():
+    if not autostart_enabled() or any(r.done for r in list_runs()):
         return
     samples = available_samples()
     usable = [n for n, why in samples.items() if why is None]

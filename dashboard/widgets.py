@@ -6,22 +6,28 @@ import pandas as pd
 import streamlit as st
 
 from analysis import runstore
-from dashboard import state
+from dashboard import state, tables
 from dashboard.markup import code, escape
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 2.0  # the job's two small files are re-read at most this often; the sweep runs elsewhere
+STREAM_ROWS = 15
 
 
 # --- job progress ----------------------------------------------------------------------------------
 
 
 def job_panel(where: str, detailed: bool = False) -> None:
-    """Progress of this session's analysis, polled every half second while it runs."""
+    """Progress of this session's analysis, polled every POLL_SECONDS while it runs (the worker
+    process writes it to the run folder; nothing here competes with it)."""
     job = state.session_job()
     if job is None:
         return
     every = POLL_SECONDS if job.running and not state.sync_jobs() else None
     st.fragment(run_every=every)(_job_body)(where, detailed)
+
+
+def progress_text(job: state.Job) -> str:
+    return f"**{escape(job.inputs.label)}** — {escape(job.describe())}"
 
 
 def _job_body(where: str, detailed: bool) -> None:
@@ -30,32 +36,33 @@ def _job_body(where: str, detailed: bool) -> None:
         return
     if not job.running:
         st.rerun()  # the whole app: the finished run gets selected and every page refreshed
-    st.progress(job.fraction, text=f"**{escape(job.inputs.label)}** — {escape(job.describe())}")
+    st.progress(job.fraction, text=progress_text(job))
     st.button("Cancel analysis", key=f"cancel_job_{where}", on_click=job.cancel, disabled=job.stop.is_set(),
-              help="Stops after the current trial; finished trials are kept and the run can be resumed.")
-    if not detailed:
-        return
-    if job.local_result is not None:
-        from analysis import charts
+              help="Stops the analysis process after its current trial; finished trials are kept and the run "
+                   "can be resumed.")
+    if detailed:
+        trials = job.trials
+        if trials:
+            table = streamed_table(trials)
+            st.caption(f"{len(trials)} of {job.planned} trials finished; the {min(STREAM_ROWS, len(table))} "
+                       "with the lowest output SQNR so far:")
+            st.dataframe(table.head(STREAM_ROWS), hide_index=True, key=f"stream_{where}",
+                         column_config=tables.fit(table.head(STREAM_ROWS)))
 
-        from dashboard import derived
 
-        local = job.local_result
-        fig = derived.figure("local-bar", f"local-{job.id}", (), lambda: charts.sensitivity_bar(
-            local, target=charts.swept_targets(local)[0], metric="sqnr_db", top_n=25))
-        st.caption("First pass done: local SQNR of each layer (its own output, FP32 inputs). "
-                   "Output metrics are streaming in below.")
-        st.plotly_chart(fig, key=f"local_bar_{where}")
-    if job.trials:
-        rows = [{
-            "layer": t.layer, "target": t.target, "format": t.format,
-            "local SQNR (dB)": t.local.sqnr_db if t.local else None,
-            "output SQNR (dB)": t.output.sqnr_db if t.output else None,
-            "status": "ok" if t.ok else f"failed: {t.error}",
-        } for t in list(job.trials)]
-        st.caption(f"{len(rows)} trials with output metrics so far (lowest output SQNR first)")
-        table = pd.DataFrame(rows).sort_values("output SQNR (dB)", na_position="last")
-        st.dataframe(table, hide_index=True, height=280, key=f"stream_{where}")
+def streamed_table(trials: list) -> pd.DataFrame:
+    """The finished trials of a running analysis, lowest output SQNR first (local SQNR when the run
+    has no output metrics); `output metrics` says whether a row's output figures are exact or estimated."""
+    rows = [{
+        "layer": t.layer, "target": t.target, "format": t.format,
+        "local SQNR (dB)": t.local.sqnr_db if t.local else None,
+        "output SQNR (dB)": t.output.sqnr_db if t.output else None,
+        "output metrics": t.output_source or "—",
+        "status": "ok" if t.ok else f"failed: {t.error}",
+    } for t in trials]
+    frame = pd.DataFrame(rows)
+    by = "output SQNR (dB)" if frame["output SQNR (dB)"].notna().any() else "local SQNR (dB)"
+    return frame.sort_values(by, na_position="last")
 
 
 # --- sidebar -------------------------------------------------------------------------------------
@@ -131,10 +138,7 @@ def sidebar() -> None:
                    f"{info.when} · {info.status}" + (f" · took {info.seconds:.1f} s" if info.seconds else "")]
         if info.layers:
             details.append(f"{info.layers} layers · {info.trials} trials")
-        if info.foreign:  # e.g. a `quantlens analyze` writing into the store: not this server's to resume
-            details.append(f"being analysed by process {info.pid} on {escape(info.host)}")
-        if info.error and not info.done:
-            details.append(f"⚠ {escape(info.error)}")
+        details.extend(run_status_lines(info))
         st.caption("  \n".join(details))
         with st.expander(f"All runs ({len(runs)})"):
             st.dataframe(pd.DataFrame([{"time": r.when, "model": r.model, "data": r.data, "status": r.status}
@@ -155,6 +159,22 @@ def sidebar() -> None:
             st.button("Delete this run", key="delete_run", on_click=_delete, args=(info.id,),
                       disabled=info.status == "running")
             st.caption(f"Run store: {code(state.runs_dir())}")
+
+
+def run_status_lines(info: state.RunInfo) -> list[str]:
+    """What a run that is not simply finished is: whose process analyses it, or why it stopped."""
+    if info.status == "running":
+        if info.id in state.jobs.own_jobs():
+            return [f"being analysed by this dashboard (worker process {info.pid})"]
+        # e.g. a `quantlens analyze` writing into the store, or another dashboard server sharing it
+        return [f"⚠ being analysed by another process ({info.pid} on {escape(info.host)}: a CLI run or another "
+                "dashboard); it opens here when it is done"]
+    if info.status == "interrupted":
+        return ["⚠ interrupted: the process analysing it stopped before it finished (a closed server, a crash); "
+                "its finished trials are kept: resume it in *Manage this run*"]
+    if info.error and not info.done:
+        return [f"⚠ {escape(info.error)}"]
+    return []
 
 
 def notices() -> None:

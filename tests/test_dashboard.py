@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 import sample_models
 from analysis import runstore
-from dashboard import state
+from dashboard import state, uploads
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 MLP_LAYERS = 3
@@ -159,6 +159,20 @@ def test_sensitivity_page_table_charts_filters_and_tabs(tmp_path, template_runs)
     assert any('"scatter"' in c.proto.spec for c in at.get("plotly_chart"))
 
 
+def test_table_columns_are_as_wide_as_their_headers_and_values(tmp_path, template_runs):
+    """Every column of the sensitivity table gets a width that holds its header and its longest shown
+    value (7 px a character at least), so nothing is cut to 'top…'."""
+    at = _page(_open(tmp_path, template_runs), "sensitivity")
+    table = at.dataframe(key="sens_table")
+    config = json.loads(table.proto.columns)
+    frame = table.value
+    for column in frame.columns:
+        entry = config.get(column) or {}
+        label = entry.get("label") or column
+        longest = max([len(label), *(len(str(v)) for v in frame[column] if isinstance(v, str))])
+        assert isinstance(entry.get("width"), int) and entry["width"] >= 7 * longest, (column, entry, longest)
+
+
 def test_layer_detail_page(tmp_path, template_runs):
     at = _open(tmp_path, template_runs)
     at.session_state["selected_layer"] = "fc2"
@@ -225,6 +239,35 @@ def test_mixed_precision_budget_edit_and_evaluate(tmp_path, template_runs):
     assert any("cannot be met" in e for e in _errors(at))
 
 
+def test_mixed_precision_shows_the_measured_figures_and_the_true_sample_count(tmp_path, template_runs):
+    """A max-drop search shows the measured drop of the map it chose (recomputed here from a plain
+    evaluation of that map); Evaluate says how many samples it really used (500 in the split, 10000 asked)."""
+    from analysis.evaluate import Evaluator
+    from analysis.loading import load_data, load_model
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_eval_samples").set_value(10_000).run()
+    at.selectbox(key="mp_kind").set_value("max-drop").run()
+    at.number_input(key="mp_value_max-drop").set_value(1.0).run()
+    at.button(key="mp_maxdrop_search").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    pmap = at.session_state.current_maps[at.session_state.run_id]
+    result = state.load_run_result(state.get_run(at.session_state.run_id))
+    evaluation = load_data("sample:mlp", split="evaluation")
+    evaluator = Evaluator(load_model("sample:mlp"), load_data("sample:mlp").take(64), evaluation,
+                          state.config_from_dict(result.config).quant)
+    row = evaluator.evaluate(pmap, "found").as_row()
+    assert float(_metric(at, "Measured drop (points)")) == pytest.approx(row["drop"], abs=0.006)
+    assert float(_metric(at, "Measured task metric")) == pytest.approx(row["value"], abs=0.006)
+    assert row["drop"] <= 1.0
+
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    shown = " ".join(c.value for c in at.caption)
+    assert f"Evaluated on {len(evaluation)} samples of the evaluation split of sample:mlp" in shown, shown
+
+
 def test_mixed_precision_other_budget_kinds_and_bad_map_file(tmp_path, template_runs):
     at = _page(_open(tmp_path, template_runs), "mixed_precision")
     for kind in ("size-kb", "bops", "min-sqnr"):
@@ -271,6 +314,33 @@ def test_map_exported_from_the_mixed_precision_page_has_budget_predicted_and_mea
     assert {"noise", "sqnr_db", "metric", "drop"} <= set(exported["measured"])
     assert exported["provenance"]["model_spec"] == "sample:mlp"
     assert exported["provenance"]["model_fingerprint"] == exported["model"] == result.model["fingerprint"]
+
+
+def test_a_map_exported_from_the_dashboard_evaluates_the_same_with_the_cli(tmp_path, template_runs, downloads):
+    """The map downloaded after Evaluate (every evaluation sample) carries measured figures that
+    `python -m analysis.cli evaluate --map` reproduces from the file alone."""
+    import subprocess
+    import sys
+
+    at = _page(_open(tmp_path, template_runs), "mixed_precision")
+    at.number_input(key="mp_eval_samples").set_value(10_000).run()  # the whole split, as the CLI evaluates
+    at.number_input(key="mp_value_avg-bits").set_value(5.0).run()
+    at.button(key="mp_evaluate").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    _page(at, "export")
+    name, body = downloads(at, "dl_map_json")
+    exported = json.loads(body)
+    assert {"budget", "predicted", "measured"} <= set(exported)
+    path = tmp_path / name
+    path.write_bytes(body)
+    out = tmp_path / "evaluated.json"
+    subprocess.run([sys.executable, "-m", "analysis.cli", "evaluate", "--data", "sample:mlp", "--map", str(path),
+                    "--out", str(out)], check=True, capture_output=True, cwd=str(Path(APP).parents[1]))
+    fp32, evaluated = json.loads(out.read_text())
+    assert evaluated["metric"] == pytest.approx(exported["measured"]["metric"], abs=1e-9)
+    assert evaluated["metric_drop"] == pytest.approx(exported["measured"]["drop"], abs=1e-9)
+    assert fp32["metric"] - evaluated["metric"] == pytest.approx(exported["measured"]["drop"], abs=1e-9)
 
 
 @pytest.fixture
@@ -333,6 +403,7 @@ def test_export_page_downloads_hold_the_run(tmp_path, template_runs, downloads):
     as_json = json.loads(files["dl_map_json"][1])
     assert yaml.safe_load(files["dl_map_yaml"][1]) == as_json
     pmap = map_from_dict(as_json)
+    assert as_json["budget"] == {"kind": "avg-bits", "value": 6.0} and as_json["predicted"]["avg-bits"] <= 6.0
     names = [layer.name for layer in result.layers]
     pmap.validate(names)
     assert set(as_json["layers"]) == set(names)
@@ -398,6 +469,64 @@ def test_bad_uploads_show_one_line_errors_and_keep_results(tmp_path, template_ru
     assert len(_run_dirs(tmp_path)) == 1  # nothing half-made in the run store
     _page(at, "sensitivity")
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_the_device_picker_offers_this_machine_and_the_run_records_the_choice(tmp_path, template_runs):
+    at = _open(tmp_path, template_runs)
+    expected = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        expected.append("mps")
+    assert at.selectbox(key="md_device").options == expected
+    at.selectbox(key="md_device").set_value(expected[-1])
+    at.number_input(key="md_samples").set_value(16)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    assert state.get_run(at.session_state.run_id).config["device"] == expected[-1]
+
+
+def test_upload_the_model_code_behind_the_trust_switch(tmp_path, template_runs, monkeypatch):
+    """The .py that builds the model is uploaded with the weights: refused until 'I trust this code' is
+    ticked, then analysed from the upload folder. A relative server path is taken from the folder the
+    dashboard was started in, which the page names."""
+    at = _open(tmp_path, template_runs)
+    at.radio(key="md_source").set_value("upload").run()
+    calib = sample_models.load_split("mlp", "calibration")
+    weights = io.BytesIO()
+    torch.save(sample_models.load_model("mlp").state_dict(), weights)
+    code_text = b"from sample_models.models import DigitsMLP\n\n\ndef build():\n    return DigitsMLP()\n"
+    at.file_uploader(key="md_factory_file").upload("net.py", code_text)
+    at.text_input(key="md_factory").set_value("build")
+    at.file_uploader(key="md_model_file").upload("weights.pt", weights.getvalue())
+    at.file_uploader(key="md_calib_file").upload(
+        "calib.npz", _npz(inputs=calib["inputs"].numpy()[:32], labels=calib["labels"].numpy()[:32]))
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert len(_errors(at)) == 1 and "net.py is Python code" in _errors(at)[0] and "I trust this code" in _errors(at)[0]
+    assert len(_run_dirs(tmp_path)) == 1
+
+    at.checkbox(key="md_trust").set_value(True)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and info.model == "net.py:build + weights.pt"
+    spec = info.get_inputs().model_spec
+    assert spec.endswith("/net.py:build") and Path(spec.rpartition(":")[0]).read_bytes() == code_text
+    assert uploads.is_upload(Path(spec.rpartition(":")[0]))
+
+    # a path on the server, relative: from the dashboard's folder, which the page states
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "net.py").write_bytes(code_text)
+    monkeypatch.chdir(tmp_path)
+    at.file_uploader(key="md_factory_file").clear()
+    at.text_input(key="md_factory").set_value("models/net.py:build")
+    at.button(key="md_run").click().run()  # a form: its fields change with the click that submits it
+    _ok(at)
+    assert any(str(tmp_path) in c.value for c in at.caption)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and info.get_inputs().model_spec == f"{tmp_path / 'models' / 'net.py'}:build"
 
 
 def test_upload_a_state_dict_with_factory_runs(tmp_path, template_runs):
@@ -532,37 +661,37 @@ def test_launch_serves_the_dashboard_on_the_address_and_port_asked_for(monkeypat
 # --- cancel and resume ---------------------------------------------------------------------------
 
 
-class _StopAfter:
-    """A `should_stop` flag that trips after `n` trials of the full run (a Cancel press mid-run)."""
+class StopAfter:
+    """A job's stop flag that trips once `n` trials are in the run's trials.jsonl (Cancel pressed
+    mid-run; the sweep checks it before every trial)."""
 
     def __init__(self, job: state.Job, n: int) -> None:
-        self.job, self.n, self.calls = job, n, 0
+        self.job, self.n, self.pressed = job, n, False
 
     def is_set(self) -> bool:
-        if self.job.phase != "full":
-            return False
-        self.calls += 1
-        return self.calls > self.n
+        self.pressed = self.pressed or len(self.job.trials) >= self.n
+        return self.pressed
 
     def set(self) -> None:
-        self.calls = self.n
+        self.pressed = True
 
 
-def test_cancelled_run_is_kept_and_resumes(tmp_path):
+def test_cancelled_run_is_kept_and_resumes(tmp_path, monkeypatch):
     from analysis.loading import load_data, load_model
     from analysis.sweep import AnalysisConfig
 
+    monkeypatch.setenv("QUANTLENS_AUTOSTART", "0")  # alone in the store: the cancelled run opens
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
     run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
-    job.stop = _StopAfter(job, 5)
+    job.stop = StopAfter(job, 5)
     job.run()
-    assert job.phase == "cancelled" and job.local_result is not None and len(job.trials) == 5
+    assert job.phase == "cancelled" and len(job.trials) == 5
     assert state.get_run(run_id).status == "cancelled"
 
     at = AppTest.from_file(APP, default_timeout=120).run()
     _ok(at)
-    assert len(_run_dirs(tmp_path)) == 1  # a stored (cancelled) run: no auto start
+    assert len(_run_dirs(tmp_path)) == 1
     _page(at, "sensitivity")
     assert any("cancelled" in w.value for w in at.warning)
     at.button(key="resume_run").click().run()
@@ -570,6 +699,60 @@ def test_cancelled_run_is_kept_and_resumes(tmp_path):
     assert state.get_run(run_id).status == "done"
     assert at.session_state.run_id == run_id
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
+
+
+def test_cancel_stops_the_worker_process_and_keeps_its_trials(tmp_path, monkeypatch):
+    """A real worker process (no QUANTLENS_SYNC_JOBS): Cancel once its first trials are in; the process
+    ends, the run is marked cancelled and keeps the trials it finished, fewer than planned."""
+    import time
+
+    from analysis.sweep import AnalysisConfig
+    from dashboard import jobs
+
+    monkeypatch.delenv("QUANTLENS_SYNC_JOBS")
+    config = AnalysisConfig(weight_formats=("int8", "int4", "int3"), act_formats=("int8",), num_samples=64)
+    job = jobs.start(state.sample_inputs("transformer"), config, None, None)
+    deadline = time.monotonic() + 240
+    while not job.trials and job.running:
+        assert time.monotonic() < deadline, "no trial finished in 240 s"
+        time.sleep(0.2)
+    assert job.running and job.proc is not None
+    job.cancel()
+    while job.running:
+        assert time.monotonic() < deadline + jobs.KILL_AFTER_S, "the worker did not stop"
+        time.sleep(0.2)
+    assert job.phase == "cancelled" and job.proc.returncode is not None
+    info = state.get_run(job.id)
+    assert info.status == "cancelled"
+    assert 0 < len(job.trials) < job.planned
+
+
+def test_a_store_without_finished_runs_starts_the_sample_and_marks_the_others(tmp_path):
+    """A fresh user whose store holds only an interrupted run (another process's, gone) and a run
+    another live process is analysing lands on a new sample analysis, not on either of them."""
+    import os
+    import socket
+
+    store = tmp_path / "runs"
+    _, interrupted = runstore.new_run_dir(store, "old")
+    runstore.write_meta(interrupted, status="running", pid=2**22 + 7, host=socket.gethostname(), created=1.0,
+                        model="old-model")  # a pid that does not exist: interrupted
+    _, foreign = runstore.new_run_dir(store, "cli")
+    runstore.write_meta(foreign, status="running", pid=os.getppid(), host=socket.gethostname(), created=2.0,
+                        model="cli-model")  # alive, not this process: another quantlens
+    at = _open(tmp_path)
+    info = state.get_run(at.session_state.run_id)
+    assert info is not None and info.done and info.model == "sample:mlp"
+    assert len(_run_dirs(tmp_path)) == 3
+
+    for run, expected in ((interrupted, "interrupted: the process analysing it stopped"),
+                          (foreign, "being analysed by another process")):
+        state.select_run(run.name)
+        at.session_state.run_id = run.name
+        at.run()
+        _ok(at)
+        shown = " ".join(c.value for c in at.sidebar.caption)
+        assert expected in shown, shown
 
 
 def test_toolchain_exports(tmp_path, template_runs, downloads):

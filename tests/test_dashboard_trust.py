@@ -329,7 +329,7 @@ def test_the_trust_switch_says_what_runs_code(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLENS_AUTOSTART", "0")
     at = _open(tmp_path)
     at.radio(key="md_source").set_value("upload").run()
-    assert ".pt2 programs and factories run Python code" in at.checkbox(key="md_trust").label
+    assert ".pt2 programs and .py files run Python code" in at.checkbox(key="md_trust").label
     assert any("runs Python that torch generates" in c.value and "only from a file you name here" in c.value
                for c in at.caption)
 
@@ -433,50 +433,37 @@ def test_names_that_are_markdown_render_as_text_on_every_page(tmp_path, monkeypa
 # --- Cancel, then Resume ------------------------------------------------------------------------------
 
 
-class _CancelIn:
-    """The job's stop flag, as if Cancel were pressed once `phase` had finished 3 trials."""
-
-    def __init__(self, job: state.Job, phase: str) -> None:
-        self.job, self.phase, self.pressed = job, phase, False
-
-    def is_set(self) -> bool:
-        self.pressed = self.pressed or (self.job.phase == self.phase and self.job.done >= 3)
-        return self.pressed
-
-    def set(self) -> None:
-        self.pressed = True
-
-
-@pytest.mark.parametrize("phase", ["local", "full"])
-def test_cancel_then_resume_finishes_the_run_and_keeps_trials(tmp_path, phase):
-    """Cancel pressed during the local-only first pass (nothing written yet) or during the full run
-    (trials kept): Resume in the sidebar finishes the run with every trial, running only the rest."""
+def test_cancel_then_resume_finishes_the_run_and_keeps_trials(tmp_path, monkeypatch):
+    """Cancel pressed during the run (trials kept): Resume in the sidebar finishes the run with every
+    trial, running only the rest."""
     from analysis.loading import load_data, load_model
     from analysis.sweep import AnalysisConfig
+    from tests.test_dashboard import StopAfter
 
+    monkeypatch.setenv("QUANTLENS_AUTOSTART", "0")  # the cancelled run is the one to land on
     inputs, config = state.sample_inputs("mlp"), AnalysisConfig(num_samples=64)
     run_id, path = runstore.create_run(state.runs_dir(), inputs, state._config_json(config))
     job = state.Job(run_id, path, inputs, config, load_model("sample:mlp"), load_data("sample:mlp"))
-    job.stop = _CancelIn(job, phase)
+    job.stop = StopAfter(job, 3)
     job.run()
     assert job.phase == "cancelled" and state.get_run(run_id).status == "cancelled"
     kept = len(job.trials)
-    assert kept == (0 if phase == "local" else 3)
+    assert kept == 3
 
     state.JOBS[run_id] = job
     at = _open(tmp_path)
     at.session_state.job_id = run_id  # the session that pressed Cancel
     _select(at, run_id)
     assert len(_run_dirs(tmp_path)) == 1
-    notice = ("was cancelled before any trial finished (resume it from the sidebar to start it again)"
-              if phase == "local" else "was cancelled; its finished trials are kept (resume it from the sidebar)")
+    notice = "was cancelled; its finished trials are kept (resume it from the sidebar)"
     assert any(notice in i.value for i in at.info), [i.value for i in at.info]
     at.button(key="resume_run").click().run()
     _ok(at)
     assert not _errors(at), _errors(at)
     assert state.get_run(run_id).status == "done" and at.session_state.run_id == run_id
     resumed = state.JOBS[run_id]
-    assert resumed.phase == "done" and len(resumed.trials) == MLP_TRIALS - kept  # only the rest ran
+    assert resumed.phase == "done" and len(resumed.trials) == MLP_TRIALS
+    assert resumed.meta()["progress"]["total"] == MLP_TRIALS - kept  # only the rest ran (64 samples: one chunk)
     _page(at, "sensitivity")
     assert len(at.dataframe(key="sens_table").value) == MLP_TRIALS
 

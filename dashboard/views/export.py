@@ -32,28 +32,33 @@ else:
 if pmap is not None:
     c1, c2 = st.columns(2)
     c1.download_button("Precision map (JSON)", pmap.dumps("json"), file_name=f"{slug}.precision-map.json",
-                       mime="application/json", key="dl_map_json", icon=":material/description:", width="stretch")
+                       mime="application/json", key="dl_map_json", icon=":material/description:", width="stretch",
+                       on_click="ignore")
     c2.download_button("Precision map (YAML)", pmap.dumps("yaml"), file_name=f"{slug}.precision-map.yaml",
-                       mime="application/x-yaml", key="dl_map_yaml", icon=":material/description:", width="stretch")
+                       mime="application/x-yaml", key="dl_map_yaml", icon=":material/description:", width="stretch",
+                       on_click="ignore")
     with st.expander("Preview the map"):
         st.code(pmap.dumps("yaml"), language="yaml")
 
 # --- the analysis ----------------------------------------------------------------------------------
 
 st.markdown("**Analysis**")
-title = f"quantlens: {info.model}"
-c3, c4, c5 = st.columns(3)
-c3.download_button("Per-layer report (HTML)", lambda: derived.report_html(info.key, title, result),
-                   file_name=f"{slug}.report.html", mime="text/html", key="dl_report", icon=":material/analytics:", width="stretch",
-                   help="Self-contained: opens offline, charts included. Built when you click (a second or two).")
+# Every download holds its bytes (no callables: a deferred file is dropped by the next rerun, so a
+# second click within a second of the first got nothing) and does not rerun the page when clicked.
+stored_report = info.path / "report.html"
+report = (stored_report.read_bytes() if stored_report.is_file()
+          else derived.report_html(info.key, f"quantlens: {info.model}", result))
 csv_path = info.path / "layers.csv"
-c4.download_button("layers.csv", (lambda: csv_path.read_bytes()) if csv_path.is_file()
-                   else (lambda: derived.frame(info.key, result).to_csv(index=False).encode()),
-                   file_name=f"{slug}.layers.csv", mime="text/csv", key="dl_csv", icon=":material/table:", width="stretch")
-json_path = info.path / "analysis.json"
-c5.download_button("analysis.json", lambda: json_path.read_bytes(), file_name=f"{slug}.analysis.json",
+table = csv_path.read_bytes() if csv_path.is_file() else derived.frame(info.key, result).to_csv(index=False).encode()
+c3, c4, c5 = st.columns(3)
+c3.download_button("Per-layer report (HTML)", report, file_name=f"{slug}.report.html", mime="text/html",
+                   key="dl_report", icon=":material/analytics:", width="stretch", on_click="ignore",
+                   help="Self-contained: opens offline, charts included.")
+c4.download_button("layers.csv", table, file_name=f"{slug}.layers.csv", mime="text/csv", key="dl_csv",
+                   icon=":material/table:", width="stretch", on_click="ignore")
+c5.download_button("analysis.json", (info.path / "analysis.json").read_bytes(), file_name=f"{slug}.analysis.json",
                    mime="application/json", key="dl_analysis", icon=":material/data_object:", width="stretch",
-                   help="Everything, reloadable with analysis.results.load_analysis.")
+                   on_click="ignore", help="Everything, reloadable with analysis.results.load_analysis.")
 st.caption(f"The run folder on the server: {code(info.path)}")
 
 # --- toolchain files (analysis.export) -------------------------------------------------------------
@@ -96,7 +101,7 @@ else:
                 continue
             if entry[0] == "ok":
                 column.download_button(label, entry[1], file_name=f"{slug}.{entry[2]}", key=f"dl_tool_{target}",
-                                       icon=":material/extension:", width="stretch")
+                                       icon=":material/extension:", width="stretch", on_click="ignore")
             else:
                 column.error(f"{label}: {escape(entry[1])}")
     elif built:

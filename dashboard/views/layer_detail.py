@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import charts
-from dashboard import derived, state
+from dashboard import derived, state, tables
 from dashboard.markup import escape
 
 info, result = state.require_result()
@@ -99,9 +99,9 @@ st.markdown(f"**Every target × format for {escape(layer_name)}**")
 columns = [c for c in ["target", "format", "sqnr_db", "output_sqnr_db", "output_kl", "output_top1_agreement",
                        "cosine", "output_cosine", "mse", "output_mse", "max_abs_error", "output_max_abs_error",
                        "status", "error"] if c in rows]
-st.dataframe(rows[columns], hide_index=True, key="detail_table", placeholder="–", column_config={
+st.dataframe(rows[columns], hide_index=True, key="detail_table", placeholder="–", column_config=tables.fit(rows[columns], {
     "sqnr_db": st.column_config.NumberColumn("local SQNR (dB)", format="%.2f"),
     "output_sqnr_db": st.column_config.NumberColumn("output SQNR (dB)", format="%.2f"),
     "output_kl": st.column_config.NumberColumn("output KL", format="%.3e"),
     "output_top1_agreement": st.column_config.NumberColumn("top-1 agreement", format="percent"),
-})
+}))

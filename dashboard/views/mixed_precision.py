@@ -9,7 +9,7 @@ import streamlit as st
 
 from analysis import charts
 from analysis.allocate import BUDGET_KINDS, COST_KINDS, Budget, finish_map, suggest
-from dashboard import derived, figures, state
+from dashboard import derived, figures, state, tables
 from dashboard.markup import escape
 
 info, result = state.require_result()
@@ -53,6 +53,18 @@ eval_samples = int(c3.number_input("Evaluation samples", min_value=1, max_value=
                                    help="Samples of the evaluation data used by Evaluate and by max-drop."))
 shadow["eval_samples"] = eval_samples
 
+def measured_box(measured: dict | None, title: str) -> None:
+    """The measured figures of a map (what `suggest` records as `measured`), shown as such."""
+    if not measured:
+        return
+    st.markdown(f"**{title}** — measured, not predicted:")
+    cols = st.columns(3)
+    cols[0].metric("Measured output SQNR", f"{measured['sqnr_db']:.1f} dB")
+    if measured.get("metric") is not None:
+        cols[1].metric("Measured task metric", f"{measured['metric']:.2f}")
+        cols[2].metric("Measured drop (points)", f"{measured['drop']:+.2f}")
+
+
 sug = None
 if kind == "max-drop":
     found = ss.setdefault("_mp_maxdrop", {})
@@ -71,6 +83,7 @@ if kind == "max-drop":
     if sug is None:
         st.info("Press the button to search (it runs a few evaluations of the model).")
         st.stop()
+
 else:
     try:
         sug = derived.suggestion(info.key, kind, value, prob, result)
@@ -124,15 +137,13 @@ with left:
         height=min(38 + 35 * len(base_table), 520),
         # The editable formats first: in a half-width column the last columns scroll out of view.
         column_order=["layer", "weight", "activation", "SQNR alone (dB)", "kind", "params"],
-        column_config={
+        column_config=tables.fit(base_table, {
             "weight": st.column_config.SelectboxColumn("weight", options=weight_options, required=True),
             "activation": st.column_config.SelectboxColumn("activation", options=act_options, required=True),
-            "layer": st.column_config.TextColumn(width="medium"),
-            "kind": st.column_config.TextColumn(width="small"),
-            "params": st.column_config.NumberColumn(format="compact", width="small"),
+            "params": st.column_config.NumberColumn(format="compact"),
             "SQNR alone (dB)": st.column_config.NumberColumn(
                 format="%.1f", help="Predicted model-output SQNR with only this layer at this choice"),
-        },
+        }),
     )
     try:
         pmap = derived.map_from_table(edited, result, notes=tuple(base_map.notes))
@@ -182,6 +193,7 @@ with metrics_box:
               delta_color="inverse")
     m3.metric("Weight size", f"{summary['size-kb']:.1f} KiB", delta=_delta("size-kb", "+.1f"), delta_color="inverse")
     m4.metric("BOPs / sample", f"{summary['bops']:.3g}")
+    measured_box(pmap.measured, "This map")
     if unmeasured:
         st.caption("No prediction: the sweep never measured "
                    + ", ".join(unmeasured[:4]) + " at the chosen format(s). Evaluate to measure.")
@@ -211,8 +223,8 @@ if inputs is not None:
     spec, split = inputs.eval_source()
     where = f"the {split} split of {spec}" if spec.startswith("sample:") else "the uploaded evaluation data"
     st.caption(f"Runs FP32, the uniform baselines ({', '.join(f'{w}/{a}' if a else w for w, a in derived.baseline_pairs(result))}) "
-               f"and this map on {eval_samples} samples of {where}, with the quantizers and ranges the sweep "
-               "calibrated (simulated quantization).")
+               f"and this map on the first {eval_samples} samples of {where} (all of it if it holds fewer), with "
+               "the quantizers and ranges the sweep calibrated (simulated quantization).")
 if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
     try:
         evaluator, lock = derived.run_evaluator(info, result, eval_samples)
@@ -223,13 +235,18 @@ if st.button("Evaluate this map", type="primary", key="mp_evaluate"):
             # and the task metric's drop with labelled data.
             measured = evaluator.measure(pmap.assignment(evaluator.layer_names))
         stored = ss.evaluations[info.id] = {"rows": [*rows, row], "map": pmap, "measured": measured,
-                                            "samples": eval_samples}
+                                            "samples": len(evaluator.evaluation), "where": where}
         pmap = ss.current_maps[info.id] = finish_map(prob, pmap, map_budget, measured)
     except Exception as exc:  # noqa: BLE001 — missing files, unknown layers, model errors: one line
         st.error(f"Evaluation failed: {escape(state.one_line(exc))}")
+    else:
+        st.rerun()  # the measured figures go next to the predicted ones at the top
 if stored:
-    st.dataframe(derived.evaluation_table(stored["rows"]), hide_index=True, key="mp_eval_table", placeholder="–",
-                 column_config={
+    if stored.get("where"):
+        st.caption(f"Evaluated on {stored['samples']} samples of {stored['where']}.")
+    evaluation = derived.evaluation_table(stored["rows"])
+    st.dataframe(evaluation, hide_index=True, key="mp_eval_table", placeholder="–",
+                 column_config=tables.fit(evaluation, {
                      "value": st.column_config.NumberColumn(format="%.2f"),
                      "drop (points)": st.column_config.NumberColumn(format="%+.2f"),
                      "output SQNR (dB)": st.column_config.NumberColumn(format="%.1f"),
@@ -239,6 +256,6 @@ if stored:
                      "size (KiB)": st.column_config.NumberColumn(format="%.1f"),
                      "BOPs / sample": st.column_config.NumberColumn(format="compact"),
                      "ms / sample (simulated)": st.column_config.NumberColumn(format="%.3f"),
-                 })
+                 }))
     if not derived.same_precisions(stored["map"], pmap, layer_names):
         st.caption("The map has changed since this evaluation: press Evaluate again to measure it.")

@@ -9,7 +9,7 @@ import streamlit as st
 from analysis import charts
 from analysis.results import TARGETS
 from dashboard import derived, state, widgets
-from dashboard.markup import escape
+from dashboard.markup import code, escape
 
 OUTPUT_MODES = {"exact": "exact", "estimated (fast)": "estimated"}  # label -> AnalysisConfig.output_metrics
 
@@ -39,7 +39,7 @@ def _config(values: dict):
         weight_calibration=values["wcal"], act_calibration=values["acal"],
         dynamic_activations=values["dynamic"], fold_batchnorm=values["fold"],
         num_samples=int(values["samples"]), cumulative=values["cumulative"],
-        output_metrics=OUTPUT_MODES[values["output"]],
+        output_metrics=OUTPUT_MODES[values["output"]], device=values["device"],
     )
 
 
@@ -50,20 +50,45 @@ def _check_suffix(uploaded, allowed: tuple[str, ...], what: str) -> None:
                          f"use {', '.join('.' + a for a in allowed)}")
 
 
+def _factory_spec(values: dict) -> str:
+    """The model-building function as `file.py:function` with an absolute path: the uploaded .py and
+    the function named, or a file on the server (a relative path is taken from the server's folder)."""
+    factory, code_file = (values["factory"] or "").strip(), values["factory_file"]
+    if code_file is not None:
+        _check_suffix(code_file, ("py",), "Python code")
+        function = factory.rpartition(":")[2].strip()
+        if not function.isidentifier():
+            raise ValueError(f"name the function in {code_file.name} that returns the model (e.g. build_model) "
+                             "in the function field")
+        if not values["trust"]:
+            raise ValueError(f"{code_file.name} is Python code that runs when the model loads: tick "
+                             "'I trust this code' if you do")
+        return f"{state.save_upload(code_file)}:{function}"
+    if not factory:
+        return ""
+    head, sep, function = factory.rpartition(":")
+    if not sep or not head.lower().endswith(".py"):
+        raise ValueError(f"{factory} is not file.py:function; name the file and the function that returns "
+                         "the model, e.g. models/net.py:build_model, or upload the .py file")
+    return f"{state.server_path(head)}:{function}"
+
+
 def _upload_inputs(values: dict) -> state.Inputs:
-    model_file, factory, trust = values["model_file"], (values["factory"] or "").strip(), values["trust"]
+    model_file, trust = values["model_file"], values["trust"]
+    factory = _factory_spec(values)
     calib_file, eval_file = values["calib_file"], values["eval_file"]
     if model_file is None and not factory:
-        raise ValueError("upload a model (.pt2, or a .safetensors/.pt state dict with its factory) "
-                         "or name a factory as file.py:function")
+        raise ValueError("upload a model (.pt2, or a .safetensors/.pt state dict with the code that builds it) "
+                         "or give the code that builds it (upload the .py, or name file.py:function)")
     weights = None
     if model_file is not None:
         _check_suffix(model_file, state.MODEL_UPLOAD_TYPES, "model")
     is_program = model_file is not None and model_file.name.lower().endswith(".pt2")
     if is_program and factory:
-        raise ValueError("a .pt2 program holds its own architecture: clear the factory field")
+        raise ValueError("a .pt2 program holds its own architecture: clear the model-code fields")
     if model_file is not None and not is_program and not factory:
-        raise ValueError(f"{model_file.name} holds weights only: name the architecture as file.py:function")
+        raise ValueError(f"{model_file.name} holds weights only: upload the .py that builds the model "
+                         "(or name file.py:function) and the function's name")
     if not trust:
         what = "a .pt2 program" if is_program else f"the factory {factory}"
         raise ValueError(f"loading {what} runs Python code: tick 'I trust this code' if you do")
@@ -77,9 +102,11 @@ def _upload_inputs(values: dict) -> state.Inputs:
     else:
         model_spec = factory
         weights = str(state.save_upload(model_file)) if model_file is not None else None
-    label = model_file.name if model_file is not None else factory
+    shown_factory = (f"{values['factory_file'].name}:{factory.rpartition(':')[2]}"
+                     if values["factory_file"] is not None else factory)
+    label = model_file.name if model_file is not None else shown_factory
     if model_file is not None and not is_program:
-        label = f"{factory} + {model_file.name}"
+        label = f"{shown_factory} + {model_file.name}"
     inputs = state.Inputs(
         model_spec=model_spec, weights=weights, data_spec=str(state.save_upload(calib_file)),
         eval_spec=str(state.save_upload(eval_file)) if eval_file is not None else None,
@@ -123,17 +150,27 @@ with left:
                 st.caption("Not available: " + "; ".join(missing))
         else:
             values["model_file"] = st.file_uploader(
-                "Model: a torch.export program (.pt2) or a state dict (.safetensors / .pt)",
-                key="md_model_file")
+                "Model file: a saved program (.pt2) or trained weights (.safetensors / .pt)",
+                key="md_model_file",
+                help="A .pt2 is what torch.export.save writes: it holds the model's code and weights. Weights "
+                     "alone (a state dict) also need the Python code that builds the model, below.")
+            values["factory_file"] = st.file_uploader(
+                "Code that builds the model (.py), for weights", key="md_factory_file", type=["py"],
+                help="A Python file with a function that returns the model (an nn.Module) with freshly made "
+                     "layers; the weights file then fills them. It is run as is: it may import installed "
+                     "packages, not other files next to it on your machine.")
             values["factory"] = st.text_input(
-                "Architecture factory for a state dict (file.py:function, on the server)", key="md_factory",
-                placeholder="models/net.py:build_model")
-            values["trust"] = st.checkbox("I trust this code (.pt2 programs and factories run Python code)",
+                "Function that returns the model", key="md_factory", placeholder="build_model",
+                help="Its name in the uploaded .py file. Without an upload: a file on the server as "
+                     "file.py:function, e.g. models/net.py:build_model.")
+            st.caption(f"A path on the server that does not start with / is taken from {code(Path.cwd())}, "
+                       "the folder the dashboard was started in.")
+            values["trust"] = st.checkbox("I trust this code (.pt2 programs and .py files run Python code)",
                                           key="md_trust")
             st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
-                       "a factory is your own Python: tick only for files you wrote or got from someone you "
+                       "the .py is your own Python: tick only for files you wrote or got from someone you "
                        "trust. The dashboard runs code only from a file you name here in this session, and only "
-                       "while it is unchanged.")
+                       "while it is unchanged. Hugging Face model folders are not offered here yet.")
             values["calib_file"] = st.file_uploader(
                 "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
                 key="md_calib_file")
@@ -165,6 +202,11 @@ with left:
             values["fold"] = st.checkbox("Fold BatchNorm into convolutions", value=True, key="md_fold")
             values["cumulative"] = st.checkbox("Cumulative analysis (all layers quantized at once)", value=True,
                                                key="md_cumulative")
+            devices = state.available_devices()
+            values["device"] = st.selectbox(
+                "Device", devices, key="md_device",
+                help="Where the trials run: the CPU, or a GPU this server has. Results do not depend on it "
+                     "beyond float rounding." + ("" if len(devices) > 1 else " No GPU was found on this server."))
             values["output"] = st.radio(
                 "Output metrics", list(OUTPUT_MODES), key="md_output", horizontal=True,
                 help="Exact re-runs the model after each layer for every trial. Estimated carries each layer's "
@@ -196,7 +238,7 @@ with right:
             m1.metric("Layers analysed", len(result.layers))
             m2.metric("Skipped", len(result.skipped))
             m3.metric("Trials", len(frame), delta=f"{failed} failed" if failed else None, delta_color="inverse")
-            m4.metric("Sweep time", f"{result.seconds:.1f} s", help="The full sweep; the sidebar's time includes loading and the local-only first pass.")
+            m4.metric("Sweep time", f"{result.seconds:.1f} s", help="The sweep itself; the sidebar's time also counts loading the model and data.")
             targets = charts.swept_targets(result)
             if targets:
                 metric = "output_sqnr_db" if charts.has_values(result, "output_sqnr_db") else "sqnr_db"

@@ -10,7 +10,7 @@ import streamlit as st
 from analysis.config import QATConfig
 from analysis.precision_map import uniform_map
 from analysis.qat.compare import recovery_table
-from dashboard import derived, state
+from dashboard import derived, state, tables
 from dashboard.markup import escape
 
 info, result = state.require_result()
@@ -83,12 +83,12 @@ COLUMNS = {"remedy": "remedy", "metric": "task metric", "drop": "drop (points)",
            "recovered": "PTQ drop recovered", "note": "note"}
 table = pd.DataFrame(rows)[list(COLUMNS)].rename(columns=COLUMNS)
 st.dataframe(table, hide_index=True, key="rc_table", placeholder="–",
-             column_config={
+             column_config=tables.fit(table, {
                  "task metric": st.column_config.NumberColumn(format="%.2f"),
                  "drop (points)": st.column_config.NumberColumn(format="%+.2f"),
                  "output SQNR (dB)": st.column_config.NumberColumn(format="%.1f"),
                  "PTQ drop recovered": st.column_config.NumberColumn(format="percent"),
-             })
+             }))
 for line in stored["summary"]:
     st.caption(escape(line))  # names the data sets, which the user named
 st.caption("To deploy the fine-tuned weights: `quantlens finetune` writes them with a map whose provenance names "

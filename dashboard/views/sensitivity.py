@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import charts, runstore
-from dashboard import derived, figures, state
+from dashboard import derived, figures, state, tables
 from dashboard.markup import escape
 
 info, result = state.require_result()
@@ -115,7 +115,7 @@ with left:
     st.dataframe(
         view[columns], hide_index=True, height=min(38 + 35 * max(len(view), 1), 560), key="sens_table",
         on_select=_select_from_table, selection_mode="single-row", placeholder="–",
-        column_config={
+        column_config=tables.fit(view[columns], {
             "sqnr_db": st.column_config.NumberColumn("local SQNR (dB)", format="%.1f"),
             "output_sqnr_db": st.column_config.NumberColumn("output SQNR (dB)", format="%.1f"),
             "output_source": st.column_config.TextColumn("output", help="exact: measured; estimated: first-order estimate"),
@@ -125,7 +125,7 @@ with left:
             "mse": st.column_config.NumberColumn("local MSE", format="%.2e"),
             "params": st.column_config.NumberColumn("params", format="localized"),
             "macs": st.column_config.NumberColumn("MACs / sample", format="localized"),
-        },
+        }),
     )
 with right:
     bar_targets = targets if target == "all" else [target]

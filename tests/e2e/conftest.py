@@ -1,12 +1,13 @@
 """Fixtures of the browser tests: the real dashboard server, a headless Chromium, one fresh page per test.
 
 The server is the launcher's command (`streamlit run dashboard/serve.py`: the pages behind the Host
-check) on a free port, an empty run store and the bundled mlp at 64 samples; analyses run in real background threads (no
+check) on a free port, an empty run store and the bundled mlp at 64 samples; analyses run in worker processes (no
 QUANTLENS_SYNC_JOBS), so the progress fragment's polling is exercised too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,15 +55,14 @@ def sync_playwright_api():
     return sync_playwright
 
 
-@pytest.fixture(scope="module")
-def server(sync_playwright_api, tmp_path_factory):
-    """The dashboard on a free port; yields (base url, run store). Killed (process group) at teardown."""
-    root = tmp_path_factory.mktemp("e2e")
+@contextlib.contextmanager
+def dashboard_server(root: Path, **env_extra: str):
+    """The dashboard (the launcher's command) on a free port with its run store and uploads in `root`;
+    yields (base url, run store). Killed (process group) on exit."""
     runs, uploads = root / "runs", root / "uploads"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTLENS_", "STREAMLIT_"))}
-    env.update(QUANTLENS_RUNS_DIR=str(runs), QUANTLENS_UPLOAD_DIR=str(uploads), QUANTLENS_DEFAULT_SAMPLE="mlp",
-               QUANTLENS_DEFAULT_SAMPLES="64", PYTHONUNBUFFERED="1")
+    env.update(QUANTLENS_RUNS_DIR=str(runs), QUANTLENS_UPLOAD_DIR=str(uploads), PYTHONUNBUFFERED="1", **env_extra)
     command = launch.command(port=port)
     assert command[1:4] == ["-m", "streamlit", "run"] and Path(command[4]).is_absolute()
     log_path = root / "server.log"
@@ -74,10 +74,10 @@ def server(sync_playwright_api, tmp_path_factory):
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while _health(url) != "ok":
             if proc.poll() is not None:
-                pytest.fail(f"the dashboard exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(f"the dashboard exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"no healthy dashboard after {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(f"no healthy dashboard after {SERVER_START_TIMEOUT_S} s:\n"
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
         yield url, runs
     finally:
@@ -90,6 +90,17 @@ def server(sync_playwright_api, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(sync_playwright_api, tmp_path_factory):
+    """The dashboard on a free port, an empty store, the bundled mlp at 64 samples; yields (base url, run store)."""
+    try:
+        with dashboard_server(tmp_path_factory.mktemp("e2e"), QUANTLENS_DEFAULT_SAMPLE="mlp",
+                              QUANTLENS_DEFAULT_SAMPLES="64") as served:
+            yield served
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
