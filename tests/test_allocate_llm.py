@@ -13,6 +13,8 @@ from analysis.config import QuantConfig
 from analysis.formats import parse_format
 from analysis.precision_map import LayerPrecision, PrecisionMap
 
+pytestmark = pytest.mark.slow  # a transformers import and a Llama sweep
+
 
 @pytest.fixture(scope="module")
 def llama_result():
