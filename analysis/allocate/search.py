@@ -47,6 +47,8 @@ class SearchReport:
     evaluations: int  # all real evaluations, the knapsack map's included
     stopped: str  # "evaluations" (budget spent), "patience" (no gain for a while), "exhausted" (no move left)
     judged_on: str  # what decided between maps
+    knapsack_drop: float | None = None  # task-metric drop of the knapsack map, when judged on it
+    measured_drop: float | None = None  # ... and of the returned map
 
     @property
     def gain_db(self) -> float:
@@ -55,7 +57,8 @@ class SearchReport:
     def as_dict(self) -> dict[str, float | int | str]:
         return {"predicted_sqnr_db": self.predicted_sqnr_db, "knapsack_sqnr_db": self.knapsack_sqnr_db,
                 "measured_sqnr_db": self.measured_sqnr_db, "gain_db": self.gain_db,
-                "evaluations": self.evaluations, "stopped": self.stopped, "judged_on": self.judged_on}
+                "evaluations": self.evaluations, "stopped": self.stopped, "judged_on": self.judged_on,
+                "knapsack_drop": self.knapsack_drop, "measured_drop": self.measured_drop}
 
 
 @dataclass
@@ -106,9 +109,11 @@ def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, 
                 problem, picks, measured, budget.kind, budget.value, measure, evaluations - 1 - spent,
                 patience, use_metric, ledger)
             evaluations_spent = 1 + spent + more
+            drops = (start_measured.get("drop"), measured.get("drop")) if use_metric else (None, None)
             search = SearchReport(problem.predicted_sqnr(problem.totals(start)["noise"]),
                                   problem.predicted_sqnr(start_measured["noise"]),
-                                  problem.predicted_sqnr(measured["noise"]), evaluations_spent, stopped, judged_on)
+                                  problem.predicted_sqnr(measured["noise"]), evaluations_spent, stopped, judged_on,
+                                  *drops)
     elif budget.kind == "min-sqnr":
         picks, measured, spent, more_notes = _noise_floor(problem, problem.noise_for_sqnr(budget.value), measure)
         evaluations_spent += spent
@@ -132,7 +137,10 @@ def suggest(problem: Problem, budget: Budget, measure: MeasureFn | None = None, 
     if search is not None and search.evaluations > 1:
         notes.append(f"measured search: predicted {search.predicted_sqnr_db:.1f} dB, knapsack map measured "
                      f"{search.knapsack_sqnr_db:.1f} dB, returned map {search.measured_sqnr_db:.1f} dB "
-                     f"({search.gain_db:+.2f} dB) after {search.evaluations} evaluation(s), stopped: {search.stopped}; "
+                     f"({search.gain_db:+.2f} dB)"
+                     + (f", task-metric drop {search.knapsack_drop:+.2f} -> {search.measured_drop:+.2f}"
+                        if search.knapsack_drop is not None and search.measured_drop is not None else "")
+                     + f" after {search.evaluations} evaluation(s), stopped: {search.stopped}; "
                      f"judged on {search.judged_on}")
     pmap = finish_map(problem, problem.to_map(picks, model=fingerprint, provenance=provenance, notes=tuple(notes)),
                       budget, measured)
