@@ -22,6 +22,8 @@ The package follows that line, each part importing only the ones before it:
     knapsack  the exact solver (MILP), the next-best maps (no-good cuts), the extreme maps
     groups    deployment groups (fused q/k/v, gate/up, MoE experts): one decision per group
     search    `suggest`: the measured refinement and search, SQNR floors, max-drop, the Pareto front
+    judging   which split judges measured maps, and whether the task metric can (imports the
+              evaluator, so it is imported on its own: `analysis.allocate.judging`)
 Callers import from `analysis.allocate`; the names below are re-exported for them.
 """
 
