@@ -8,6 +8,7 @@
      "default": {"weight": "fp32"},
      "layers": {"features.0": {"weight": "int8-sym-pc", "activation": "int8-asym-pt"},
                 "classifier": {"weight": "int4-sym-g32"}},
+     "groups": [["blk.0.attn.q_proj", "blk.0.attn.k_proj", "blk.0.attn.v_proj"], "blk.*.mlp.experts.*.w1"],
      "budget": {...}, "predicted": {...}, "measured": {...}, "provenance": {...}}
 
 Format names are written fully qualified (symmetry, granularity, group size), so a map means the
@@ -16,6 +17,12 @@ qualified on load with each role's default (weights symmetric per-channel, activ
 per-tensor). `quant` is the same `QuantConfig` object analysis.json carries; it decides how the
 quantizers are calibrated and is read strictly. "fp32" or null leaves that side in full
 precision; layers not listed take `default`.
+
+`groups` (optional) lists layers that must share one format because a runtime runs them as one
+kernel (fused q/k/v, gate/up, the experts of one MoE layer): each entry is a list of layer names
+or a glob matching them. A map whose group members differ is refused on load (names) or when it is
+checked against the model (globs), so every consumer — evaluate, export — honours the groups.
+Maps without the key (older ones included) have no groups.
 
 Schema 1 maps (quantlens 0.1: a free "calibration" block, bare format names) still load: their
 calibration keys are mapped onto `quant` (missing keys take the 0.1 defaults, which are today's)
@@ -75,6 +82,8 @@ class PrecisionMap:
     measured: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
     provenance: dict[str, Any] | None = None  # model spec, weights file and hash, data spec
+    # Layers that share one format: each a tuple of layer names, or a glob (str) matching them.
+    groups: tuple[tuple[str, ...] | str, ...] = ()
 
     def __post_init__(self) -> None:
         # Names are stored qualified whatever the caller wrote, so equal maps compare equal.
@@ -82,6 +91,26 @@ class PrecisionMap:
             object.__setattr__(self, "layers", {name: p.qualified(self.quant.granularity) for name, p in self.layers.items()})
             object.__setattr__(self, "default", self.default.qualified(self.quant.granularity))
         except FormatError as exc:
+            raise MapError(str(exc)) from None
+        object.__setattr__(self, "groups", tuple(g if isinstance(g, str) else tuple(g) for g in self.groups))
+        self._check_groups([g for g in self.groups if not isinstance(g, str)])
+
+    def _check_groups(self, groups: list[tuple[str, ...]]) -> None:
+        for group in groups:
+            precisions = {self.precision(name) for name in group}
+            if len(precisions) > 1:
+                found = ", ".join(f"{name}={self.precision(name).weight}" for name in group[:4])
+                raise MapError(f"group {', '.join(group[:3])}{', ...' if len(group) > 3 else ''} must share one format "
+                               f"(a runtime runs it as one kernel) but has {found}; give its layers the same "
+                               "precision or remove the group")
+
+    def group_list(self, layer_names: list[str]) -> list[tuple[str, ...]]:
+        """The map's groups as tuples of layer names, globs matched against `layer_names`."""
+        from analysis.allocate.groups import GroupError, expand_groups
+
+        try:
+            return expand_groups(list(self.groups), layer_names)
+        except GroupError as exc:
             raise MapError(str(exc)) from None
 
     def precision(self, layer: str) -> LayerPrecision:
@@ -99,6 +128,8 @@ class PrecisionMap:
             "default": self.default.to_dict(),
             "layers": {name: p.to_dict() for name, p in self.layers.items()},
         }
+        if self.groups:
+            out["groups"] = [g if isinstance(g, str) else list(g) for g in self.groups]
         for key in ("budget", "predicted", "measured", "provenance"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -134,6 +165,11 @@ class PrecisionMap:
         if unknown:
             hint = ", ".join(layer_names[:5]) + (", ..." if len(layer_names) > 5 else "")
             raise MapError(f"the map names layer(s) the model does not have: {', '.join(unknown[:3])}; the model's layers are {hint}")
+        groups = self.group_list(layer_names)
+        strangers = [name for group in groups for name in group if name not in layer_names]
+        if strangers:
+            raise MapError(f"the map's groups name layer(s) the model does not have: {', '.join(strangers[:3])}")
+        self._check_groups(groups)
 
 
 # Schema 1's calibration block: its keys (short and long forms) -> QuantConfig fields.
@@ -169,7 +205,7 @@ def map_from_dict(payload: Any, source: str = "precision map") -> PrecisionMap:
     schema = payload.get("schema")
     if schema not in (SCHEMA, *LEGACY_SCHEMAS):
         raise MapError(f"{source} has schema {schema!r}; expected {SCHEMA!r} (was it written by another tool?)")
-    known = {"schema", "model", "default", "layers", "budget", "predicted", "measured", "notes", "provenance",
+    known = {"schema", "model", "default", "layers", "budget", "predicted", "measured", "notes", "provenance", "groups",
              "quant" if schema == SCHEMA else "calibration"}
     unknown = sorted(set(payload) - known)
     if unknown:
@@ -199,7 +235,12 @@ def map_from_dict(payload: Any, source: str = "precision map") -> PrecisionMap:
     notes = payload.get("notes") or ()
     if not isinstance(notes, (list, tuple)) or not all(isinstance(n, str) for n in notes):
         raise MapError(f"{source}: \"notes\" must be a list of strings")
-    return PrecisionMap(layers=layers, model=model, default=default, quant=quant, notes=tuple(notes), **extras)
+    groups = payload.get("groups") or ()
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, str) or (isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g)) for g in groups):
+        raise MapError(f"{source}: \"groups\" must be a list whose entries are lists of layer names or glob strings")
+    return PrecisionMap(layers=layers, model=model, default=default, quant=quant, notes=tuple(notes),
+                        groups=tuple(groups), **extras)
 
 
 def _layer(value: Any, where: str, granularity: str | None = None) -> LayerPrecision:

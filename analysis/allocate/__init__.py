@@ -20,16 +20,22 @@ Tied weights are one layer in the analysis, so they always share a format.
 The package follows that line, each part importing only the ones before it:
     problem   budgets, the knapsack instance built from an analysis, a map's predicted figures
     knapsack  the exact solver (MILP), the next-best maps (no-good cuts), the extreme maps
-    search    `suggest`: the measured refinement, SQNR floors, max-drop, the Pareto front
+    groups    deployment groups (fused q/k/v, gate/up, MoE experts): one decision per group
+    search    `suggest`: the measured refinement and search, SQNR floors, max-drop, the Pareto front
+    judging   which split judges measured maps, and whether the task metric can (imports the
+              evaluator, so it is imported on its own: `analysis.allocate.judging`)
 Callers import from `analysis.allocate`; the names below are re-exported for them.
 """
 
+from analysis.allocate.groups import GroupError, default_groups, glob_groups, resolve_groups
 from analysis.allocate.knapsack import extreme_picks, k_best, solve
 from analysis.allocate.problem import (
-    BUDGET_KINDS, COST_KINDS, Budget, BudgetError, Choice, Problem, build_problem, finish_map, parse_budget,
+    BUDGET_KINDS, COST_KINDS, KEEP_FORMATS, Budget, BudgetError, Choice, Problem, apply_groups, build_problem,
+    finish_map, parse_budget,
 )
 from analysis.allocate.search import (
-    MAX_FRONT_POINTS, FrontPoint, MeasureFn, Suggestion, check_front_points, pareto_front, suggest, uniform_points,
+    DEFAULT_EVALUATIONS, MAX_FRONT_POINTS, FrontPoint, MeasureFn, SearchReport, Suggestion, check_front_points,
+    judge_key, measured_search, pareto_front, suggest, uniform_points,
 )
 
 # Private, but the tests check the cost model and the monotone scores through them, as they did
@@ -40,5 +46,6 @@ __all__ = [
     "BUDGET_KINDS", "COST_KINDS", "Budget", "BudgetError", "Choice", "Problem", "build_problem", "finish_map",
     "parse_budget", "extreme_picks", "k_best", "solve", "FrontPoint", "MeasureFn", "Suggestion", "pareto_front",
     "MAX_FRONT_POINTS", "check_front_points",
-    "suggest", "uniform_points",
+    "suggest", "uniform_points", "GroupError", "default_groups", "glob_groups", "resolve_groups", "apply_groups",
+    "KEEP_FORMATS", "DEFAULT_EVALUATIONS", "SearchReport", "judge_key", "measured_search",
 ]

@@ -19,13 +19,17 @@ from analysis.allocate.problem import Problem
 
 
 def solve(problem: Problem, kind: str, limit: float, minimize: str = "noise",
-          exclude: list[list[int]] | None = None) -> list[int] | None:
+          exclude: list[list[int]] | None = None, weights: list[float] | None = None,
+          fixed: dict[int, int] | None = None) -> list[int] | None:
     """Exact solution of the knapsack. minimize="noise": least noise with cost ≤ limit;
     minimize="cost": cheapest (in `kind`) with noise ≤ limit. `exclude`: assignments that may not be
-    returned (no-good cuts, for the next-best solutions). None when infeasible."""
+    returned (no-good cuts, for the next-best solutions). `weights`: a factor per layer on its noise
+    (the measured search's interaction correction); `fixed`: layer -> pick it must keep. Members of
+    a deployment group always get the same pick. None when infeasible."""
     sizes = [len(ch) for ch in problem.choices]
     n = sum(sizes)
-    noise = np.array([c.noise for ch in problem.choices for c in ch])
+    factors = weights if weights is not None else [1.0] * len(sizes)
+    noise = np.array([c.noise * f for ch, f in zip(problem.choices, factors) for c in ch])
     cost = np.array([c.costs[kind] for ch in problem.choices for c in ch])
     # Scale both rows to O(1): HiGHS tolerances are absolute, and noises can be 1e-12.
     noise_scale = max(float(noise.max()), 1e-30)
@@ -45,11 +49,22 @@ def solve(problem: Problem, kind: str, limit: float, minimize: str = "noise",
         objective = cost / cost_scale + 1e-9 * noise / noise_scale
         constraints.append(LinearConstraint(noise[None, :] / noise_scale, -np.inf, limit / noise_scale + 1e-9))
     offsets = np.cumsum([0] + sizes[:-1])
+    for group in problem.groups:  # x[member, c] = x[first, c]: one decision per group
+        for member in group[1:]:
+            tie = np.zeros((sizes[group[0]], n))
+            for c in range(sizes[group[0]]):
+                tie[c, offsets[group[0]] + c] = 1
+                tie[c, offsets[member] + c] = -1
+            constraints.append(LinearConstraint(tie, 0, 0))
+    lower, upper = np.zeros(n), np.ones(n)
+    for layer, pick in (fixed or {}).items():
+        upper[offsets[layer]:offsets[layer] + sizes[layer]] = 0
+        upper[offsets[layer] + pick] = lower[offsets[layer] + pick] = 1
     for picks in exclude or ():
         cut = np.zeros((1, n))
         cut[0, offsets + np.asarray(picks)] = 1
         constraints.append(LinearConstraint(cut, -np.inf, len(sizes) - 1))
-    res = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+    res = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(lower, upper))
     if res.x is None or res.status != 0:
         return None
     picks, start = [], 0
@@ -62,8 +77,15 @@ def solve(problem: Problem, kind: str, limit: float, minimize: str = "noise",
 def extreme_picks(problem: Problem, kind: str, cheapest: bool) -> list[int]:
     """Per layer, its cheapest choice in `kind` (cheapest=True) or its least noisy one: the two ends
     of every budget range, and the fallback when a budget cannot be met."""
-    key = (lambda c: (c.costs[kind], c.noise)) if cheapest else (lambda c: (c.noise, c.costs[kind]))
-    return [min(range(len(ch)), key=lambda i: key(ch[i])) for ch in problem.choices]
+    picks = [0] * len(problem.choices)
+    for unit in problem.units():
+        cost = lambda i: problem.unit_cost(unit, i, kind)  # noqa: E731
+        noise = lambda i: problem.unit_noise(unit, i)  # noqa: E731
+        key = (lambda i: (cost(i), noise(i))) if cheapest else (lambda i: (noise(i), cost(i)))
+        best = min(range(len(problem.choices[unit[0]])), key=key)
+        for index in unit:
+            picks[index] = best
+    return picks
 
 
 def k_best(problem: Problem, kind: str, limit: float, k: int) -> list[list[int]]:

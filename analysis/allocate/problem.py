@@ -100,6 +100,25 @@ class Problem:
     # Output noise of every measured trial, (layer, qualified precision) -> noise: a hand-edited map
     # may pick what the allocator does not offer (weight-only int4 where it chose among weight/act pairs).
     trial_noise: dict[tuple[str, LayerPrecision], float] = field(default_factory=dict)
+    # Deployment groups (indices into `layers`, two or more each): their members offer the same
+    # precisions in the same order, and every map gives them the same pick (`apply_groups`).
+    groups: tuple[tuple[int, ...], ...] = ()
+
+    def units(self) -> list[tuple[int, ...]]:
+        """The decisions the allocator makes: each group, and each layer in no group on its own, in
+        model order (by first layer)."""
+        grouped = {index for group in self.groups for index in group}
+        units = [tuple(group) for group in self.groups] + [(i,) for i in range(len(self.layers)) if i not in grouped]
+        return sorted(units, key=lambda unit: unit[0])
+
+    def group_names(self) -> list[tuple[str, ...]]:
+        return [tuple(self.layers[i].name for i in group) for group in self.groups]
+
+    def unit_noise(self, unit: tuple[int, ...], pick: int) -> float:
+        return sum(self.choices[i][pick].noise for i in unit)
+
+    def unit_cost(self, unit: tuple[int, ...], pick: int, kind: str) -> float:
+        return sum(self.choices[i][pick].costs[kind] for i in unit)
 
     def predicted_sqnr(self, noise: float) -> float:
         return sqnr_from_sums(self.signal, noise)
@@ -117,6 +136,7 @@ class Problem:
 
     def to_map(self, picks: list[int], **kwargs) -> PrecisionMap:
         kwargs.setdefault("quant", self.quant)
+        kwargs.setdefault("groups", tuple(self.group_names()))
         return PrecisionMap({layer.name: ch[p].precision for layer, ch, p in zip(self.layers, self.choices, picks)}, **kwargs)
 
     def assignment(self, picks: list[int]) -> dict[str, tuple[Format | None, Format | None]]:
@@ -183,9 +203,44 @@ def finish_map(problem: Problem, pmap: PrecisionMap, budget: Budget | None = Non
                    predicted=predicted, measured=measured)
 
 
-def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
+def apply_groups(problem: Problem, groups: list[tuple[str, ...]]) -> Problem:
+    """`problem` with one decision per group: each member keeps only the precisions every member
+    offers, in one order, so a group's members always take the same pick. BudgetError (one line)
+    when a group's members share no precision or a name is not an analysed layer."""
+    index = {layer.name: i for i, layer in enumerate(problem.layers)}
+    choices = list(problem.choices)
+    found = []
+    for group in groups:
+        missing = [name for name in group if name not in index]
+        if missing:
+            raise BudgetError(f"group member {missing[0]} is not an analysed layer; drop it from the group")
+        members = tuple(sorted(index[name] for name in group))
+        if len(members) < 2:
+            continue
+        shared = [c.precision for c in choices[members[0]]]
+        for i in members[1:]:
+            offered = {c.precision for c in choices[i]}
+            shared = [p for p in shared if p in offered]
+        if not shared:
+            raise BudgetError(f"group {', '.join(group[:3])} has no precision all its layers were analysed in; "
+                              "re-run analyze with formats they share, or pass --no-groups")
+        for i in members:
+            by_precision = {c.precision: c for c in choices[i]}
+            choices[i] = [by_precision[p] for p in shared]
+        found.append(members)
+    return replace(problem, choices=choices, groups=tuple(problem.groups) + tuple(found))
+
+
+KEEP_FORMATS = ("fp32", "bf16", "fp16")  # what a layer the allocator does not quantize is kept in
+
+
+def build_problem(result: AnalysisResult, allow_fp32: bool = True, keep: str = "fp32") -> Problem:
     """Choices per layer from the sweep: weight×activation pairs when activations were analysed
-    (activations stay quantized), weight-only otherwise, plus FP32 as a fallback."""
+    (activations stay quantized), weight-only otherwise, plus a "keep" fallback: FP32, or bf16/fp16
+    weights for models deployed in half precision (costed at 16 bits, with the noise the sweep
+    measured for that format — BudgetError when it was not analysed)."""
+    if keep not in KEEP_FORMATS:
+        raise BudgetError(f"cannot keep layers in {keep!r}; use one of {', '.join(KEEP_FORMATS)}")
     quant = QuantConfig.from_dict(result.config["quant"], "the analysis' quant config")
     granularity = quant.granularity
     has_both = any(t.target == "both" for t in result.trials)
@@ -207,7 +262,15 @@ def build_problem(result: AnalysisResult, allow_fp32: bool = True) -> Problem:
             layer_choices.append(_choice(layer, precision, weight, act, trial.output.mse, total_elements))
             if trial.output.mse > 0 and trial.output.sqnr_db < 99:
                 signals.append(trial.output.mse * 10 ** (trial.output.sqnr_db / 10))
-        if allow_fp32 or not layer_choices:
+        if keep != "fp32":
+            precision = LayerPrecision(keep, None).qualified(granularity)
+            noise = trial_noise.get((layer.name, precision))
+            if noise is None:
+                raise BudgetError(f"layer {layer.name} has no {keep} trial to keep it in; re-run analyze with "
+                                  f"{keep} among --weight-formats (its noise is measured, not assumed)")
+            if all(c.precision != precision for c in layer_choices):
+                layer_choices.append(_choice(layer, precision, parse_format(keep, "weight"), None, noise, total_elements))
+        elif allow_fp32 or not layer_choices:
             layer_choices.append(_choice(layer, LayerPrecision("fp32", None), None, None, 0.0, total_elements))
         layers.append(layer)
         choices.append(_monotone(layer_choices))

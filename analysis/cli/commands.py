@@ -185,7 +185,7 @@ def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, c
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from analysis.allocate import build_problem, parse_budget, suggest
+    from analysis.allocate import DEFAULT_EVALUATIONS, apply_groups, build_problem, parse_budget, resolve_groups, suggest
     from analysis.config import QuantConfig
     from analysis.loading import load_model
     from analysis.provenance import Provenance, check_model, weights_to_load
@@ -202,8 +202,13 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     _check_output(out, args, *read)  # before any model runs: a hand-edited map is not replaced
     if args.front_points > 0:
         _check_output(_front_path(out), args, *read)
+    evaluations = DEFAULT_EVALUATIONS if args.evaluations is None else args.evaluations
+    if evaluations < 1:
+        raise CLIError(f"--evaluations {evaluations} is too small; give at least 1 (the chosen map is always measured)")
     result = load_analysis(args.analysis)
-    problem = build_problem(result, allow_fp32=not args.no_fp32)
+    problem = build_problem(result, allow_fp32=not args.no_fp32, keep=args.keep)
+    names = [layer.name for layer in problem.layers]
+    problem = apply_groups(problem, resolve_groups(names, defaults=not args.no_groups, globs=args.group))
     quant = QuantConfig.from_dict(result.config["quant"], f"{args.analysis}: quant")
     provenance = Provenance.of_result(result)
     evaluator = None
@@ -217,9 +222,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         check_model(provenance.model_fingerprint, model, f"the analysis in {args.analysis}",
                     "pass the --weights the analysis used, or re-run `quantlens analyze`")
         evaluator = _evaluator(model, data_spec, args.eval_data, result.data.get("task"), quant)
-    measure = evaluator.measure if evaluator else None
+    judge = None
+    if evaluator is not None:
+        from analysis.allocate.judging import judging
+
+        split = "eval-data" if args.eval_data else _eval_spec(data_spec, None)[1]
+        judge = judging(evaluator, split, problem.signal)
+    measure = judge.measure if judge else None
     suggestion = suggest(problem, budget, measure=measure, fingerprint=provenance.model_fingerprint,
-                         provenance=provenance.to_dict())
+                         provenance=provenance.to_dict(), evaluations=evaluations,
+                         use_metric=judge.use_metric if judge else True,
+                         judged_on=judge.judged_on if judge else None, extra_notes=judge.notes if judge else ())
     from analysis.runstore import write_output
 
     text = suggestion.map.dumps("yaml" if out.suffix in (".yaml", ".yml") else "json")
@@ -231,13 +244,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         measured = suggestion.measured
         extra = f", {evaluator.metric_name} {measured['metric']:.2f} (drop {measured['drop']:+.2f})" if "metric" in measured else ""
         print(f"measured: output SQNR {measured['sqnr_db']:.1f} dB{extra} after {suggestion.evaluations} evaluation(s)")
+    if suggestion.groups:
+        shown = "; ".join(", ".join(group) for group in suggestion.groups[:3])
+        more = f" (+{len(suggestion.groups) - 3} more)" if len(suggestion.groups) > 3 else ""
+        print(f"{len(suggestion.groups)} deployment group(s) share one format each: {shown}{more}")
     for note in suggestion.notes:
         print(f"note: {note}")
     if args.front_points > 0:
         from analysis.allocate import pareto_front, uniform_points
 
         front = pareto_front(problem, budget.kind if budget.kind in ("avg-bits", "size-kb", "bops") else "avg-bits",
-                             args.front_points, measure)
+                             args.front_points, measure, use_metric=judge.use_metric if judge else True)
         rows = front + uniform_points(problem, measure)
         _write_front(rows, _front_path(out))
     return 0

@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--eval-data", help="labelled data for max-drop and the front's task metric (default: the sample's evaluation split)")
     suggest.add_argument("--weights", help="weights for a file.py:factory model, as given to analyze")
     suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none; at most 200)")
+    suggest.add_argument("--evaluations", type=int, default=None, metavar="N",
+                         help="real evaluations the measured search may spend on a cost budget (default 24); "
+                              "it stops sooner when it stops gaining")
+    suggest.add_argument("--no-groups", action="store_true",
+                         help="no default deployment groups (fused q/k/v, gate/up, MoE experts share one format by default)")
+    suggest.add_argument("--group", action="append", default=[], metavar="GLOB",
+                         help="layers matching GLOB share one format (repeatable; one group per glob), e.g. 'blocks.0.*'")
+    suggest.add_argument("--keep", choices=("fp32", "bf16", "fp16"), default="fp32",
+                         help="what a layer left unquantized is kept in (bf16/fp16: analyse that format too)")
     suggest.add_argument("--force", action="store_true",
                          help="replace a map (or front CSV) that quantlens did not write or that was edited since")
     suggest.set_defaults(func=cmd_suggest)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis.export.params import recipe_layers
+from analysis.export.params import recipe_assignment, recipe_layers
 from analysis.export.registry import ExportError, Target, register, write_json
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def compressed_tensors_config(pmap: PrecisionMap, model: Any = None) -> dict[str
     analysed layer is covered and non-Linear ones are refused (see `params.recipe_layers`)."""
     layers = recipe_layers(pmap, model)
     pmap.validate([name for name, _ in layers])
-    assignment = pmap.assignment([name for name, _ in layers])
+    assignment = recipe_assignment(pmap, [name for name, _ in layers])
     groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
     ignore = []
     for name, kind in layers:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis.export.params import recipe_layers
+from analysis.export.params import recipe_assignment, recipe_layers
 from analysis.export.registry import ExportError, Target, register, write_json
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def modelopt_quant_cfg(pmap: PrecisionMap, model: Any = None) -> dict[str, Any]:
     `model` (nn.Module or spec) every analysed layer is covered (see `params.recipe_layers`)."""
     layer_names = [name for name, _ in recipe_layers(pmap, model)]
     pmap.validate(layer_names)
-    assignment = pmap.assignment(layer_names)
+    assignment = recipe_assignment(pmap, layer_names)
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for name in layer_names:
         weight, act = assignment[name]

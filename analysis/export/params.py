@@ -170,6 +170,28 @@ def recipe_layers(pmap: PrecisionMap, model: Any = None) -> list[tuple[str, str 
     return [(name, None) for name in pmap.layers]
 
 
+HALF_PRECISION = ("bf16", "fp16")  # what a recipe export leaves to the checkpoint's dtype
+
+
+def recipe_assignment(pmap: PrecisionMap, layer_names: list[str]) -> dict[str, tuple[Any, Any]]:
+    """The map's assignment for a recipe export, with layers it keeps in half precision (bf16/fp16
+    weights, float input: the allocator's "keep" option for LLMs) left unquantized: recipes carry
+    quantization schemes, not dtypes, so those layers run in the checkpoint's dtype. Says so in one
+    warning line naming them."""
+    import warnings
+
+    from analysis.quantsim import QuantlensWarning
+
+    assignment = pmap.assignment(layer_names)
+    kept = [name for name, (weight, act) in assignment.items() if weight is not None and act is None and weight.base in HALF_PRECISION]
+    if kept:
+        dtypes = sorted({assignment[name][0].base for name in kept})
+        warnings.warn(f"{len(kept)} layer(s) kept in {'/'.join(dtypes)} ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}) "
+                      f"are left unquantized in the recipe: load the model in {'/'.join(dtypes)} so they run in it",
+                      QuantlensWarning, stacklevel=3)
+    return {name: ((None, None) if name in kept else value) for name, value in assignment.items()}
+
+
 def excluded_layers(sim: QuantSim, pmap: PrecisionMap) -> list[str]:
     """Layers the map leaves FP32 on both sides (what tools call excluded / float fallback)."""
     assignment = pmap.assignment([layer.name for layer in sim.layers])
