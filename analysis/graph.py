@@ -95,20 +95,7 @@ def prepare_model(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
         )
     check_names(model)
-    memo: dict[int, object] = {}
-    if share_weights:
-        memo = {id(t): t for t in model.parameters()}
-    private = copy.deepcopy(model, memo).eval()
-    for module in private.modules():
-        hf_config = getattr(module, "config", None)
-        if getattr(hf_config, "use_cache", False) is True:
-            # Hugging Face models return a key/value cache by default: analysis never reads it, and a
-            # cache object is not something a traced graph can return. The copy's config is private
-            # (encoder-decoders give their decoder stack a config of its own, hence every module).
-            hf_config.use_cache = False
-    for module in private.modules():
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
+    private = private_copy(model, share_weights)
     folded: tuple[str, ...] = ()
     try:
         if fold_batchnorm:
@@ -131,6 +118,27 @@ def prepare_model(
         return prepared
     _make_out_of_place(graph_module)
     return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
+
+
+def private_copy(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """The copy of `model` that analysis runs (never the caller's): deep-copied (parameters shared
+    when `share_weights`), in eval mode, Hugging Face key/value caches off, in-place modules made
+    out of place. Used by `prepare_model` and by the hook engine (`analysis.hooks`)."""
+    memo: dict[int, object] = {}
+    if share_weights:
+        memo = {id(t): t for t in model.parameters()}
+    private = copy.deepcopy(model, memo).eval()
+    for module in private.modules():
+        hf_config = getattr(module, "config", None)
+        if getattr(hf_config, "use_cache", False) is True:
+            # Hugging Face models return a key/value cache by default: analysis never reads it, and a
+            # cache object is not something a traced graph can return. The copy's config is private
+            # (encoder-decoders give their decoder stack a config of its own, hence every module).
+            hf_config.use_cache = False
+    for module in private.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return private
 
 
 def _export(model: nn.Module, example: Inputs) -> torch.export.ExportedProgram:

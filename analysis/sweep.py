@@ -26,6 +26,7 @@ from analysis.data import Dataset
 from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
 from analysis.graph import load_args
+from analysis.hooks import build_simulator
 from analysis.layers import Layer, weight_coverage
 from analysis.metrics import ErrorAccumulator, ErrorHistogram
 from analysis.quantsim import ProgressFn, QuantSim
@@ -100,7 +101,9 @@ class Sweep:
             # gradients of every analysed layer: chunks shrink so all of it stays within the bound
             # (on a GPU too, where the simulator also caps chunks at half the free memory).
             cache_bytes = max(1 << 16, cache_bytes // (2 + self.config.estimate_projections))
-        self.sim = sim or QuantSim(model, data, self.config.quant, device=self.config.device, cache_bytes=cache_bytes)
+        if sim is None:  # the engine choice: graph, hooks, or the graph falling back to hooks
+            sim = build_simulator(model, data, self.config, cache_bytes=cache_bytes)
+        self.sim = sim
         if self.config.layers is not None:
             unknown = set(self.config.layers) - set(self.sim.layer_names)
             if unknown:
