@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -150,7 +151,8 @@ def _export(model: nn.Module, example: Inputs) -> torch.export.ExportedProgram:
         raise ModelPreparationError(f"the data's inputs do not fit the model's forward ({exc}); name the input "
                                     "arrays after forward's parameters") from None
     dynamic = {name: {0: torch.export.Dim.AUTO} for name in names}
-    return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
+    with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its whole graph; our error is one line
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
 
 
 # Characters torch.fx cannot put into the Python it generates from module names (it quotes them).

@@ -378,7 +378,7 @@ def build_simulator(model: Any, data: Dataset, config: AnalysisConfig, *, cache_
             raise
         reason = str(graph_error).splitlines()[0] if str(graph_error) else type(graph_error).__name__
         sim = HookSim(model, data, config.quant, **kwargs)
-        warnings.warn(f"the graph engine cannot run this model ({reason[:160]}); analysing it with the hook engine "
+        warnings.warn(f"the graph engine cannot run this model ({reason}); analysing it with the hook engine "
                       "(your model run eagerly with forward hooks: same metrics, whole-block re-runs)",
                       QuantlensWarning, stacklevel=2)
         return sim

@@ -275,3 +275,23 @@ def test_the_simulator_forward_runs_an_assignment_like_the_graph_engine():
     hooks = HookSim(model, data).forward(data.inputs, assignment)
     assert torch.allclose(graph, hooks, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(hooks, HookSim(model, data).forward(data.inputs), rtol=1e-3)
+
+
+def test_cli_engine_flag(tmp_path, capsys):
+    import numpy as np
+
+    from analysis.cli import main
+
+    source = tmp_path / "net.py"
+    source.write_text("import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+                      "    def __init__(self):\n        super().__init__()\n        torch.manual_seed(0)\n"
+                      "        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)\n\n"
+                      "    def forward(self, x):\n        h = self.a(x)\n        if h.sum() > 0:\n            h = -h\n"
+                      "        return self.b(h)\n\n\ndef build():\n    return Net()\n")
+    np.savez(tmp_path / "data.npz", inputs=np.random.default_rng(0).standard_normal((16, 6)).astype("float32"))
+    common = [f"{source}:build", "--data", str(tmp_path / "data.npz"), "--act-formats", "none", "--quiet"]
+    assert main(["analyze", *common, "--engine", "hooks", "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert "engine: hooks" in out and "analysed 2 layers" in out
+    assert main(["analyze", *common, "--engine", "graph", "--out", str(tmp_path / "g")]) != 0
+    assert "could not trace the model" in capsys.readouterr().err
