@@ -124,12 +124,13 @@ class HookSim(QuantSim):
 
     source = "hooks"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, block_reruns: bool = True, **kwargs: Any) -> None:
+        """`block_reruns=False`: every trial re-runs the whole model (the same numbers, slower)."""
         super().__init__(*args, **kwargs)
         # Discovered as an fx graph is (module calls visible); reported as what ran.
         self.prepared.source = self.source
         self.gm = self.prepared.eager  # the whole model: parameter names and weight coverage read it
-        self._units_ok = bool(self._plan.units) and self._check_unit_skipping()
+        self._units_ok = block_reruns and bool(self._plan.units) and self._check_unit_skipping()
 
     # preparation --------------------------------------------------------------------------------
 
