@@ -378,7 +378,10 @@ def build_simulator(model: Any, data: Dataset, config: AnalysisConfig, *, cache_
         if not isinstance(model, nn.Module) or config.output_metrics == "estimated":
             raise
         reason = str(graph_error).splitlines()[0] if str(graph_error) else type(graph_error).__name__
-        sim = HookSim(model, data, config.quant, **kwargs)
+        try:
+            sim = HookSim(model, data, config.quant, **kwargs)
+        except ModelPreparationError as hook_error:  # both say why: the graph's reason first
+            raise ModelPreparationError(f"{reason}; the hook engine could not run it either: {hook_error}") from None
         warnings.warn(f"the graph engine cannot run this model ({reason}); analysing it with the hook engine "
                       "(your model run eagerly with forward hooks: same metrics, whole-block re-runs)",
                       QuantlensWarning, stacklevel=2)

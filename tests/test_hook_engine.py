@@ -171,6 +171,11 @@ def test_auto_falls_back_to_hooks_with_one_warning_and_graph_alone_refuses():
     assert isinstance(sweep.sim, HookSim)
     with pytest.raises(ModelPreparationError, match="could not trace"):
         Sweep(model, data, AnalysisConfig(num_samples=len(data), engine="graph"))
+    wrong_width = Dataset(torch.randn(4, 5), None, "other", "synthetic")
+    with pytest.raises(ModelPreparationError, match="could not trace .*; the hook engine could not run it either: "
+                       "the model failed on the first batch") as info:  # both fail: both reasons, one line
+        Sweep(model, wrong_width, AnalysisConfig(num_samples=4))
+    assert "\n" not in str(info.value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a traceable model takes the graph, silently
         assert type(Sweep(nn.Linear(6, 3), data, AnalysisConfig(num_samples=len(data))).sim) is QuantSim
@@ -246,10 +251,14 @@ class Gated(nn.Module):
         return self.a(x) if x[0, 0] > 0 else self.b(x)
 
 
-def test_layer_calls_that_change_between_batches_are_refused_in_one_line():
+def gated_data():
     inputs = torch.randn(8, 4)
     inputs[0, 0], inputs[4, 0] = 1.0, -1.0
-    data = Dataset(inputs, None, "other", "synthetic")
+    return Dataset(inputs, None, "other", "synthetic")
+
+
+def test_layer_calls_that_change_between_batches_are_refused_in_one_line():
+    data = gated_data()
     with pytest.raises(ModelPreparationError, match="same layer calls for every batch") as info:
         Sweep(Gated().eval(), data, AnalysisConfig(num_samples=8, engine="hooks", cache_bytes=1 << 16)).sim.cache((4, 8))
     assert "\n" not in str(info.value)
