@@ -24,6 +24,9 @@ TARGETS = ("weights", "activations", "both")
 # How the model-output metrics of each trial are obtained: "exact" re-runs the model after the layer,
 # "estimated" carries the local error to the output to first order (analysis.estimate), "none" skips them.
 OUTPUT_METRICS = ("exact", "estimated", "none")
+# What runs the sweep: "graph" (a traced copy, analysis.graph), "hooks" (the eager model with forward
+# hooks, analysis.hooks) or "auto" (the graph, and hooks for a model that cannot be traced faithfully).
+ENGINES = ("auto", "graph", "hooks")
 DEFAULT_PROJECTIONS = 2  # random projections per chunk for estimated output metrics (analysis.estimate)
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB: comfortable on a laptop; larger data is chunked, not dropped
 QUANT_SCHEMA = "quantlens.quant-config/1"
@@ -120,6 +123,7 @@ class AnalysisConfig:
     # cluster they run on (None: a local one started for the run; "auto" or "host:port": an existing one).
     workers: int = 1
     ray_address: str | None = None
+    engine: str = "auto"  # one of ENGINES; results do not depend on it beyond float rounding
 
     def __post_init__(self) -> None:
         # Lists from JSON or callers become tuples, and duplicates go: "int8,int8" is one format.
@@ -135,6 +139,8 @@ class AnalysisConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer of at least {low}, not {value!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.verify and self.output_metrics != "estimated":
             raise ConfigError("verify re-measures estimated output metrics; use it with output_metrics='estimated'")
         unknown = set(self.targets) - set(TARGETS)
@@ -204,6 +210,7 @@ class AnalysisConfig:
         values.setdefault("verify", 0)
         values.setdefault("workers", 1)
         values.setdefault("ray_address", None)
+        values.setdefault("engine", "auto")
         _check_keys(values, sweep_names, where)
         values.update(overrides)
         try:
@@ -213,7 +220,7 @@ class AnalysisConfig:
 
 
 # Sweep options that change memory use or speed, not numbers: a resumed run may change them.
-RESULT_NEUTRAL = ("cache_bytes", "device", "workers", "ray_address")
+RESULT_NEUTRAL = ("cache_bytes", "device", "workers", "ray_address", "engine")
 
 
 def upgrade_config_dict(payload: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -96,20 +97,7 @@ def prepare_model(
             f"expected a torch.nn.Module or a torch.export program, got {type(model).__name__}"
         )
     check_names(model)
-    memo: dict[int, object] = {}
-    if share_weights:
-        memo = {id(t): t for t in model.parameters()}
-    private = copy.deepcopy(model, memo).eval()
-    for module in private.modules():
-        hf_config = getattr(module, "config", None)
-        if getattr(hf_config, "use_cache", False) is True:
-            # Hugging Face models return a key/value cache by default: analysis never reads it, and a
-            # cache object is not something a traced graph can return. The copy's config is private
-            # (encoder-decoders give their decoder stack a config of its own, hence every module).
-            hf_config.use_cache = False
-    for module in private.modules():
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
+    private = private_copy(model, share_weights)
     folded: tuple[str, ...] = ()
     try:
         if fold_batchnorm:
@@ -134,6 +122,27 @@ def prepare_model(
     return PreparedModel(graph_module, "fx", folded_batchnorms=folded, eager=private)
 
 
+def private_copy(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """The copy of `model` that analysis runs (never the caller's): deep-copied (parameters shared
+    when `share_weights`), in eval mode, Hugging Face key/value caches off, in-place modules made
+    out of place. Used by `prepare_model` and by the hook engine (`analysis.hooks`)."""
+    memo: dict[int, object] = {}
+    if share_weights:
+        memo = {id(t): t for t in model.parameters()}
+    private = copy.deepcopy(model, memo).eval()
+    for module in private.modules():
+        hf_config = getattr(module, "config", None)
+        if getattr(hf_config, "use_cache", False) is True:
+            # Hugging Face models return a key/value cache by default: analysis never reads it, and a
+            # cache object is not something a traced graph can return. The copy's config is private
+            # (encoder-decoders give their decoder stack a config of its own, hence every module).
+            hf_config.use_cache = False
+    for module in private.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return private
+
+
 def _export(model: nn.Module, example: Inputs) -> torch.export.ExportedProgram:
     """torch.export with every input's batch dimension dynamic (chunks have other sizes)."""
     args, kwargs = example.call_arguments() if isinstance(example, NamedInputs) else ((example,), {})
@@ -143,7 +152,8 @@ def _export(model: nn.Module, example: Inputs) -> torch.export.ExportedProgram:
         raise ModelPreparationError(f"the data's inputs do not fit the model's forward ({exc}); name the input "
                                     "arrays after forward's parameters") from None
     dynamic = {name: {0: torch.export.Dim.AUTO} for name in names}
-    return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
+    with contextlib.redirect_stderr(io.StringIO()):  # a failed export prints its whole graph; our error is one line
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic)
 
 
 # Characters torch.fx cannot put into the Python it generates from module names (it quotes them).

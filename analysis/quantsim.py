@@ -151,11 +151,7 @@ class QuantSim:
         self.cache_bytes = cache_bytes
         self.data = data.take(self.config.num_samples)
         example = self.data.inputs[:2]
-        self.prepared: PreparedModel = prepare_model(
-            model, fold_batchnorm=self.config.fold_batchnorm, example_inputs=example,
-            share_weights=not self._moves(model))
-        if self._moves(model):
-            self.prepared.graph_module.to(self.device)  # a private deep copy: moving it is safe
+        self.prepared: PreparedModel = self.prepare(model, example)
         self.gm = self.prepared.graph_module
         self.table: LayerTable = discover_layers(self.prepared)
         for layer in self.table.layers:  # before calibration, which would blame the next layer's input
@@ -169,6 +165,19 @@ class QuantSim:
         self._chunk_cache: tuple[int, dict] | None = None
         self._check_forward()
         self.chunk_size = self._plan_chunks()
+
+    def prepare(self, model: Any, example: Inputs) -> PreparedModel:
+        """The private copy that runs (here a traced graph; `analysis.hooks.HookSim` runs the eager
+        model instead): called once, by the constructor."""
+        prepared = prepare_model(model, fold_batchnorm=self.config.fold_batchnorm, example_inputs=example,
+                                 share_weights=not self._moves(model))
+        if self._moves(model):
+            prepared.graph_module.to(self.device)  # a private deep copy: moving it is safe
+        return prepared
+
+    def capture(self, inputs: Inputs) -> dict:
+        """One FP32 pass over `inputs` keeping every value the trials read (the graph's nodes)."""
+        return capture(self.prepared, inputs)
 
     def _moves(self, model: Any) -> bool:
         if isinstance(model, torch.nn.Module):
@@ -217,9 +226,9 @@ class QuantSim:
         same input: quantization error is measured against that output, so a random one (dropout
         forced on, noise, sampling) would be reported as error, or hide it."""
         n = min(2, len(self.data))
-        first = self.output_of(capture(self.prepared, self._inputs(0, n)))
+        first = self.output_of(self.capture(self._inputs(0, n)))
         check_batch_output(first, n)
-        second = self.output_of(capture(self.prepared, self._inputs(0, n)))
+        second = self.output_of(self.capture(self._inputs(0, n)))
         agreement = run_to_run_sqnr_db(first, second)
         if agreement < DETERMINISM_DB:
             raise ModelPreparationError(
@@ -260,7 +269,7 @@ class QuantSim:
     # chunks ---------------------------------------------------------------------------------
 
     def _plan_chunks(self) -> int:
-        env = capture(self.prepared, self._inputs(0, 1))
+        env = self.capture(self._inputs(0, 1))
         self._measure_macs(env)
         per_sample = max(1, tensor_bytes(env.values()))
         bound = self.cache_bytes
@@ -283,7 +292,7 @@ class QuantSim:
         if self._chunk_cache is not None and self._chunk_cache[0] == chunk[0]:
             return self._chunk_cache[1]
         self._chunk_cache = None  # free the old chunk before computing the next
-        env = capture(self.prepared, self._inputs(*chunk))
+        env = self.capture(self._inputs(*chunk))
         self._chunk_cache = (chunk[0], env)
         return env
 

@@ -26,6 +26,7 @@ from analysis.data import Dataset
 from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
 from analysis.graph import load_args
+from analysis.hooks import build_simulator
 from analysis.layers import Layer, weight_coverage
 from analysis.metrics import ErrorAccumulator, ErrorHistogram
 from analysis.quantsim import ProgressFn, QuantSim
@@ -104,7 +105,9 @@ class Sweep:
         # A distributed sweep's own simulator only plans and calibrates (on the CPU); its workers
         # place their copies on config.device (analysis.distributed).
         device = "cpu" if self.config.distributed else self.config.device
-        self.sim = sim or QuantSim(model, data, self.config.quant, device=device, cache_bytes=cache_bytes)
+        if sim is None:  # the engine choice: graph, hooks, or the graph falling back to hooks
+            sim = build_simulator(model, data, self.config, cache_bytes=cache_bytes, device=device)
+        self.sim = sim
         if self.config.layers is not None:
             unknown = set(self.config.layers) - set(self.sim.layer_names)
             if unknown:

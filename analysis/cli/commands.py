@@ -110,6 +110,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         ray_address=args.ray,
+        engine=args.engine,
     )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -128,6 +129,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")
     frame = result.to_frame()
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
+    if result.model.get("source") == "hooks":
+        print("engine: hooks (your model run eagerly with forward hooks)")
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
     coverage = result.model.get("weight_coverage") or {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from analysis.config import OUTPUT_METRICS
+from analysis.config import ENGINES, OUTPUT_METRICS
 
 DEFAULT_SEQ_LEN = 128
 from analysis.cli.commands import (
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--projections", type=int, default=2, metavar="K",
                          help="random projections per chunk for estimated output metrics (more: less sampling noise, "
                               "one backward pass each)")
+    analyze.add_argument("--engine", choices=ENGINES, default="auto",
+                         help="what runs the sweep: graph (a traced copy of the model), hooks (your model run eagerly "
+                              "with forward hooks: for models no tracer handles; exact output metrics only), auto "
+                              "(graph, falling back to hooks with a note when the model cannot be traced; default)")
     analyze.add_argument("--cumulative", action="store_true",
                          help="also the cumulative view: every layer quantized at once, per format (a few passes each)")
     analyze.add_argument("--cache-mb", type=int, default=1024, help="bound on the activation cache (MiB)")
