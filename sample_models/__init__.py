@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import load_model as _load_weights
 
-from .models import DigitsCNN, DigitsMLP, TinyTransformerLM
+from .models import DigitsCNN, DigitsMLP, TinyTransformerLM, build_llama, import_transformers
 
-__all__ = ["SAMPLE_NAMES", "SPLITS", "sample_dir", "build_model", "load_model", "load_split", "load_meta"]
+__all__ = ["SAMPLE_NAMES", "HF_SAMPLES", "SPLITS", "sample_dir", "build_model", "load_model", "load_split", "load_meta"]
 
-SAMPLE_NAMES: tuple[str, ...] = ("mlp", "cnn", "transformer")
+SAMPLE_NAMES: tuple[str, ...] = ("mlp", "cnn", "transformer", "llama")
+# Samples stored as Hugging Face directories (config.json, model.safetensors, tokenizer files).
+HF_SAMPLES: tuple[str, ...] = ("llama",)
 SPLITS: tuple[str, ...] = ("calibration", "evaluation")
 
 _ARCHITECTURES: dict[str, type[torch.nn.Module]] = {
@@ -41,7 +43,9 @@ def sample_dir(name: str) -> pathlib.Path:
 
 def build_model(name: str) -> torch.nn.Module:
     """A fresh, untrained instance of sample ``name``'s architecture."""
-    return _ARCHITECTURES[_check_name(name)]()
+    if _check_name(name) in HF_SAMPLES:
+        return build_llama()
+    return _ARCHITECTURES[name]()
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -50,6 +54,10 @@ def load_model(name: str) -> torch.nn.Module:
     Loading is strict: a missing or unexpected key raises ``RuntimeError``. The safetensors
     helper is used because the file stores tied weights once, under one of their names.
     """
+    if _check_name(name) in HF_SAMPLES:
+        # The way users load theirs: from the directory, with the class its config names, offline.
+        transformers = import_transformers()
+        return transformers.AutoModelForCausalLM.from_pretrained(str(sample_dir(name)), local_files_only=True).eval()
     model = build_model(name)
     _load_weights(model, sample_dir(name) / "model.safetensors", strict=True)
     return model.eval()

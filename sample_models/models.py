@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsMLP", "DigitsCNN", "TinyTransformerLM"]
+__all__ = ["DigitsMLP", "DigitsCNN", "TinyTransformerLM", "LLAMA_CONFIG", "build_llama"]
 
 
 class DigitsMLP(nn.Module):
@@ -115,3 +115,34 @@ class TinyTransformerLM(nn.Module):
         for block in self.blocks:  # fixed module list: unrolled at trace time
             x = block(x, mask)
         return self.lm_head(self.ln_f(x))
+
+
+# A Llama-architecture causal LM as Hugging Face writes it (RMSNorm, rotary positions, grouped-query
+# attention, gated SiLU MLP, tied embeddings), small enough to train on a laptop CPU in minutes. It
+# ships as a Hugging Face directory (config.json + model.safetensors + tokenizer), the form users
+# bring, and needs transformers (quantlens[hf]) to load.
+LLAMA_CONFIG = {
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}
+
+
+def import_transformers():
+    """transformers, imported after the torchvision guard (it imports torchvision when installed, and
+    PyPI's torchvision wheel may be built for another torch: see analysis.compat)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from analysis.compat import import_torchvision
+
+        import_torchvision()
+    import transformers
+
+    return transformers
+
+
+def build_llama() -> nn.Module:
+    """A fresh, randomly initialised LlamaForCausalLM of `LLAMA_CONFIG`."""
+    transformers = import_transformers()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG))

@@ -87,6 +87,47 @@ def text_splits() -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     return train, {"calibration": _windows(train, calib_starts), "evaluation": _windows(held_out, eval_starts)}
 
 
+def _stdlib_text(names: tuple[str, ...]) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join((root / n).read_text(encoding="utf-8") for n in names)
+
+
+LLAMA_VOCAB = 512
+
+
+def train_tokenizer(text: str):
+    """A byte-level BPE tokenizer (512 entries) trained on the training text, offline, as a
+    transformers fast tokenizer (what `AutoTokenizer.from_pretrained` loads back)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .models import import_transformers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=LLAMA_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+    transformers = import_transformers()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def llama_splits(tokenizer) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """Token stream of the train files, calibration windows of it, evaluation windows of the held-out files."""
+    def ids(names):
+        return torch.tensor(tokenizer(_stdlib_text(names), add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+    train, held_out = ids(LM_TRAIN_FILES), ids(LM_EVAL_FILES)
+    calib_starts = torch.randint(0, len(train) - SEQ_LEN - 1, (LM_CALIB,), generator=_generator(4))
+    eval_starts = torch.linspace(0, len(held_out) - SEQ_LEN - 1, LM_EVAL).long()
+    return train, {"calibration": _windows(train, calib_starts), "evaluation": _windows(held_out, eval_starts)}
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -125,7 +166,7 @@ def train_lm(model: torch.nn.Module, tokens: torch.Tensor, recipe: dict) -> None
             group["lr"] = _cosine_lr(step, recipe["steps"], recipe["lr"], warmup=recipe["warmup"])
         starts = torch.randint(0, len(tokens) - SEQ_LEN - 1, (recipe["batch_size"],), generator=gen)
         batch = _windows(tokens, starts)
-        logits = model(batch["inputs"])
+        logits = _logits(model(batch["inputs"]))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +184,7 @@ def train_lm(model: torch.nn.Module, tokens: torch.Tensor, recipe: dict) -> None
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, task: str, data: dict[str, torch.Tensor]) -> float:
     """Accuracy for "classification", perplexity (exp of mean token cross-entropy) for "language-model"."""
-    out = model(data["inputs"])
+    out = _logits(model(data["inputs"]))
     if task == "classification":
         return (out.argmax(-1) == data["labels"]).double().mean().item()
     return math.exp(F.cross_entropy(out.reshape(-1, out.shape[-1]), data["labels"].reshape(-1)).item())
@@ -174,6 +215,17 @@ SPECS = {
                    "loss": "next-byte cross-entropy", "seq_len": SEQ_LEN,
                    "train_files": list(LM_TRAIN_FILES), "eval_files": list(LM_EVAL_FILES)},
     },
+    "llama": {
+        "task": "language-model", "metric": "perplexity", "input_dtype": "int64", "input_shape": [-1, SEQ_LEN],
+        "description": "Llama-architecture causal LM (transformers LlamaForCausalLM: 2 layers, hidden 64, 4 heads with "
+                       "2 key/value heads, gated SiLU MLP 176, RMSNorm, rotary positions, tied embeddings) with a "
+                       "512-entry byte-level BPE tokenizer, both trained on Python standard-library source; stored as "
+                       "a Hugging Face directory; labels are the next tokens.",
+        "recipe": {"optimizer": "AdamW", "lr": 3e-3, "weight_decay": 0.01, "batch_size": 32, "steps": 800,
+                   "warmup": 50, "schedule": "linear warmup, cosine decay", "grad_clip": 1.0,
+                   "loss": "next-token cross-entropy", "seq_len": SEQ_LEN, "tokenizer": f"byte-level BPE, {LLAMA_VOCAB}",
+                   "train_files": list(LM_TRAIN_FILES), "eval_files": list(LM_EVAL_FILES)},
+    },
 }
 
 
@@ -182,7 +234,14 @@ def build_sample(name: str) -> float:
     spec = SPECS[name]
     torch.manual_seed(SEED)  # weight init
     model = build_model(name)
-    if name == "transformer":
+    tokenizer = None
+    if name == "llama":
+        tokenizer = train_tokenizer(_stdlib_text(LM_TRAIN_FILES))
+        tokens, splits = llama_splits(tokenizer)
+        train_lm(model, tokens, spec["recipe"])
+        split_note = (f"train: random {SEQ_LEN}-token windows of the train files; calibration: {LM_CALIB} "
+                      f"windows of them; evaluation: {LM_EVAL} evenly spaced windows of the held-out eval files")
+    elif name == "transformer":
         tokens, splits = text_splits()
         train_lm(model, tokens, spec["recipe"])
         split_note = (f"train: random {SEQ_LEN}-byte windows of the train files; calibration: {LM_CALIB} "
@@ -197,7 +256,11 @@ def build_sample(name: str) -> float:
 
     out = sample_dir(name)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))  # handles the tied transformer weight
+    if tokenizer is not None:  # a Hugging Face directory: config.json, model.safetensors, tokenizer files
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    else:
+        save_model(model, str(out / "model.safetensors"))  # handles the tied transformer weight
     for split in ("calibration", "evaluation"):
         save_file(splits[split], str(out / f"{split}.safetensors"))
 

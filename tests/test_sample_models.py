@@ -16,7 +16,13 @@ from analysis.evaluate import Evaluator
 from sample_models import SAMPLE_NAMES, build_model, load_meta, load_model, load_split, sample_dir
 
 # Output shape of one sample (batch dim excluded), per model.
-OUT_SHAPES = {"mlp": (10,), "cnn": (10,), "transformer": (64, 256)}
+OUT_SHAPES = {"mlp": (10,), "cnn": (10,), "transformer": (64, 256), "llama": (64, 512)}
+HF = set(sample_models.HF_SAMPLES)
+
+
+def logits(output):
+    """Hugging Face models return a ModelOutput; its logits are the output compared."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 @pytest.fixture(scope="module", params=SAMPLE_NAMES)
@@ -100,7 +106,48 @@ def _transformer_reference(w, tokens, n_heads=4):
     return _linear(_layer_norm(x, w["ln_f.weight"], w["ln_f.bias"]), emb)
 
 
-REFERENCES = {"mlp": _mlp_reference, "cnn": _cnn_reference, "transformer": _transformer_reference}
+def _rms_norm(x, w, eps=1e-5):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def _llama_reference(w, tokens, n_heads=4, n_kv=2, theta=10000.0):
+    # Llama: RMSNorm pre-norm blocks; rotary positions (pairs i and i + d/2 rotated by pos·θ^(-2i/d));
+    # grouped-query causal attention (each key/value head serves n_heads / n_kv query heads);
+    # gated MLP down(silu(gate x) · up x); final RMSNorm; head tied to the embedding
+    emb = w["model.embed_tokens.weight"]
+    n, t = tokens.shape
+    x = emb[tokens]
+    d = x.shape[-1] // n_heads
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+
+    def rotate(z):  # z [n, heads, t, d]
+        a, b = z[..., : d // 2], z[..., d // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    block = 0
+    while f"model.layers.{block}.input_layernorm.weight" in w:
+        p = lambda name: w[f"model.layers.{block}.{name}"]  # noqa: E731
+        h = _rms_norm(x, p("input_layernorm.weight"))
+        q = _linear(h, p("self_attn.q_proj.weight")).reshape(n, t, n_heads, d).transpose(1, 2)
+        k = _linear(h, p("self_attn.k_proj.weight")).reshape(n, t, n_kv, d).transpose(1, 2)
+        v = _linear(h, p("self_attn.v_proj.weight")).reshape(n, t, n_kv, d).transpose(1, 2)
+        q, k = rotate(q), rotate(k)
+        k, v = k.repeat_interleave(n_heads // n_kv, dim=1), v.repeat_interleave(n_heads // n_kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        attended = torch.softmax(scores.masked_fill(causal, float("-inf")), -1) @ v
+        x = x + _linear(attended.transpose(1, 2).reshape(n, t, -1), p("self_attn.o_proj.weight"))
+        h = _rms_norm(x, p("post_attention_layernorm.weight"))
+        gate = _linear(h, p("mlp.gate_proj.weight"))
+        x = x + _linear(gate * torch.sigmoid(gate) * _linear(h, p("mlp.up_proj.weight")), p("mlp.down_proj.weight"))
+        block += 1
+    assert block == 2
+    return _linear(_rms_norm(x, w["model.norm.weight"]), emb)
+
+
+REFERENCES = {"mlp": _mlp_reference, "cnn": _cnn_reference, "transformer": _transformer_reference,
+              "llama": _llama_reference}
 
 
 def _reference_logits(name: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -113,6 +160,8 @@ def test_files_present_and_small():
             path = sample_dir(name) / file
             assert path.is_file(), path
             assert path.stat().st_size < 2_000_000, path
+    for name in HF:  # the form users bring: a directory transformers loads, with its tokenizer
+        assert (sample_dir(name) / "config.json").is_file() and (sample_dir(name) / "tokenizer.json").is_file()
 
 
 def test_meta_fields(sample):
@@ -143,7 +192,7 @@ def test_output_shape_and_fp32_metric(sample):
     name, model, meta = sample
     data = load_split(name, "evaluation")
     with torch.no_grad():
-        out = model(data["inputs"])
+        out = logits(model(data["inputs"]))
     assert out.shape == (len(data["inputs"]), *OUT_SHAPES[name])
     reference = _reference_logits(name, data["inputs"])
     torch.testing.assert_close(out.double(), reference, rtol=1e-4, atol=1e-4)
@@ -151,6 +200,8 @@ def test_output_shape_and_fp32_metric(sample):
     assert _metric(meta["task"], out, data["labels"]) == pytest.approx(expected, rel=1e-4, abs=1e-3)
     if meta["task"] == "classification":
         assert expected > 0.9
+    elif name in HF:
+        assert expected < 40.0  # a 512-token BPE model that learned something (uniform guessing: 512)
     else:
         assert expected < 8.0  # a byte-level model that learned something (uniform guessing: 256)
     # the engine's FP32 evaluation (traced, BatchNorm folded) reports the same number, in its units
@@ -188,7 +239,11 @@ def test_fx_and_export_trace(sample):
     name, model, _ = sample
     example = load_split(name, "calibration")["inputs"][:2]
     with torch.no_grad():
-        expected = model(example)
+        expected = logits(model(example))
+    if name in HF:  # Hugging Face models: torch.export (what quantlens uses for them; fx cannot trace them)
+        exported = torch.export.export(model, (example,), kwargs={"use_cache": False})
+        torch.testing.assert_close(logits(exported.module()(example, use_cache=False)), expected)
+        return
     traced = torch.fx.symbolic_trace(model)
     torch.testing.assert_close(traced(example), expected)
     exported = torch.export.export(model, (example,))
@@ -201,10 +256,25 @@ def test_fx_and_export_trace(sample):
 
 @pytest.mark.parametrize("fn", [sample_dir, build_model, load_model, load_meta, lambda n: load_split(n, "evaluation")])
 def test_unknown_name_raises(fn):
-    with pytest.raises(ValueError, match="valid names: mlp, cnn, transformer"):
+    with pytest.raises(ValueError, match="valid names: mlp, cnn, transformer, llama"):
         fn("resnet")
 
 
 def test_unknown_split_raises():
     with pytest.raises(ValueError, match="valid splits: calibration, evaluation"):
         load_split("mlp", "train")
+
+
+def test_llama_sample_is_analysable_from_its_directory_and_on_text(tmp_path):
+    """sample:llama and the same directory passed as a path give the same model; text tokenized with
+    the directory's own tokenizer is a valid data set for it."""
+    from analysis.loading import load_data
+    from analysis.loading import load_model as load_user_model
+
+    by_name, by_path = load_user_model("sample:llama"), load_user_model(str(sample_dir("llama")))
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
+    (tmp_path / "corpus.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
+    data = load_data(str(tmp_path / "corpus.txt"), tokenizer=str(sample_dir("llama")), seq_len=32, max_samples=4)
+    with torch.no_grad():
+        out = logits(by_path(**data.inputs.tensors))
+    assert out.shape == (4, 32, 512)
