@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_map
 
 from analysis.config import ENGINES, AnalysisConfig
 from analysis.data import Dataset, Inputs, call_model
-from analysis.graph import ModelPreparationError, PreparedModel, primary_output, private_copy
+from analysis.graph import ModelPreparationError, PreparedModel, check_names, primary_output, private_copy
 from analysis.layers import layer_kind_for
 from analysis.quantsim import DETERMINISM_DB, QuantlensWarning, QuantSim, run_to_run_sqnr_db
 
@@ -138,6 +138,7 @@ class HookSim(QuantSim):
         if not isinstance(model, nn.Module):
             raise ModelPreparationError(f"the hook engine runs an nn.Module; got {type(model).__name__} "
                                         "(a torch.export program already is a graph: use --engine graph)")
+        check_names(model)  # the stand-in graph's code names the modules too
         moves = self._moves(model)
         private = private_copy(model, share_weights=not moves)
         if moves:

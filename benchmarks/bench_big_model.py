@@ -1,8 +1,9 @@
-"""A ~100M-parameter GPT-style model through the full weight-only int8/int4 sweep on this machine.
+"""A ~100M-parameter GPT-style (or, with --arch llama, Hugging Face Llama) model through the full
+weight-only int8/int4 sweep on this machine.
 
 Reports wall time, peak RSS, and the memory criterion: peak < 3 × FP32 model size + the activation
 cache bound. Random initialisation (the numbers are about time and memory, not accuracy).
-Run: python benchmarks/bench_big_model.py [--blocks 12] [--cache-mb 1024]
+Run: python benchmarks/bench_big_model.py [--arch gpt|llama] [--blocks 12] [--cache-mb 1024]
 """
 
 from __future__ import annotations
@@ -58,12 +59,31 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
+def build(arch: str, blocks: int, context: int) -> nn.Module:
+    if arch == "gpt":
+        return GPT(blocks=blocks, context=context).eval()
+    from analysis.compat import import_torchvision
+
+    import_torchvision()  # transformers imports torchvision when installed (see analysis.compat)
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=16384, hidden_size=768, intermediate_size=2304,
+                                      num_hidden_layers=blocks, num_attention_heads=12, num_key_value_heads=4,
+                                      max_position_embeddings=max(context, 128), tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                        help="llama: transformers' LlamaForCausalLM from a config (hidden 768, 12 heads / 4 key-value "
+                             "heads, gated MLP 2304, tied embeddings: 95M parameters at 12 blocks), default config "
+                             "(use_cache on: quantlens turns it off on its copy)")
+    parser.add_argument("--engine", choices=("auto", "graph", "hooks"), default="auto")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
@@ -79,14 +99,14 @@ def main() -> None:
     return_freed_memory_to_the_os()
     torch.manual_seed(0)
     baseline = peak_rss_mb()
-    model = GPT(blocks=args.blocks, context=args.tokens).eval()
+    model = build(args.arch, args.blocks, args.tokens)
     params = sum(p.numel() for p in model.parameters())
     fp32_mb = params * 4 / 2**20
     idx = torch.randint(0, 16384, (args.sequences, args.tokens))
     data = Dataset(idx, torch.roll(idx, -1, dims=1), "language-model", "random tokens")
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
                             cache_bytes=args.cache_mb << 20, num_samples=args.sequences,
-                            output_metrics=args.output_metrics)
+                            output_metrics=args.output_metrics, engine=args.engine)
     after_model = peak_rss_mb()
     start = time.perf_counter()
     result = analyze(model, data, config)
@@ -97,7 +117,7 @@ def main() -> None:
         frame.to_csv(args.table, index=False)
     worst = frame.sort_values("output_sqnr_db").iloc[0]
     print(json.dumps({
-        "output_metrics": args.output_metrics,
+        "arch": args.arch, "engine": args.engine, "output_metrics": args.output_metrics,
         "parameters_m": round(params / 1e6, 1), "fp32_model_mb": round(fp32_mb), "layers": len(result.layers),
         "trials": len(result.trials), "chunks": result.data["chunks"], "sweep_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak), "rss_before_model_mb": round(baseline), "rss_with_model_mb": round(after_model),
@@ -120,7 +140,8 @@ def compare_modes(args: argparse.Namespace) -> None:
     reports = {}
     for mode in ("exact", "estimated"):
         table = f"{work}/{mode}.csv"
-        out = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
+        out = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--engine", args.engine,
+                              "--blocks", str(args.blocks), "--sequences", str(args.sequences),
                               "--tokens", str(args.tokens), "--cache-mb", str(args.cache_mb), "--output-metrics", mode,
                               "--table", table], check=True, capture_output=True, text=True).stdout
         reports[mode] = json.loads(out[out.index("{"):])

@@ -849,12 +849,14 @@ def test_messages_are_one_line_without_internal_names(tiny_run, tmp_path, monkey
     assert "cache_bytes" not in message
     # Ctrl-C: only analyze has --resume
     import analysis.evaluate
+    import analysis.quantsim
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(analysis.evaluate.Evaluator, "baselines", interrupted)
     monkeypatch.setattr(analysis.evaluate.Evaluator, "measure", interrupted)
+    monkeypatch.setattr(analysis.quantsim.QuantSim, "forward", interrupted)  # suggest's judging measures with it
     for argv in (("evaluate", tiny, "--data", good, "--samples", "24"),
                  ("suggest", str(tiny_run), "--budget", "avg-bits=6", "--front-points", "0", "--out", str(tmp_path / "n.json"))):
         code, _, err = run_cli(*argv)

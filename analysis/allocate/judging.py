@@ -56,9 +56,15 @@ def judging(evaluator: Evaluator, split: str, signal: float) -> Judging:
     labels = data.labels.to(evaluator.reference.device) if data.labels is not None else None
     has_metric = labels is not None and evaluator.metric_name is not None
 
+    mask = data.token_mask()  # language-model padding is not judged
+    if mask is not None:
+        mask = mask.to(reference.device)
+        split_signal = float((reference[mask] ** 2).mean()) or 1.0
+
     def measure(assignment):
         output = evaluator.sim.forward(data.inputs, assignment)
-        noise = float(((output.double() - reference) ** 2).mean()) * signal / split_signal
+        difference = output.double() - reference
+        noise = float(((difference if mask is None else difference[mask]) ** 2).mean()) * signal / split_signal
         result = {"noise": noise}
         if has_metric:
             name, value = task_metric(data.task, output, labels)
