@@ -160,3 +160,44 @@ def test_t5_encoder_decoder_with_in_place_updates_matches_the_real_model():
     q_layers = [name for name in s.sim.layer_names if name.endswith(("SelfAttention.q", "SelfAttention.k"))]
     assert len(q_layers) == 4
     assert check_against_real_model(model, data, s, result) == len(result.trials)
+
+
+def test_qwen2_causal_lm_matches_the_real_model():
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (6, 10))
+    data = Dataset(NamedInputs({"input_ids": ids}), torch.roll(ids, -1, 1), "language-model", "tokens")
+    s, result = run(model, data)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= set(s.sim.layer_names)  # q/k/v (with biases in Qwen2), o, gate/up/down, lm_head
+    assert check_against_real_model(model, data, s, result) >= len(linears)
+
+
+def test_hugging_face_vit_on_pixel_values_matches_the_real_model():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=5)
+    model = transformers.ViTForImageClassification(config).eval()
+    data = Dataset(NamedInputs({"pixel_values": torch.randn(8, 3, 16, 16)}), None, "other", "images")
+    s, result = run(model, data)
+    weighted = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert weighted <= set(s.sim.layer_names)  # the patch embedding convolution too
+    assert check_against_real_model(model, data, s, result) >= len(weighted)
+
+
+def test_a_bfloat16_model_is_analysed_in_its_own_dtype():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (4, 8))
+    s, result = run(model, Dataset(NamedInputs({"input_ids": ids}), None, "other", "tokens"))
+    assert s.sim.table.weight("lm_head").dtype == torch.bfloat16
+    assert s.sim.quantized_weight("lm_head", parse_format("int4")).dtype == torch.bfloat16
+    reference = s.sim.forward(NamedInputs({"input_ids": ids}))
+    assert reference.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(reference, model(input_ids=ids).logits)
+    assert all(trial.output is not None and trial.output.sqnr_db < 100 for trial in result.trials)
