@@ -309,7 +309,7 @@ def test_bad_upload_shows_an_error_and_keeps_results(page, server, tmp_path):
 
 
 # The page open while an analysis runs must not slow it: the worker process runs the CLI's engine call.
-RATIO_LIMIT = 1.5  # generous: measured ~1.0 (README, benchmarks/bench_dashboard.py); the machine is shared
+RATIO_LIMIT = 2.0  # generous: catches the old 4.6× slowdown; the ≤ 1.2× target is measured in benchmarks/bench_dashboard.py (README)
 RATIO_SAMPLE, RATIO_SAMPLES = "cnn", 256
 
 
