@@ -56,7 +56,7 @@ CALIBRATION_METHODS = tuple(sorted(_CALIBRATION_METHODS, key=lambda m: m != "mse
 GRANULARITIES = ("per-channel", "per-tensor", "per-group")
 TASK_CHOICES = ("auto", "classification", "language-model", "other")
 MODEL_UPLOAD_TYPES = ("pt2", "safetensors", "pt", "pth")
-DATA_UPLOAD_TYPES = ("npz", "pt", "pth", "safetensors")
+DATA_UPLOAD_TYPES = ("npz", "pt", "pth", "safetensors", "txt")
 
 
 # --- inputs: what a run analyses ------------------------------------------------------------------
@@ -135,12 +135,21 @@ def untrusted_code(inputs: Inputs) -> list[str]:
             if uploads.code_file(spec) is not None and spec not in trusted_code()]
 
 
+def file_of(spec: str) -> str:
+    """The file a data spec reads: a tokenized text spec ("corpus.txt#tokenizer=DIR,seq_len=N") reads
+    its text file."""
+    from analysis.loading.hf import split_text_spec
+
+    text = split_text_spec(spec)
+    return text[0] if text else spec
+
+
 def _checked_spec(spec: str | None) -> None:
     """Before loading `spec`: its code trusted in this session, an uploaded file unchanged."""
     if not spec or spec.startswith("sample:"):
         return
     trusted_code().check(spec)
-    uploads.verify(uploads.code_file(spec) or spec)
+    uploads.verify(uploads.code_file(spec) or file_of(spec))
 
 
 # --- cached loaders (shared by all sessions: never mutate what they return) -----------------------
@@ -253,7 +262,7 @@ def _checked_files(inputs: Inputs) -> dict[str, str]:
         if not spec or spec.startswith("sample:"):
             continue
         code = uploads.code_file(spec)
-        path = code or Path(spec).expanduser().absolute()
+        path = code or Path(file_of(spec)).expanduser().absolute()
         if path.is_file() and (code is not None or uploads.is_upload(path)):
             files[str(path)] = uploads.sha256_of(path)
     return files

@@ -809,3 +809,27 @@ def test_toolchain_exports(tmp_path, template_runs, downloads):
     assert quantized_out.shape == fp32_out.shape
     assert float((quantized_out.argmax(1) == fp32_out.argmax(1)).mean()) > 0.9
     assert not np.allclose(quantized_out, fp32_out, atol=1e-4)  # really quantized
+
+
+def test_a_hugging_face_folder_on_the_server_with_uploaded_text(tmp_path, template_runs):
+    """The bundled Llama folder named as a server path, calibration text uploaded: tokenized with the
+    folder's own tokenizer into samples of the chosen length, analysed without any trust switch (no
+    user code runs), and the run records the tokenized data spec."""
+    pytest.importorskip("transformers", reason="transformers is an optional extra (quantlens[hf])")
+    at = _open(tmp_path, template_runs)
+    at.radio(key="md_source").set_value("upload").run()
+    at.text_input(key="md_hf_dir").set_value(str(sample_models.sample_dir("llama")))
+    at.number_input(key="md_seq_len").set_value(32)
+    at.number_input(key="md_samples").set_value(8)
+    at.file_uploader(key="md_calib_file").upload("corpus.txt", ("def add(a, b):\n    return a + b\n" * 80).encode())
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.done and info.model == "llama"
+    spec = info.get_inputs().data_spec
+    assert spec.endswith(f"#tokenizer={sample_models.sample_dir('llama')},seq_len=32")
+    # a folder that is not a model is refused in one line
+    at.text_input(key="md_hf_dir").set_value(str(tmp_path))
+    at.button(key="md_run").click().run()
+    assert len(_errors(at)) == 1 and "not a Hugging Face model folder" in _errors(at)[0]

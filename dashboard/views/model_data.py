@@ -73,7 +73,44 @@ def _factory_spec(values: dict) -> str:
     return f"{state.server_path(head)}:{function}"
 
 
+def _hf_inputs(values: dict) -> state.Inputs:
+    """A Hugging Face model folder on the server, with uploaded data: named arrays (.npz ...) or text,
+    tokenized with the folder's own tokenizer."""
+    from analysis.loading.hf import has_tokenizer, is_model_dir, text_spec
+
+    folder = state.server_path(values["hf_dir"].strip())
+    if not is_model_dir(folder):
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json there); give the folder "
+                         "save_pretrained wrote")
+    if values["model_file"] is not None or values["factory_file"] is not None or (values["factory"] or "").strip():
+        raise ValueError("a Hugging Face folder holds its own architecture and weights: clear the model file and "
+                         "model-code fields")
+    calib_file, eval_file = values["calib_file"], values["eval_file"]
+    if calib_file is None:
+        raise ValueError("upload calibration data: text (.txt), or arrays named after forward's parameters "
+                         "(.npz with input_ids, attention_mask ...)")
+
+    def data_spec(upload) -> str:
+        _check_suffix(upload, state.DATA_UPLOAD_TYPES, "data")
+        path = str(state.save_upload(upload))
+        if not upload.name.lower().endswith(".txt"):
+            return path
+        if not has_tokenizer(folder):
+            raise ValueError(f"{folder} has no tokenizer to turn {upload.name} into tokens; upload token arrays "
+                             "(.npz with input_ids) instead")
+        return text_spec(path, str(folder), int(values["seq_len"]))
+
+    return state.Inputs(
+        model_spec=str(folder), weights=None, data_spec=data_spec(calib_file),
+        eval_spec=data_spec(eval_file) if eval_file is not None else None,
+        task=None if values["task"] == "auto" else values["task"], label=folder.name,
+        data_label=calib_file.name + (f" (eval: {eval_file.name})" if eval_file is not None else ""),
+    )
+
+
 def _upload_inputs(values: dict) -> state.Inputs:
+    if (values.get("hf_dir") or "").strip():
+        return _hf_inputs(values)
     model_file, trust = values["model_file"], values["trust"]
     factory = _factory_spec(values)
     calib_file, eval_file = values["calib_file"], values["eval_file"]
@@ -170,10 +207,21 @@ with left:
             st.caption("Loading a .pt2 program runs Python that torch generates from the names inside it, and "
                        "the .py is your own Python: tick only for files you wrote or got from someone you "
                        "trust. The dashboard runs code only from a file you name here in this session, and only "
-                       "while it is unchanged. Hugging Face model folders are not offered here yet.")
+                       "while it is unchanged.")
+            values["hf_dir"] = st.text_input(
+                "…or a Hugging Face model folder on the server", key="md_hf_dir",
+                placeholder="models/my-llama",
+                help="The folder save_pretrained wrote (config.json + model.safetensors), loaded offline with the "
+                     "transformers class its config names; folders that ship their own Python code are refused. "
+                     "Leave the model file and code fields empty.")
+            values["seq_len"] = st.number_input(
+                "Tokens per sample, for text data", min_value=2, max_value=65536, value=128, step=16,
+                key="md_seq_len", help="Text (.txt) calibration data is cut into samples of this many tokens, "
+                "with the model folder's tokenizer; the labels are the next tokens.")
             values["calib_file"] = st.file_uploader(
-                "Calibration data (.npz / .pt / .safetensors, keys 'inputs' and optional 'labels')",
-                key="md_calib_file")
+                "Calibration data (.npz / .pt / .safetensors with 'inputs' — or arrays named after forward's "
+                "parameters, e.g. input_ids and attention_mask — and optional 'labels'; or .txt for a Hugging "
+                "Face folder)", key="md_calib_file")
             values["eval_file"] = st.file_uploader(
                 "Evaluation data (optional; default: the calibration data)",
                 key="md_eval_file")
