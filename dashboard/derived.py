@@ -81,10 +81,13 @@ def provenance_of(result: Any) -> dict | None:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def problem(run_key: str, _result: Any) -> Any:
-    from analysis.allocate import build_problem
+def problem(run_key: str, _result: Any, groups: bool = True) -> Any:
+    """The allocation problem of a run; with `groups`, the deployment groups runtimes impose (fused
+    q/k/v, gate/up, one MoE layer's experts) take one decision each, as `quantlens suggest` does."""
+    from analysis.allocate import apply_groups, build_problem, resolve_groups
 
-    return build_problem(_result)
+    built = build_problem(_result)
+    return apply_groups(built, resolve_groups([layer.name for layer in built.layers], defaults=groups))
 
 
 @st.cache_data(max_entries=64, ttl=3600, show_spinner=False)

@@ -833,3 +833,26 @@ def test_a_hugging_face_folder_on_the_server_with_uploaded_text(tmp_path, templa
     at.text_input(key="md_hf_dir").set_value(str(tmp_path))
     at.button(key="md_run").click().run()
     assert len(_errors(at)) == 1 and "not a Hugging Face model folder" in _errors(at)[0]
+
+
+def test_the_mixed_precision_page_decides_once_per_deployment_group():
+    """q/k/v and gate/up of a Llama are one decision each (as `quantlens suggest` makes them), unless
+    the toggle turns groups off."""
+    pytest.importorskip("transformers", reason="transformers is an optional extra (quantlens[hf])")
+    from analysis.allocate import Budget, suggest
+    from analysis.data import Dataset
+    from analysis.sweep import AnalysisConfig, analyze
+    from dashboard import derived
+
+    model = sample_models.load_model("llama")
+    split = sample_models.load_split("llama", "calibration")
+    result = analyze(model, Dataset(split["inputs"][:4], split["labels"][:4], "language-model", "llama"),
+                     AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",)))
+    grouped, free = derived.problem("llama-groups", result, True), derived.problem("llama-groups", result, False)
+    names = grouped.group_names()
+    assert ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj") in names
+    assert ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj") in names and not free.groups
+    pmap = suggest(grouped, Budget("avg-bits", 6.0)).map
+    for group in names:
+        assert len({str(pmap.layers[name].weight) for name in group}) == 1, group

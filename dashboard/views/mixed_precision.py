@@ -24,7 +24,14 @@ if not charts.has_values(result, "output_sqnr_db"):
     st.warning("This analysis has no output metrics, which the allocator needs; run a full analysis.")
     st.stop()
 
-prob = derived.problem(info.key, result)
+use_groups = st.toggle("Deployment groups", value=True, key="mp_groups",
+                       help="Layers a runtime runs as one kernel (fused q/k/v, gate/up projections, the experts of "
+                            "one MoE layer) get one format together, as `quantlens suggest` does (--no-groups there).")
+prob = derived.problem(info.key, result, use_groups)
+if prob.groups:
+    st.caption(f"{len(prob.groups)} deployment group(s), one format each: "
+               + "; ".join(escape(" + ".join(names)) for names in prob.group_names()[:6])
+               + (" …" if len(prob.groups) > 6 else ""))
 if not any(len(choices) > 1 for choices in prob.choices):
     st.warning("No layer has a successful quantized trial with output metrics: nothing to allocate.")
     st.stop()
