@@ -5,22 +5,7 @@ import re
 
 import pytest
 
-from analysis.cli import main
-
-FAST = ["--samples", "48", "--quiet", "--weight-formats", "int8,int4", "--act-formats", "int8"]
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlp")
-    assert main(["analyze", "sample:mlp", "--data", "sample:mlp", *FAST, "--out", str(out)]) == 0
-    return out
+from tests.test_cli import FAST, mlp_run, run_cli  # noqa: F401 — the shared sample run and CLI helper
 
 
 def test_custom_group_is_honoured_and_recorded_in_the_map(mlp_run, capsys, tmp_path):

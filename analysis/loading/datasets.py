@@ -62,11 +62,10 @@ def load_data(spec: str, split: str = "calibration", task: str | None = None, *,
         if tokenizer is None or seq_len is None:
             raise LoadError(f"text data needs both --tokenizer DIR and --seq-len N (got only "
                             f"{'--tokenizer' if tokenizer else '--seq-len'})")
-        path = _existing_file(spec, "text file", _DATA_FORMS)
-        dataset = load_text(path, spec, tokenizer, seq_len, max_samples, max_bytes)
         if task not in (None, "language-model"):
             raise LoadError(f"text data is next-token language modelling; drop --task {task}")
-        return dataset
+        return load_text(_existing_file(spec, "text file", _DATA_FORMS), spec, tokenizer, seq_len, max_samples,
+                         max_bytes)
 
     if spec.startswith("sample:"):
         name = spec.removeprefix("sample:")
