@@ -72,6 +72,12 @@ class ErrorStats:
         }
 
 
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    """max |t| of a non-empty tensor (NaN when t holds one), from one aminmax pass."""
+    low, high = torch.aminmax(t)
+    return torch.maximum(high, -low)
+
+
 def float64_home(device: torch.device) -> torch.device:
     """Where float64 sums for data on `device` live: the same device, except MPS (no float64)."""
     return torch.device("cpu") if device.type == "mps" else device
@@ -102,9 +108,14 @@ class ErrorAccumulator:
         self._agree: torch.Tensor | None = None  # int64 scalar
         self._nonfinite: torch.Tensor | None = None  # bool scalar: some update saw NaN or Inf
 
-    def update(self, reference: torch.Tensor, quantized: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(self, reference: torch.Tensor, quantized: torch.Tensor, mask: torch.Tensor | None = None,
+               histogram: "ErrorHistogram | None" = None) -> None:
         """`mask`: booleans over the leading dimensions of the outputs (e.g. [N, T] token positions of
-        [N, T, V] logits); only the positions it marks are compared (padding is not)."""
+        [N, T, V] logits); only the positions it marks are compared (padding is not).
+
+        `histogram`: also count the errors (quantized − reference) of the compared positions there,
+        from the error tensor this update computes anyway (on wide layers the comparison is memory-
+        bound: one error tensor instead of two, and no second pass for its peak)."""
         if reference.shape != quantized.shape:
             raise ValueError(f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(quantized.shape)}")
         if mask is not None:
@@ -126,7 +137,11 @@ class ErrorAccumulator:
         # Normalise by a power of two (exact) so squares neither overflow at 1e30 nor underflow at
         # 1e-30: unit = 2^floor(log2(peak)), which is 2^(e − 1) for peak = m·2^e with m in [0.5, 1).
         # vector_norm(inf) is max |x| without a temporary |x| tensor.
-        peak = torch.maximum(torch.linalg.vector_norm(ref, float("inf")), torch.linalg.vector_norm(q, float("inf")))
+        # max |x| from aminmax: one pass, ~5× faster on CPU than vector_norm(x, inf). |q| ≤ |ref| + |q − ref|,
+        # and the peak only chooses a power-of-two unit, so that bound serves as q's peak.
+        err = q - ref
+        ref_peak, err_peak = _max_abs(ref), _max_abs(err)
+        peak = ref_peak + err_peak
         finite = torch.isfinite(peak)
         _, exponent = torch.frexp(peak)
         one = torch.ones_like(peak)
@@ -137,16 +152,20 @@ class ErrorAccumulator:
             if bool(finite) and _SAFE_LOW < float(peak) < _SAFE_HIGH:
                 unit = one
             else:
-                ref, q = ref / unit, q / unit
+                ref, q, err = ref / unit, q / unit, err / unit
         else:  # on an accelerator nothing waits for the device: always normalise
-            ref, q = ref / unit, q / unit
-        err = ref - q
+            ref, q, err = ref / unit, q / unit, err / unit
         unit64 = unit.to(home).double()
         dots = torch.stack([torch.dot(ref, ref), torch.dot(err, err), torch.dot(ref, q), torch.dot(q, q)])
         # Out-of-place updates: the sweep updates under inference_mode and outside it, and an
         # in-place write to a tensor created in the other mode is an error.
         self._sums = self._sums + dots.to(home).double() * (unit64 * unit64)
-        self._max_abs = torch.maximum(self._max_abs, torch.linalg.vector_norm(err, float("inf")).to(home).double() * unit64)
+        self._max_abs = torch.maximum(self._max_abs, err_peak.to(home).double())
+        if histogram is not None:
+            if unit is one:  # err holds the true errors and is ours: binned in place
+                histogram.update(err, peak=err_peak, scratch=True)
+            else:  # normalised (extreme ranges, accelerators): bin the true errors
+                histogram.update(quantized.detach().float() - reference.detach().float())
         self._nonfinite = self._nonfinite | ~finite.to(home)
         self.count += ref.numel()
         if self.logits:
@@ -288,10 +307,14 @@ class ErrorHistogram:
         self.bound = bound
         self._counts: torch.Tensor | None = None
 
-    def update(self, error: torch.Tensor) -> None:
+    def update(self, error: torch.Tensor, *, peak: torch.Tensor | None = None, scratch: bool = False) -> None:
+        """`peak`: max |error| when the caller has it already; `scratch`: the caller gives `error` up,
+        so it is binned in place (no temporary the size of the layer's output)."""
         values = error.detach().reshape(-1).float()
         if self.bound is None:
-            peak = float(values.abs().max()) if values.numel() else 0.0
+            if peak is None:
+                peak = _max_abs(values) if values.numel() else torch.zeros(())
+            peak = float(peak)
             if not math.isfinite(peak):
                 raise ValueError(NONFINITE)
             self.bound = peak * 1.25 if peak > 0 else 1e-12
@@ -301,8 +324,11 @@ class ErrorHistogram:
         # Bin index floor((v − lo) · bins / (hi − lo)), out-of-range values clipped into the end bins
         # (as clamping before torch.histc would), counted with bincount: 3× faster than histc on CPU.
         lo = -self.bound
-        index = (values - lo).mul_(self.bins / (2 * self.bound)).floor_().clamp_(0, self.bins - 1)
-        index = index.to(torch.int64).clamp_(0, self.bins - 1)  # NaN (flagged by ErrorAccumulator) lands in a bin, not an error
+        # Clamped to [0, bins − 1] first, truncation to an integer is the floor; int32 indices halve
+        # the memory traffic of the conversion (the costliest step on wide layers).
+        shifted = values.sub_(lo) if scratch and values.data_ptr() == error.data_ptr() else values - lo
+        index = shifted.mul_(self.bins / (2 * self.bound)).clamp_(0, self.bins - 1)
+        index = index.to(torch.int32).clamp_(0, self.bins - 1)  # NaN (flagged by ErrorAccumulator) lands in a bin, not an error
         counts = torch.bincount(index, minlength=self.bins)
         self._counts = self._counts.to(home) + counts.to(home).double()
 

@@ -294,8 +294,7 @@ class Sweep:
                 inputs_changed = any(n in env for n in site.node.all_input_nodes)
                 value = env[site.node] if site.node in env and not inputs_changed else site.run(sim.gm, args, kwargs, weight, act)
                 local = site.local(sim.gm, args, kwargs, weight, act, value)
-                acc.local.update(reference, local)
-                acc.error_histogram.update(local - reference)
+                acc.local.update(reference, local, histogram=acc.error_histogram)
                 if acc.estimate is not None:
                     deltas[site.node] = node_difference(value, cache[site.node])
         if acc.estimate is not None and grads is not None:

@@ -240,3 +240,45 @@ def test_updates_never_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert acc.result().count == 3 * 640 and sum(hist.result()[1]) == 3 * 640
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])  # 1.0: binned in place; the others: normalised path
+def test_histogram_fed_by_the_accumulator_matches_numpy_and_float64_sums(scale):
+    """The sweep counts local errors through ErrorAccumulator.update(histogram=...): the counts must be
+    those of quantized − reference binned independently (numpy, float64 edges), and the sums, max and
+    SQNR those of a float64 computation, at ordinary and extreme scales, with a padding mask."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(3)
+    ref = torch.randn(4, 6, 50, generator=generator) * scale
+    q = ref + 0.02 * scale * torch.randn(ref.shape, generator=generator)
+    q[0, 0, :3] += 0.5 * scale  # a few large errors: the end bins are used
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[3, 4:] = False
+    acc, hist = ErrorAccumulator(), ErrorHistogram(32)
+    acc.update(ref, q, mask, histogram=hist)
+    acc.update(ref[:1], q[:1], histogram=hist)  # a second chunk, binned with the first one's edges
+    errors = [(q[mask] - ref[mask]).double().numpy().ravel(), (q[:1] - ref[:1]).double().numpy().ravel()]
+    bound = 1.25 * np.abs(errors[0]).max()
+    assert hist.bound == pytest.approx(bound, rel=1e-6)
+    expected = sum(np.histogram(np.clip(e, -bound, bound * (1 - 1e-12)), bins=32, range=(-bound, bound))[0]
+                   for e in errors)
+    edges, counts = hist.result()
+    # an error on a bin edge may fall either side in float32; nothing else may differ
+    assert sum(counts) == sum(e.size for e in errors)
+    assert np.abs(np.asarray(counts) - expected).sum() <= 2
+    r = np.concatenate([ref[mask].double().numpy().ravel(), ref[:1].double().numpy().ravel()])
+    e = np.concatenate(errors)
+    stats = acc.result()
+    assert stats.mse == pytest.approx((e ** 2).mean(), rel=1e-5)
+    assert stats.max_abs_error == pytest.approx(np.abs(e).max(), rel=1e-6)
+    assert stats.sqnr_db == pytest.approx(10 * math.log10((r ** 2).sum() / (e ** 2).sum()), abs=1e-4)
+    assert stats.cosine == pytest.approx(float(np.dot(r, r + e) / np.linalg.norm(r) / np.linalg.norm(r + e)), abs=1e-6)
+
+
+def test_histogram_fed_by_the_accumulator_leaves_the_callers_tensors_alone():
+    ref = torch.linspace(-1, 1, 101)
+    q = ref + 0.01
+    before_ref, before_q = ref.clone(), q.clone()
+    ErrorAccumulator().update(ref, q, histogram=ErrorHistogram(8))
+    assert torch.equal(ref, before_ref) and torch.equal(q, before_q)
