@@ -322,11 +322,11 @@ class ErrorHistogram:
         if self._counts is None:
             self._counts = torch.zeros(self.bins, dtype=torch.float64, device=home)
         # Bin index floor((v − lo) · bins / (hi − lo)), out-of-range values clipped into the end bins
-        # (as clamping before torch.histc would), counted with bincount: 3× faster than histc on CPU.
-        lo = -self.bound
-        # Clamped to [0, bins − 1] first, truncation to an integer is the floor; int32 indices halve
-        # the memory traffic of the conversion (the costliest step on wide layers).
-        shifted = values.sub_(lo) if scratch and values.data_ptr() == error.data_ptr() else values - lo
+        # (as clamping before torch.histc would). Clamped to [0, bins − 1] first, truncation to an
+        # integer is the floor; int32 indices and binning the caller's scratch tensor in place make
+        # this ~20 % cheaper than int64 indices in a temporary, and bincount beats histc on CPU.
+        own = scratch and values.data_ptr() == error.data_ptr()
+        shifted = values.sub_(-self.bound) if own else values + self.bound
         index = shifted.mul_(self.bins / (2 * self.bound)).clamp_(0, self.bins - 1)
         index = index.to(torch.int32).clamp_(0, self.bins - 1)  # NaN (flagged by ErrorAccumulator) lands in a bin, not an error
         counts = torch.bincount(index, minlength=self.bins)
