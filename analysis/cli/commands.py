@@ -129,8 +129,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")
     frame = result.to_frame()
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
-    if result.model.get("source") == "hooks":
-        print("engine: hooks (your model run eagerly with forward hooks)")
+    _print_engine(result.model.get("engine"))
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
     coverage = result.model.get("weight_coverage") or {}
@@ -147,6 +146,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"  ... and {len(result.skipped) - 10} more skipped (see analysis.json)")
     _print_most_sensitive(frame)
     return 0
+
+
+def _print_engine(engine: str | None) -> None:
+    if engine == "hooks":
+        print("engine: hooks (your model run eagerly with forward hooks)")
 
 
 def _output_metrics(args) -> str:
@@ -227,6 +231,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
                     "pass the --weights the analysis used, or re-run `quantlens analyze`")
         evaluator = _evaluator(model, data_spec, args.eval_data, result.data.get("task"), quant,
                                engine=engine_for(args.engine, provenance))
+        _print_engine(evaluator.sim.engine)
     judge = None
     if evaluator is not None:
         from analysis.allocate.judging import judging
@@ -322,6 +327,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     recorded = Provenance.from_dict(pmap.provenance) if pmap is not None else Provenance()
     evaluator = _evaluator(model, args.data, args.eval_data, args.task, config, args.device,
                            engine=engine_for(args.engine, recorded))
+    _print_engine(evaluator.sim.engine)
     if pmap is not None:
         pmap.validate(evaluator.layer_names)
         evaluations = [evaluator.fp32(), evaluator.evaluate(pmap, label=Path(args.map).name)]

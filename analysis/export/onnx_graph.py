@@ -154,16 +154,27 @@ def _wrapper_class() -> type[torch.nn.Module]:
 
 
 def _exported(module: Any, example: tuple, batch: Any) -> Any:
-    """The hook engine's eager model as a torch.export program, or ExportError in one line."""
+    """The hook engine's eager model as a torch.export program, or ExportError in one line (what
+    torch prints about the failed graph is held back: the refusal names what to do)."""
+    import contextlib
+    import io
+    import logging
+
     import torch
 
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
     try:
-        return torch.export.export(module, example, dynamic_shapes=({0: batch},))
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return torch.export.export(module, example, dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001 — torch.export's reasons are many; its type names them
         raise ExportError(f"ONNX needs a graph of the model, and torch.export cannot capture this one "
                           f"({type(exc).__name__}); the hook engine runs it eagerly, which ONNX cannot: make forward "
                           "exportable (torch.cond for data-dependent branches), or export --to aimet, torchao, "
                           "compressed-tensors or modelopt") from None
+    finally:
+        shapes_log.setLevel(level)
 
 
 def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model: Any = None,
