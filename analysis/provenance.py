@@ -65,7 +65,7 @@ def engine_of_source(source: str | None) -> str | None:
     return "hooks" if source == "hooks" else "graph"
 
 
-def engine_for(given: str | None, recorded: "Provenance") -> str:
+def engine_for(given: str | None, recorded: Provenance) -> str:
     """The engine a command uses: the one asked for (--engine), else the one the analysis used,
     else "auto" (the graph, and the hook engine when tracing fails)."""
     return given or recorded.engine or "auto"

@@ -70,7 +70,7 @@ def branchy_flow():
 
 
 def test_the_analysis_records_the_engine_it_used_and_suggest_measures_with_it(branchy_flow):
-    model, data, result, evaluator, suggestion = branchy_flow
+    _, _, result, evaluator, suggestion = branchy_flow
     assert result.model["engine"] == "hooks" and Provenance.of_result(result).engine == "hooks"
     assert isinstance(evaluator.sim, HookSim)
     pmap = suggestion.map
@@ -95,7 +95,7 @@ def test_a_map_evaluated_with_hooks_is_really_quantized_and_matches_a_naive_appl
 
 
 def test_exports_of_a_hooks_map_carry_the_hook_engines_numbers(branchy_flow, tmp_path):
-    model, data, _, evaluator, suggestion = branchy_flow
+    model, data, _, _, suggestion = branchy_flow
     pmap = suggestion.map
     path = export_map(pmap, "aimet", tmp_path / "enc.json", model=model, calibration=data)
     params = json.loads(path.read_text())["param_encodings"]

@@ -26,8 +26,8 @@ from analysis.data import check_labels as data_check_labels
 from analysis.evaluate import Evaluator, metric_drop, task_metric
 from analysis.graph import primary_output
 from analysis.precision_map import PrecisionMap
-from analysis.qat.instrument import TrainingGraph, instrument, unfold_into
 from analysis.provenance import Provenance, engine_for
+from analysis.qat.instrument import TrainingGraph, instrument, unfold_into
 from analysis.quantsim import QuantSim
 
 ProgressFn = Callable[[int, int, str], None]
