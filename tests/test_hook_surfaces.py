@@ -245,3 +245,19 @@ def test_cli_flow_on_a_model_only_hooks_run(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--data", data_spec, "--map", "run/map.json", "--engine", "graph"]) != 0
     err = capsys.readouterr().err.strip()
     assert "could not trace" in err and len(err.splitlines()) == 1
+
+
+def test_the_engine_a_command_uses():
+    class Result:  # an analysis.json written before the engine was recorded: its source says it
+        def __init__(self, model):
+            self.model, self.data = model, {}
+
+    assert Provenance.of_result(Result({"source": "hooks"})).engine == "hooks"
+    assert Provenance.of_result(Result({"source": "export"})).engine == "graph"
+    assert Provenance.of_result(Result({"source": "hooks", "engine": "graph"})).engine == "graph"
+    assert Provenance.of_result(Result({})).engine is None
+    from analysis.provenance import engine_for
+
+    assert engine_for(None, Provenance(engine="hooks")) == "hooks"  # reused
+    assert engine_for("graph", Provenance(engine="hooks")) == "graph"  # --engine overrides
+    assert engine_for(None, Provenance()) == "auto"  # nothing recorded
