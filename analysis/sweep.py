@@ -202,7 +202,7 @@ class Sweep:
             trials=tuple(results),
             cumulative=tuple(cumulative),
             histograms=self.histograms(layers),
-            model={"source": sim.prepared.source, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
+            model={"source": sim.prepared.source, "engine": sim.engine, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
                    "weight_coverage": weight_coverage(sim.table, sim.gm)},
             data={"samples": len(self.data), "task": self.data.task, "fingerprint": self.data.fingerprint(),
                   "chunks": len(chunks)},

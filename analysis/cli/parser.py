@@ -41,6 +41,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N or mps (default cpu)")
 
 
+def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="what runs the model: graph, hooks or auto (default: the engine the analysis used, as "
+                             "its map or analysis.json records it, else auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from analysis.calibration import CALIBRATION_METHODS
     from analysis.formats import format_syntax
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what a layer left unquantized is kept in (bf16/fp16: analyse that format too)")
     suggest.add_argument("--force", action="store_true",
                          help="replace a map (or front CSV) that quantlens did not write or that was edited since")
+    _add_engine_arg(suggest)
     suggest.set_defaults(func=cmd_suggest)
 
     evaluate = sub.add_parser("evaluate", help="apply a map (or uniform baselines) and measure it")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the results as JSON here")
     evaluate.add_argument("--force", action="store_true",
                          help="replace an --out file that quantlens did not write")
+    _add_engine_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map; keeps the PTQ model "
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out-map", help="write the map for the fine-tuned weights (default: OUT with .map.json)")
     finetune.add_argument("--force", action="store_true",
                          help="replace an --out or --out-map file that quantlens did not write")
+    _add_engine_arg(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
@@ -176,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--force", action="store_true",
                          help="replace an --out file that quantlens did not write")
+    _add_engine_arg(export)
     export.set_defaults(func=cmd_export)
 
     dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")
