@@ -173,7 +173,7 @@ class Sweep:
         self.calibrate()
         chunks = sim.chunks()
         mode = self.config.output_metrics
-        verify = self._verification_budget(trials)
+        verify = self.verification_budget(trials)
         total = (len(trials) + verify) * len(chunks)
         accumulators = {id(t): self._accumulators(mode) for t in trials}
         descendants = self._descendants(layers)
@@ -319,7 +319,7 @@ class Sweep:
             raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
                              f"({_one_line(exc)}); use --output-metrics exact") from None
 
-    def _verification_budget(self, trials: list[Trial]) -> int:
+    def verification_budget(self, trials: list[Trial]) -> int:
         """How many trials `--verify K` re-measures: K per format label (fewer where a label has fewer)."""
         if self.config.output_metrics != "estimated" or not self.config.verify:
             return 0
