@@ -19,6 +19,15 @@ communication between the parts. `run_distributed` is what `Sweep.run` calls whe
    the same number of intra-op threads, byte for byte (float32 kernels sum in a different order
    with another thread count: then the numbers differ in the last bits, ~1e-5 relative).
 
+Estimated output metrics split by samples instead (data parallel, `_ChunkDispatcher`): a chunk's
+forward with autograd and backward passes are shared by every layer's trials, so the work items are
+the driver's chunks of samples (times layer groups, only when there are fewer chunks than workers).
+A worker returns each trial's sums for its chunk (`Sweep.chunk_partials`); the driver replays them in
+chunk order (`Sweep.merge_chunks`), the additions one process makes, so the table is byte-identical
+again. Later chunks bin their error histograms on the first chunk's edges, read from its answer (a
+nested object ref). Rows stream when every chunk is merged; `--verify K` then re-measures its trials
+exactly as layer shards.
+
 Faults: a worker process that dies (killed, out of memory) is restarted by Ray and its shard run
 again (`max_restarts`, `max_task_retries`); a shard that fails even so becomes failed rows naming
 the reason, which are not written to trials.jsonl, so `--resume` runs them again. Ctrl-C (or the
