@@ -162,7 +162,7 @@ class Sweep:
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
             skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
         self.check_runnable()
-        if self.config.distributed:  # the same sweep, sharded by layer over Ray workers
+        if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
             from analysis.distributed import run_distributed
 
             return run_distributed(self, on_result=on_result, skip=skip)
