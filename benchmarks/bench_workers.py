@@ -12,7 +12,7 @@ layers (`--cache-mb` sets the chunks: the estimate's cache bound is a quarter of
 projections; each mode prints how many chunks it had). CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
 other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
 Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
-     python benchmarks/bench_workers.py --output-metrics estimated --sequences 8 --cache-mb 64
+     python benchmarks/bench_workers.py --output-metrics estimated --sequences 16 --cache-mb 256 [--workers-only]
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--output-metrics", choices=("exact", "estimated"), default="exact",
                         help="estimated: the workers split the chunks of samples (data parallel)")
     parser.add_argument("--cache-mb", type=int, help="the sweep's cache bound, which sets the chunks of samples")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="only 1 process vs the workers (leave out the 1 process with every core's thread)")
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # a child's mode
     parser.add_argument("--table", help=argparse.SUPPRESS)  # where a child writes its layers.csv
     args = parser.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     work = Path(tempfile.mkdtemp(prefix="quantlens-bench-workers-"))
     modes = [("1 process, 1 thread", 1, "1"), (f"--workers {cores}, 1 thread each", cores, "1"),
-             (f"1 process, {cores} threads", 1, str(cores))]
+             (f"1 process, {cores} threads", 1, str(cores))][:2 if args.workers_only else 3]
     rows = []
     for label, workers, threads in modes:
         table = work / f"{len(rows)}.csv"
