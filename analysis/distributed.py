@@ -247,7 +247,9 @@ class ShardWorker:
             except ray.exceptions.RayError:  # the first chunk's worker was lost: so is this group
                 return None
         partials = sweep.chunk_partials(chunk, trials, bounds, progress=self._step)
-        return partials, sweep.histograms([layer for layer in sweep.layers if layer.name in members]) if histograms else None
+        if not histograms:
+            return partials, None
+        return partials, sweep.histograms([layer for layer in sweep.layers if layer.name in members])
 
     def cumulative(self, payload: list, layers: tuple[str, ...] | None, statistics: dict) -> list:
         from analysis.sweep import Sweep
@@ -555,8 +557,8 @@ class _ChunkDispatcher(_Queue):
         if lost_groups == len(self.groups):
             raise RuntimeError(f"every chunk of the data-parallel sweep was lost ({_reasons(failures)}); check "
                                "the workers' memory, or run without --workers")
-        return [rows[t.key] for t in self.trial_order], {layer.name: histograms[layer.name] for layer in self.sweep.layers
-                                              if layer.name in histograms}, cumulative
+        in_layer_order = {layer.name: histograms[layer.name] for layer in self.sweep.layers if layer.name in histograms}
+        return [rows[t.key] for t in self.trial_order], in_layer_order, cumulative
 
 
 def _data_parallel(ray: Any, sweep: "Sweep", actors: list, payload: list, workers: int, trials: list["Trial"],
