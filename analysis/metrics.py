@@ -286,6 +286,30 @@ class ErrorAccumulator:
         self.distributions += other.distributions
 
 
+class UpdateLog:
+    """Stands in for an `ErrorAccumulator` on one part of the data: keeps each update as its own
+    accumulator, so that `replay` into an accumulator holding the earlier parts performs the same
+    float64 additions, in the same order, as one accumulator updated with everything would. The sums
+    then agree bit for bit (a merged accumulator adds a part's total at once, which differs in the last
+    bits when the part had several updates). Exact for every sum except KL over several row blocks in
+    one update (a language model's logits), which an update itself sums first."""
+
+    def __init__(self, logits: bool = False) -> None:
+        self.logits = logits
+        self.parts: list[ErrorAccumulator] = []
+
+    def update(self, reference: torch.Tensor, quantized: torch.Tensor, mask: torch.Tensor | None = None,
+               histogram: "ErrorHistogram | None" = None) -> None:
+        part = ErrorAccumulator(self.logits)
+        part.update(reference, quantized, mask, histogram=histogram)
+        self.parts.append(part)
+
+    def replay(self, into: ErrorAccumulator) -> None:
+        """Apply the logged updates to `into`, in the order they came."""
+        for part in self.parts:
+            into.merge(part)
+
+
 class ErrorHistogram:
     """Counts of an error tensor (quantized − reference) in `bins` equal bins over [−bound, bound].
 

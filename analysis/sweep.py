@@ -28,13 +28,13 @@ from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.hooks import build_simulator
 from analysis.layers import Layer, weight_coverage
-from analysis.metrics import ErrorAccumulator, ErrorHistogram
+from analysis.metrics import ErrorAccumulator, ErrorHistogram, UpdateLog
 from analysis.quantsim import ProgressFn, QuantSim
 from analysis.results import (
     TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
 )
 
-__all__ = ["AnalysisCancelled", "AnalysisConfig", "Sweep", "Trial", "analyze", "plan_trials"]
+__all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "Trial", "analyze", "plan_trials"]
 
 
 class AnalysisCancelled(RuntimeError):
@@ -79,11 +79,25 @@ def plan_trials(layers: list[Layer], config: AnalysisConfig) -> list[Trial]:
 class _Accumulators:
     """One trial's running sums. Everything stays on the device until `_finish` reads it back."""
 
-    local: ErrorAccumulator
+    local: ErrorAccumulator | UpdateLog  # an UpdateLog on one chunk of a data-parallel sweep
     output: ErrorAccumulator | None  # exact output metrics
     estimate: NoiseEstimate | None = None  # estimated output metrics (analysis.estimate)
     error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
     failure: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkPartial:
+    """One trial's sums over one chunk of samples, from fresh accumulators: what a data-parallel
+    worker returns (`Sweep.chunk_partials`); `Sweep.merge_chunks` folds every chunk's, in chunk
+    order, into the row `Sweep.run` writes."""
+
+    key: tuple[str, str, str]
+    local: UpdateLog
+    output: UpdateLog | None  # exact output metrics
+    estimate: NoiseEstimate | None  # estimated output metrics
+    error_histogram: ErrorHistogram
+    failure: str | None
 
 
 class Sweep:
@@ -148,7 +162,7 @@ class Sweep:
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
             skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
         self.check_runnable()
-        if self.config.distributed:  # the same sweep, sharded by layer over Ray workers
+        if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
             from analysis.distributed import run_distributed
 
             return run_distributed(self, on_result=on_result, skip=skip)
@@ -159,56 +173,138 @@ class Sweep:
         self.calibrate()
         chunks = sim.chunks()
         mode = self.config.output_metrics
-        verify = self._verification_budget(trials)
+        verify = self.verification_budget(trials)
         total = (len(trials) + verify) * len(chunks)
         accumulators = {id(t): self._accumulators(mode) for t in trials}
-        descendants = {layer.name: sim.prepared.descendants([s.node for s in sim.sites(layer.name)]) for layer in layers}
-        perturbed = list(dict.fromkeys(s.node for layer in layers for s in sim.sites(layer.name)))
+        descendants = self._descendants(layers)
+        perturbed = self._perturbed()
         results: list[TrialResult] = []
         progress = _Progress(total, self.progress, self.should_stop)
+
+        def finish(trial: Trial) -> None:
+            results.append(_finish(trial, accumulators[id(trial)]))
+            if on_result:  # streamed as each trial finishes (a killed run resumes from here)
+                on_result(results[-1])
+
         for chunk_index, chunk in enumerate(chunks):
-            grads = None
-            if mode == "estimated":  # its forward with autograd doubles as the chunk's FP32 capture
-                grads = self._gradients(chunk, perturbed)
-                cache = sim.adopt_cache(chunk, grads.values)
-                grads.values = None
-            else:
-                cache = sim.cache(chunk)
-            reference_out = sim.output_of(cache)
-            mask = sim.output_mask(chunk)
-            local_refs: dict[str, list[torch.Tensor]] = {}
-            for trial in trials:
-                progress.check()
-                acc = accumulators[id(trial)]
-                if acc.failure is None:
-                    try:
-                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
-                                        mask=mask)
-                    except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
-                        acc.failure = _one_line(exc)
-                progress.step(trial.layer)
-                if chunk_index == len(chunks) - 1:
-                    results.append(_finish(trial, accumulators[id(trial)]))
-                    if on_result:  # streamed as each trial finishes (a killed run resumes from here)
-                        on_result(results[-1])
-            del grads
+            self._chunk_pass(chunk, trials, accumulators, descendants, perturbed, progress,
+                             finish if chunk_index == len(chunks) - 1 else None)
         if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
             results = self._verify(results, trials, descendants, progress, on_result)
         cumulative = self._cumulative(layers) if self.config.cumulative else ()
+        return self.result(results, cumulative, self.histograms(layers), time.perf_counter() - started)
+
+    def result(self, trials: list[TrialResult], cumulative: Any, histograms: dict[str, LayerHistograms],
+               seconds: float) -> AnalysisResult:
+        """The sweep's result from its rows, cumulative view and histograms (what `run` returns)."""
+        sim = self.sim
         return AnalysisResult(
             config=self.config.to_dict(),
             layers=tuple(sim.layers),
             skipped=tuple(sim.table.skipped),
-            trials=tuple(results),
+            trials=tuple(trials),
             cumulative=tuple(cumulative),
-            histograms=self.histograms(layers),
+            histograms=histograms,
             model={"source": sim.prepared.source, "engine": sim.engine, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
                    "weight_coverage": weight_coverage(sim.table, sim.gm)},
             data={"samples": len(self.data), "task": self.data.task, "fingerprint": self.data.fingerprint(),
-                  "chunks": len(chunks)},
+                  "chunks": len(sim.chunks())},
             versions=versions(),
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
         )
+
+    def _descendants(self, layers: list[Layer]) -> dict[str, list]:
+        """The nodes a trial of each layer re-runs for exact output metrics."""
+        sim = self.sim
+        return {layer.name: sim.prepared.descendants([s.node for s in sim.sites(layer.name)]) for layer in layers}
+
+    def _perturbed(self) -> list:
+        """The nodes whose output gradients the estimate takes: every analysed layer's (the same set
+        wherever a chunk runs, so the backward pass is the same)."""
+        return list(dict.fromkeys(s.node for layer in self.layers for s in self.sim.sites(layer.name)))
+
+    def _chunk_pass(self, chunk: tuple[int, int], trials: list[Trial], accumulators: dict, descendants: dict,
+                    perturbed: list, progress: "_Progress", finished: Callable[[Trial], None] | None = None) -> None:
+        """Every trial on one chunk of samples, into its accumulators; `finished(trial)` after each."""
+        sim = self.sim
+        grads = None
+        if self.config.output_metrics == "estimated":  # its forward with autograd doubles as the FP32 capture
+            grads = self._gradients(chunk, perturbed)
+            cache = sim.adopt_cache(chunk, grads.values)
+            grads.values = None
+        else:
+            cache = sim.cache(chunk)
+        reference_out = sim.output_of(cache)
+        mask = sim.output_mask(chunk)
+        local_refs: dict[str, list[torch.Tensor]] = {}
+        for trial in trials:
+            progress.check()
+            acc = accumulators[id(trial)]
+            if acc.failure is None:
+                try:
+                    self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
+                                    mask=mask)
+                except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
+                    acc.failure = _one_line(exc)
+            progress.step(trial.layer)
+            if finished is not None:
+                finished(trial)
+
+    # data parallel: chunks of samples computed apart, merged in chunk order -------------------
+
+    def chunk_partials(self, chunk: tuple[int, int], trials: list[Trial], bounds: dict | None = None,
+                       progress: ProgressFn | None = None) -> list[ChunkPartial]:
+        """`trials` (of this sweep's plan) on one chunk of `self.sim.chunks()`, each from fresh sums:
+        one chunk's share of `run`, for a worker of a data-parallel sweep. `bounds`: each trial's
+        error-histogram bound from the first chunk's partials (`ChunkPartial.error_histogram.bound`),
+        so every chunk bins on the edges a single run fixes on its first chunk."""
+        mode, bounds = self.config.output_metrics, bounds or {}
+        logits = self.data.logits
+        accumulators = {id(t): _Accumulators(UpdateLog(), UpdateLog(logits) if mode == "exact" else None,
+                                             NoiseEstimate() if mode == "estimated" else None,
+                                             ErrorHistogram(bound=bounds.get(t.key))) for t in trials}
+        layers = [layer for layer in self.layers if layer.name in {t.layer for t in trials}]
+        descendants = self._descendants(layers) if mode == "exact" else {layer.name: [] for layer in layers}
+        self._chunk_pass(chunk, trials, accumulators, descendants, self._perturbed(),
+                         _Progress(len(trials), progress, self.should_stop))
+        return [ChunkPartial(t.key, a.local, a.output, a.estimate, a.error_histogram, a.failure)
+                for t in trials for a in (accumulators[id(t)],)]
+
+    def merge_chunks(self, trials: list[Trial], chunks: list[dict[tuple[str, str, str], ChunkPartial]]) -> list[TrialResult]:
+        """The rows of `trials` from their `chunk_partials` of every chunk, given in chunk order (one
+        dict by trial key per chunk). Each trial's sums are replayed chunk after chunk, the additions
+        `run` makes in the order it makes them: the rows are `run`'s bit for bit. A trial that failed
+        on a chunk is failed with the first such chunk's reason, as `run` reports it."""
+        results = []
+        for trial in trials:
+            acc = self._accumulators(self.config.output_metrics)
+            for partials in chunks:
+                part = partials[trial.key]
+                if part.failure is not None:
+                    acc.failure = part.failure
+                    break
+                try:
+                    part.local.replay(acc.local)
+                    if acc.output is not None and part.output is not None:
+                        part.output.replay(acc.output)
+                    if acc.estimate is not None and part.estimate is not None:
+                        acc.estimate.merge(part.estimate)
+                    acc.error_histogram.merge(part.error_histogram)
+                except ValueError as exc:
+                    acc.failure = _one_line(exc)
+                    break
+            results.append(_finish(trial, acc))
+        return results
+
+    def verification_choice(self, results: list[TrialResult]) -> list[int]:
+        """Indices into `results` (estimated rows, in plan order) that `--verify K` re-measures: the
+        K rows of each format label whose estimated output noise is largest."""
+        by_label: dict[tuple[str, str], list[int]] = {}
+        for index, result in enumerate(results):
+            if result.ok and result.output is not None:
+                by_label.setdefault((result.target, result.format), []).append(index)
+        return sorted(index for indices in by_label.values()
+                      for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
 
     def _accumulators(self, mode: str) -> _Accumulators:
         logits = self.data.logits
@@ -223,7 +319,7 @@ class Sweep:
             raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
                              f"({_one_line(exc)}); use --output-metrics exact") from None
 
-    def _verification_budget(self, trials: list[Trial]) -> int:
+    def verification_budget(self, trials: list[Trial]) -> int:
         """How many trials `--verify K` re-measures: K per format label (fewer where a label has fewer)."""
         if self.config.output_metrics != "estimated" or not self.config.verify:
             return 0
@@ -236,12 +332,7 @@ class Sweep:
                 progress: "_Progress", on_result: Callable[[TrialResult], None] | None) -> list[TrialResult]:
         """Re-measure exactly the K trials of each format label whose estimated output noise is
         largest (the ones a budget decides on first); their rows become `exact`."""
-        by_label: dict[tuple[str, str], list[int]] = {}
-        for index, result in enumerate(results):
-            if result.ok and result.output is not None:
-                by_label.setdefault((result.target, result.format), []).append(index)
-        chosen = sorted(index for indices in by_label.values()
-                        for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
+        chosen = self.verification_choice(results)
         accumulators = {index: self._accumulators("exact") for index in chosen}
         sim = self.sim
         # The budget counted every trial of a label; failed trials are not re-measured.
