@@ -112,10 +112,15 @@ class Sweep:
         self.should_stop = should_stop
         cache_bytes = self.config.cache_bytes
         if self.config.output_metrics == "estimated":
-            # The estimate holds, per chunk, the FP32 cache, one forward's autograd state and K output
-            # gradients of every analysed layer: chunks shrink so all of it stays within the bound
-            # (on a GPU too, where the simulator also caps chunks at half the free memory).
-            cache_bytes = max(1 << 16, cache_bytes // (2 + self.config.estimate_projections))
+            # The estimate holds, per chunk, the FP32 cache and K output gradients of every analysed
+            # layer (each the cache's size); one forward's autograd state is mostly the cached values
+            # themselves (saved tensors are not copies), and no suffix is re-run. The simulator gives
+            # its cache a third of what it is handed, so handing it 3/(3 + K) of the bound gives the
+            # cache 1/(3 + K), the gradients K/(3 + K) and leaves 2/(3 + K) for the backward's
+            # transient buffers and the trials' temporaries — the bound holds (on a GPU too, where the
+            # simulator also caps chunks at half the free memory) with chunks 2.4× larger (K = 2) than
+            # a flat 1/(2 + K) share of a third: fewer, larger chunks cost less per trial.
+            cache_bytes = max(1 << 16, cache_bytes * 3 // (3 + self.config.estimate_projections))
         # A distributed sweep's own simulator only plans and calibrates (on the CPU); its workers
         # place their copies on config.device (analysis.distributed).
         device = "cpu" if self.config.distributed else self.config.device
