@@ -178,8 +178,10 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
                 payload = {"schema": CHECKPOINT_SCHEMA, "run": _run_identity(header, sweep), "state": state.to_dict()}
                 runstore.write_atomic(out / CHECKPOINT_FILE, lambda tmp: tmp.write_text(json.dumps(payload)))
 
-            result = sweep.run(on_result=record, skip=set(finished), earlier=first.values(), checkpoint=save,
-                               start=start)
+            # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
+            keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
+            result = sweep.run(on_result=record, skip=set(finished), earlier=first.values(),
+                               checkpoint=save if keep else None, start=start)
 
         order = {t.key: i for i, t in enumerate(sweep.plan())}
         # A trial this run reported again (re-measured by --verify) replaces its earlier row.
@@ -226,6 +228,8 @@ def _read_checkpoint(out: Path, sweep: Sweep, header: dict[str, Any], finished: 
     try:
         if sweep.config.distributed:
             raise ValueError("a run over workers resumes from finished trials only")
+        if not path.is_file():
+            raise ValueError("it is not a regular file; remove it to have this folder keep checkpoints")
         try:
             payload = json.loads(runstore.read_regular(path, "checkpoint"))
         except json.JSONDecodeError as exc:

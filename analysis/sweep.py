@@ -366,7 +366,8 @@ class Sweep:
             try:
                 restored[key] = _Accumulators.from_state(state.trials[key], mode, self.data.logits)
             except (ValueError, TypeError, OverflowError) as exc:
-                raise ValueError(f"the sums of trial {'/'.join(key)} are unusable: {_one_line(exc)}") from None
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"the sums of trial {'/'.join(key)} are unusable: {reason}") from None
         return restored
 
     def _accumulators(self, mode: str) -> _Accumulators:
