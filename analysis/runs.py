@@ -152,7 +152,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
         rows = [t for t in _read_trials(trials_file) if t.key in planned]
         finished = {t.key: t for t in rows}  # the last row of a trial (--verify's, when re-measured)
         first = {t.key: t for t in reversed(rows)}  # its first row: what --verify chose by
-        kept = [t for t in rows if t is first[t.key] or t is finished[t.key]]
+        kept = [t for t in rows if t is first[t.key] or t is finished[t.key]]  # (what Sweep.run's earlier= reads)
         # Rewrite without a line the crash cut short, so appended trials start on a clean line.
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
             "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in kept)))
@@ -162,7 +162,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
         runstore.write_json_atomic(run_file, header)
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
         _remove_checkpoint(out)  # an earlier run's in a reused folder
-        first, start = {}, None
+        kept, start = [], None
     _mark_started(out, config, resume, inputs, provenance, planned=len(sweep.plan()))
     started = time.time()
     try:
@@ -180,7 +180,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
 
             # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
             keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
-            result = sweep.run(on_result=record, skip=set(finished), earlier=first.values(),
+            result = sweep.run(on_result=record, skip=set(finished), earlier=kept,
                                checkpoint=save if keep else None, start=start)
 
         order = {t.key: i for i, t in enumerate(sweep.plan())}

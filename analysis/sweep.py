@@ -230,8 +230,9 @@ class Sweep:
             skip: set[TrialKey] | None = None, *, earlier: Iterable[TrialResult] = (),
             checkpoint: Callable[[SweepState], None] | None = None, start: SweepState | None = None) -> AnalysisResult:
         """The sweep. `on_result` receives each trial as it finishes; `skip`: keys of trials finished
-        earlier, not run again, and `earlier` their results (what `--verify` chooses from besides
-        this run's; a re-measured one is reported and returned again).
+        earlier, not run again, and `earlier` the rows they reported, in order (a trial `--verify`
+        re-measured has two: the estimate, then the measurement). `--verify` chooses from their
+        estimates and this run's, and re-measures those not measured yet (reported and returned again).
 
         `checkpoint` is called after every completed chunk of samples but the last of a pass with the
         sweep's state; `start` continues from such a state (ValueError, one line, when it does not
@@ -251,7 +252,15 @@ class Sweep:
         plan = self.plan()
         skip = set(skip or ())
         trials = [t for t in plan if t.key not in skip]
-        known = {r.key: r for r in earlier if r.key in skip}
+        known: dict[TrialKey, TrialResult] = {}  # each earlier trial's first row: what --verify chooses by
+        measured = set()  # earlier trials --verify already re-measured (a second row)
+        for row in earlier:
+            if row.key not in skip:
+                continue
+            if row.key in known:
+                measured.add(row.key)
+            else:
+                known[row.key] = row
         restored = self.restore(start, skip) if start is not None else {}
         self.calibrate()
         chunks = sim.chunks()
@@ -306,7 +315,8 @@ class Sweep:
         if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
             if chosen is None:
                 rows = {**known, **{r.key: r for r in results}}
-                chosen = self._chosen([rows[t.key] for t in plan if t.key in rows])
+                chosen = [t for t in self._chosen([rows[t.key] for t in plan if t.key in rows])
+                          if t.key not in measured]
                 restored, first_verify = {}, 0
             else:
                 first_verify = start.done

@@ -120,6 +120,16 @@ def test_a_stopped_run_resumes_from_its_last_chunk_to_identical_results(tmp_path
     assert steps[-1] == (total, total) and len(steps) == total - first + 1
 
 
+def test_resuming_a_finished_run_measures_nothing_again(tmp_path, clean):
+    out = tmp_path / "run"
+    _run(out, _config("estimated"))
+    rows = (out / "trials.jsonl").read_text()
+    assert len(rows.splitlines()) == TRIALS + 10  # the estimates, then --verify's 2 × 5 measurements
+    steps, said = _run(out, _config("estimated"), resume=True)
+    assert not said and [done for done, _ in steps] == [0]  # no trial step ran
+    assert (out / "trials.jsonl").read_text() == rows and (out / "layers.csv").read_bytes() == clean["estimated"]
+
+
 def test_a_checkpoint_of_other_chunks_is_not_used_and_said_so(tmp_path, stopped_exact):
     out = tmp_path / "run"
     shutil.copytree(stopped_exact, out)
