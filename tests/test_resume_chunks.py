@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -305,3 +307,19 @@ def test_a_sweep_state_round_trips_through_json():
     state = SweepState("verify", ((0, 5), (5, 8)), 1, {("fc1", "weights", "int8"): {"a": 0.1 + 0.2}},
                        (("fc1", "weights", "int8"),))
     assert SweepState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_the_progress_bar_of_a_resumed_run_starts_where_it_left_off(capsys):
+    from analysis.cli.commands import _progress_bar
+
+    update, close = _progress_bar(quiet=False)
+    update(30, 60, "")  # the sweep's first report: 2 of 4 chunks of 15 trials were done before
+    time.sleep(0.2)  # tqdm redraws at most every 0.1 s
+    update(31, 60, "fc1")
+    update(31, 70, "fc1")  # --verify's pass resizes the job
+    close()
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "| 30/60" in err and "| 31/70" in err and "| 0/60" not in err
+    # The rate (so the ETA) counts the one step taken in ≥ 0.2 s, not the 30 done before.
+    rate = float(re.search(r"\| 31/60 \[[^,]*, *([\d.]+)trial/s", err).group(1))
+    assert rate <= 5.5

@@ -69,6 +69,7 @@ def _progress_bar(quiet: bool, unit: str = "trial") -> tuple[Callable[[int, int,
             bar.append(tqdm(total=total, initial=done, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False))
         if bar[0].total != total:  # --verify's pass: its size is known once the sweep has chosen
             bar[0].total = total
+            bar[0].refresh()
         bar[0].set_postfix_str(label[-40:], refresh=False)
         bar[0].update(done - bar[0].n)
 
