@@ -176,7 +176,7 @@ class NoiseEstimate:
                 "pending": [float(term) for term in self._pending]}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "NoiseEstimate":
+    def from_state(cls, state: dict[str, Any]) -> NoiseEstimate:
         """The estimate `state()` described (its terms on the CPU)."""
         if not isinstance(state, dict) or set(state) != {"diagonal", "signal", "count", "pending"}:
             raise ValueError("not a NoiseEstimate state; expected the keys diagonal, signal, count, pending "

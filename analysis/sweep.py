@@ -95,7 +95,7 @@ class _Accumulators:
                 "error_histogram": self.error_histogram.state(), "failure": self.failure}
 
     @classmethod
-    def from_state(cls, state: Any, mode: str, logits: bool) -> "_Accumulators":
+    def from_state(cls, state: Any, mode: str, logits: bool) -> _Accumulators:
         """The sums `state()` described, for a trial measured in output-metrics `mode`; ValueError
         (one line) for anything else."""
         keys = {"local", "output", "estimate", "error_histogram", "failure"}
@@ -136,7 +136,7 @@ class SweepState:
                 "verified": [list(key) for key in self.verified]}
 
     @classmethod
-    def from_dict(cls, payload: Any) -> "SweepState":
+    def from_dict(cls, payload: Any) -> SweepState:
         """The state `to_dict` wrote; ValueError (one line) for anything else. The trials' sums are
         checked when a sweep restores them (`Sweep.restore`), which knows their mode."""
         if not isinstance(payload, dict) or set(payload) != {"phase", "chunks", "done", "trials", "verified"}:
@@ -340,12 +340,12 @@ class Sweep:
             seconds=time.perf_counter() - started,
         )
 
-    def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, "_Accumulators"]:
+    def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, _Accumulators]:
         """The running sums `state` holds, checked against this sweep with the trials in `skip`
         finished: ValueError (one line, saying what differs) when it is not a state of this sweep's
         chunks, plan and output metrics."""
         if not isinstance(state, SweepState):
-            raise ValueError(f"a sweep continues from a SweepState, not {type(state).__name__}")
+            raise TypeError(f"a sweep continues from a SweepState, not {type(state).__name__}")
         chunks = tuple(self.sim.chunks())
         if state.chunks != chunks:
             raise ValueError(f"it was taken with other chunks of samples ({len(state.chunks)} chunks, now "
@@ -361,7 +361,7 @@ class Sweep:
         if state.phase == "sweep":
             missing = unfinished - set(state.trials)
             if missing:
-                raise ValueError(f"it lacks the sums of {len(missing)} unfinished trial(s), e.g. {sorted(missing)[0]}")
+                raise ValueError(f"it lacks the sums of {len(missing)} unfinished trial(s), e.g. {min(missing)}")
             mode, keys = self.config.output_metrics, sorted(unfinished)
         else:
             if self.config.output_metrics != "estimated" or not self.config.verify:
@@ -414,7 +414,7 @@ class Sweep:
         by_key = {t.key: t for t in self.plan()}
         return [by_key[results[index].key] for index in chosen]
 
-    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, "_Accumulators"], first: int, descendants: dict,
+    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators], first: int, descendants: dict,
                 progress: "_Progress", on_result: Callable[[TrialResult], None] | None,
                 checkpoint: Callable[[SweepState], None] | None) -> list[TrialResult]:
         """Re-measure the `chosen` trials exactly, from chunk `first` on (sums of the chunks before it
