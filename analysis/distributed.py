@@ -19,6 +19,15 @@ communication between the parts. `run_distributed` is what `Sweep.run` calls whe
    the same number of intra-op threads, byte for byte (float32 kernels sum in a different order
    with another thread count: then the numbers differ in the last bits, ~1e-5 relative).
 
+Estimated output metrics split by samples instead (data parallel, `_ChunkDispatcher`): a chunk's
+forward with autograd and backward passes are shared by every layer's trials, so the work items are
+the driver's chunks of samples (times layer groups, only when there are fewer chunks than workers).
+A worker returns each trial's sums for its chunk (`Sweep.chunk_partials`); the driver replays them in
+chunk order (`Sweep.merge_chunks`), the additions one process makes, so the table is byte-identical
+again. Later chunks bin their error histograms on the first chunk's edges, read from its answer (a
+nested object ref). Rows stream when every chunk is merged; `--verify K` then re-measures its trials
+exactly as layer shards.
+
 Faults: a worker process that dies (killed, out of memory) is restarted by Ray and its shard run
 again (`max_restarts`, `max_task_retries`); a shard that fails even so becomes failed rows naming
 the reason, which are not written to trials.jsonl, so `--resume` runs them again. Ctrl-C (or the
@@ -68,9 +77,6 @@ class Placement:
 
 def check_distributed(config: AnalysisConfig) -> None:
     """ValueError (one line) for a distributed sweep that cannot run, before anything is written."""
-    if config.verify:
-        raise ValueError("--verify re-measures the most sensitive trials across all layers, which layer shards "
-                         "cannot choose; run it without --workers/--ray, or drop --verify")
     if config.device not in ("cpu", "cuda"):
         raise ValueError(f"--device {config.device} with --workers/--ray: name cpu or cuda; Ray gives each worker "
                          "its own GPU")
@@ -202,13 +208,48 @@ class ShardWorker:
     def _step(self, done: int, total: int, layer: str) -> None:
         self.status = (done, layer)
 
-    def run(self, payload: list, layers: tuple[str, ...], skip: set, statistics: dict) -> AnalysisResult:
+    def run(self, payload: list, layers: tuple[str, ...], skip: set, statistics: dict,
+            exact: bool = False) -> AnalysisResult:
+        """The trials of `layers` not in `skip`; exact: with exact output metrics (re-measuring
+        estimated trials for --verify)."""
         from analysis.sweep import Sweep
 
         self.load(payload)
         self.sim.adopt_activation_statistics(statistics)
         self.status = (0, "")
-        return Sweep(None, None, replace(self.config, layers=layers), progress=self._step, sim=self.sim).run(skip=skip)
+        config = replace(self.config, layers=layers)
+        if exact:
+            config = replace(config, output_metrics="exact", verify=0)
+        return Sweep(None, None, config, progress=self._step, sim=self.sim).run(skip=skip)
+
+    def run_chunk(self, payload: list, analysed: tuple[str, ...] | None, chunk: tuple[int, int],
+                  group: tuple[str, ...], skip: set, statistics: dict, first: list | None,
+                  histograms: bool) -> tuple[list, dict | None] | None:
+        """One chunk of samples for the trials of `group` (data parallel, estimated output metrics):
+        its FP32 capture, backward passes and every trial's local replay, as partial sums
+        (`Sweep.chunk_partials`). `first`: [ref to the first chunk's answer for this group], whose
+        error-histogram bounds every later chunk bins on; None when the first chunk was lost.
+        histograms: also the group's weight and activation histograms (on its last chunk)."""
+        import ray
+
+        from analysis.sweep import Sweep
+
+        self.load(payload)
+        self.sim.adopt_activation_statistics(statistics)
+        self.status = (0, "")
+        sweep = Sweep(None, None, replace(self.config, layers=analysed), sim=self.sim)
+        members = set(group)
+        trials = [t for t in sweep.plan() if t.layer in members and t.key not in skip]
+        bounds = None
+        if first is not None:
+            try:
+                bounds = {part.key: part.error_histogram.bound for part in ray.get(first[0])[0]}
+            except ray.exceptions.RayError:  # the first chunk's worker was lost: so is this group
+                return None
+        partials = sweep.chunk_partials(chunk, trials, bounds, progress=self._step)
+        if not histograms:
+            return partials, None
+        return partials, sweep.histograms([layer for layer in sweep.layers if layer.name in members])
 
     def cumulative(self, payload: list, layers: tuple[str, ...] | None, statistics: dict) -> list:
         from analysis.sweep import Sweep
@@ -248,14 +289,18 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
         sweep.calibrate()  # once, while the workers load the model
         statistics = ray.put(sweep.sim.activation_statistics())
         trials = [t for t in sweep.plan() if not skip or t.key not in skip]
-        results, cumulative = _Dispatcher(ray, sweep, actors, [payload], layer_costs(sweep, trials), place.workers,
-                                          trials, statistics, on_result).run()
+        if config.output_metrics == "estimated":  # data parallel: the backward passes are shared by all layers
+            merged, cumulative = _data_parallel(ray, sweep, actors, [payload], place.workers, trials, statistics,
+                                                on_result)
+        else:
+            results, cumulative = _Dispatcher(ray, sweep, actors, [payload], layer_costs(sweep, trials),
+                                              place.workers, trials, statistics, on_result).run()
+            merged = AnalysisResult.merge(*results)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if own_cluster:
             ray.shutdown()
-    merged = AnalysisResult.merge(*results)
     recorded = config.to_dict()
     if config.cumulative and cumulative is None:
         recorded["cumulative"] = False
@@ -288,38 +333,44 @@ def _connect(ray: Any, config: AnalysisConfig) -> bool:
     return True
 
 
-class _Dispatcher:
-    """Hands shards to idle workers, collects finished ones (reported as they finish), polls
-    progress, and turns a shard whose worker could not be brought back into failed rows."""
+class _Queue:
+    """Hands work items to idle workers in order, collects finished ones, polls progress, and
+    records an item whose worker could not be brought back as failed; subclasses say what an item
+    is (`_submit`) and what its answer means (`_collected`). Progress is reported as `offset` plus
+    the steps done, out of `total`."""
 
-    def __init__(self, ray: Any, sweep: "Sweep", actors: list, payload: list, costs: dict[str, float], workers: int,
-                 trials: list["Trial"], statistics: Any, on_result: Callable[[TrialResult], None] | None) -> None:
-        self.ray, self.sweep, self.actors, self.payload = ray, sweep, actors, payload
-        self.statistics, self.on_result = statistics, on_result
-        self.shards = shards = plan_shards(costs, workers * SHARDS_PER_WORKER)
-        self.costs = [sum(costs[name] for name in shard) for shard in shards]
-        self.trials = {shard: [t for t in trials if t.layer in set(shard)] for shard in shards}
-        self.skip = {shard: {t.key for t in sweep.plan() if t.layer in set(shard)} - {t.key for t in self.trials[shard]}
-                     for shard in shards}
-        chunks = len(sweep.sim.chunks())
-        self.steps = {shard: len(self.trials[shard]) * chunks for shard in shards}
-        self.total = sum(self.steps.values())
+    def __init__(self, ray: Any, sweep: "Sweep", actors: list, payload: list, statistics: Any,
+                 steps: dict, offset: int = 0, total: int | None = None) -> None:
+        self.ray, self.sweep, self.actors, self.payload, self.statistics = ray, sweep, actors, payload, statistics
+        self.steps = steps  # item -> its trial steps (trials × chunks)
+        self.offset = offset
+        self.total = offset + sum(steps.values()) if total is None else total
         self.finished_steps = 0
-        self.live: dict[int, tuple[int, str]] = {}  # worker -> its progress in the running shard
+        self.live: dict[int, tuple[int, str]] = {}  # worker -> its progress in the running item
         self.label = ""  # the layer a worker reported last
-        self.reported = 0  # never backwards, also when a killed worker's shard starts again
+        self.reported = 0  # never backwards, also when a killed worker's item starts again
 
-    def run(self) -> tuple[list[AnalysisResult], list | None]:
+    def _order(self) -> list:
+        raise NotImplementedError
+
+    def _submit(self, actor: Any, item: Any) -> Any:
+        raise NotImplementedError
+
+    def _collected(self, item: Any, value: Any) -> None:
+        """A finished item's answer, as it arrives."""
+
+    def dispatch(self, cumulative: bool = False) -> tuple[dict, dict[Any, str], list | None]:
+        """Run every item: (answers by item, reasons by failed item, the cumulative view — None when
+        it was lost, [] when not asked for)."""
         ray = self.ray
-        # The most expensive shards first, so the last ones to finish are short.
-        queue: deque = deque(sorted(range(len(self.shards)), key=lambda i: -self.costs[i]))
-        if self.sweep.config.cumulative:
+        queue: deque = deque(self._order())
+        if cumulative:
             queue.appendleft("cumulative")  # the longest single item: started first
         idle = list(range(len(self.actors)))
         pending: dict = {}  # ObjectRef -> (worker, item)
-        results: dict[int, AnalysisResult] = {}
-        failures: dict[int, str] = {}
-        cumulative: list | None = []
+        results: dict = {}
+        failures: dict[Any, str] = {}
+        view: list | None = []
         while queue or pending:
             self._check_stop()
             while queue and idle:
@@ -328,14 +379,13 @@ class _Dispatcher:
                 if item == "cumulative":
                     ref = actor.cumulative.remote(self.payload, self.sweep.config.layers, self.statistics)
                 else:
-                    shard = self.shards[item]
-                    ref = actor.run.remote(self.payload, shard, self.skip[shard], self.statistics)
+                    ref = self._submit(actor, item)
                     self.live[worker] = (0, "")
                 pending[ref] = (worker, item)
             if not pending:  # every worker is gone: what is left fails
                 for item in queue:
                     if item == "cumulative":
-                        cumulative = None
+                        view = None
                     else:
                         failures[item] = "no worker left (all died)"
                 break
@@ -351,7 +401,7 @@ class _Dispatcher:
                 except ray.exceptions.RayError as exc:  # the worker died and retries ran out
                     reason = _one_line(exc)
                     if item == "cumulative":
-                        cumulative = None  # lost: the merged config then says it was not computed
+                        view = None  # lost: the merged config then says it was not computed
                     else:
                         failures[item] = reason
                     if not isinstance(exc, ray.exceptions.RayActorError):
@@ -359,21 +409,19 @@ class _Dispatcher:
                     continue
                 idle.append(worker)
                 if item == "cumulative":
-                    cumulative = value
+                    view = value
                     continue
                 results[item] = value
-                self.finished_steps += self.steps[self.shards[item]]
-                if self.on_result:
-                    for trial in value.trials:
-                        self.on_result(trial)
+                self.finished_steps += self.steps[item]
+                self._collected(item, value)
             self._poll_progress(pending)
-        return self._with_failures(results, failures), cumulative
+        return results, failures, view
 
     def _check_stop(self) -> None:
         from analysis.sweep import AnalysisCancelled
 
         if self.sweep.should_stop is not None and self.sweep.should_stop():
-            raise AnalysisCancelled(f"stopped after {self._done()} of {self.total} trials")
+            raise AnalysisCancelled(f"stopped after {self.offset + self._done()} of {self.total} trials")
 
     def _done(self) -> int:
         return self.finished_steps + sum(done for done, _ in self.live.values())
@@ -389,20 +437,55 @@ class _Dispatcher:
             try:
                 done, layer = ray.get(ref)
             except ray.exceptions.RayError:
-                continue  # a dead worker reports nothing; its shard is retried or failed
+                continue  # a dead worker reports nothing; its item is retried or failed
             if polls[ref] in self.live:
                 self.live[polls[ref]] = (done, layer)
                 self.label = layer or self.label
-        self.reported = max(self.reported, min(self._done(), self.total))
+        self.reported = max(self.reported, min(self.offset + self._done(), self.total))
         self.sweep.progress(self.reported, self.total, self.label)
+
+
+class _Dispatcher(_Queue):
+    """Layer shards: hands shards to idle workers (the most expensive first), reports a finished
+    shard's trials as it finishes, and turns a shard whose worker could not be brought back into
+    failed rows. exact: the trials are measured with exact output metrics (--verify)."""
+
+    def __init__(self, ray: Any, sweep: "Sweep", actors: list, payload: list, costs: dict[str, float], workers: int,
+                 trials: list["Trial"], statistics: Any, on_result: Callable[[TrialResult], None] | None,
+                 exact: bool = False, offset: int = 0, total: int | None = None) -> None:
+        self.on_result, self.exact = on_result, exact
+        self.shards = shards = plan_shards(costs, workers * SHARDS_PER_WORKER)
+        self.costs = [sum(costs[name] for name in shard) for shard in shards]
+        self.trials = {shard: [t for t in trials if t.layer in set(shard)] for shard in shards}
+        self.skip = {shard: {t.key for t in sweep.plan() if t.layer in set(shard)} - {t.key for t in self.trials[shard]}
+                     for shard in shards}
+        chunks = len(sweep.sim.chunks())
+        steps = {index: len(self.trials[shard]) * chunks for index, shard in enumerate(shards)}
+        super().__init__(ray, sweep, actors, payload, statistics, steps, offset, total)
+
+    def _order(self) -> list:
+        # The most expensive shards first, so the last ones to finish are short.
+        return sorted(range(len(self.shards)), key=lambda i: -self.costs[i])
+
+    def _submit(self, actor: Any, item: int) -> Any:
+        shard = self.shards[item]
+        return actor.run.remote(self.payload, shard, self.skip[shard], self.statistics, self.exact)
+
+    def _collected(self, item: int, value: AnalysisResult) -> None:
+        if self.on_result:
+            for trial in value.trials:
+                self.on_result(trial)
+
+    def run(self) -> tuple[list[AnalysisResult], list | None]:
+        results, failures, cumulative = self.dispatch(cumulative=self.sweep.config.cumulative and not self.exact)
+        return self._with_failures(results, failures), cumulative
 
     def _with_failures(self, results: dict[int, AnalysisResult], failures: dict[int, str]) -> list[AnalysisResult]:
         """The shards' results in shard order, a failed shard as a result of failed rows (no
         histograms), so the merged table says which trials were lost and why."""
         if not results:
-            reasons = "; ".join(sorted(set(failures.values())))[:300]
-            raise RuntimeError(f"every shard of the distributed sweep failed ({reasons}); check the workers' "
-                               "memory, or run without --workers")
+            raise RuntimeError(f"every shard of the distributed sweep failed ({_reasons(failures)}); check the "
+                               "workers' memory, or run without --workers")
         template = next(iter(results.values()))
         out = []
         for index, shard in enumerate(self.shards):
@@ -413,6 +496,114 @@ class _Dispatcher:
             rows = tuple(TrialResult(t.layer, t.target, *t.names, error=reason) for t in self.trials[shard])
             out.append(replace(template, config={**template.config, "layers": list(shard)}, trials=rows, histograms={}))
         return out
+
+
+class _ChunkDispatcher(_Queue):
+    """Data parallel (estimated output metrics): items are (chunk, layer group), chunk-major, so the
+    first chunk of every group starts first; a later chunk's worker bins its error histograms on
+    the first chunk's bounds (it waits for them after its backward passes if they are not in yet).
+    There is one group unless there are fewer chunks than workers: then the layers are cut into
+    groups of about equal cost, and each group's items repeat their chunk's backward passes."""
+
+    def __init__(self, ray: Any, sweep: "Sweep", actors: list, payload: list, workers: int, trials: list["Trial"],
+                 statistics: Any, total: int) -> None:
+        self.chunks = sweep.sim.chunks()
+        self.groups = plan_shards(layer_costs(sweep, trials), -(-workers // len(self.chunks)))
+        self.trials = {group: [t for t in trials if t.layer in set(group)] for group in self.groups}
+        self.trial_order = trials
+        self.skip = {t.key for t in sweep.plan()} - {t.key for t in trials}
+        self.first: dict[int, Any] = {}  # group -> the ref of its first chunk's answer
+        self.lost: set[tuple[str, str, str]] = set()  # keys of trials whose group lost a chunk
+        steps = {(c, g): len(self.trials[group]) for c in range(len(self.chunks)) for g, group in enumerate(self.groups)}
+        super().__init__(ray, sweep, actors, payload, statistics, steps, 0, total)
+
+    def _order(self) -> list:
+        return list(self.steps)  # chunk-major: (0, every group), (1, every group), ...
+
+    def _submit(self, actor: Any, item: tuple[int, int]) -> Any:
+        chunk, group = item
+        first = None if chunk == 0 else [self.first[group]]
+        ref = actor.run_chunk.remote(self.payload, self.sweep.config.layers, self.chunks[chunk], self.groups[group],
+                                     self.skip, self.statistics, first, chunk == len(self.chunks) - 1)
+        if chunk == 0:
+            self.first[group] = ref
+        return ref
+
+    def run(self) -> tuple[list[TrialResult], dict, list | None]:
+        """The rows of every trial in plan order (merged in chunk order; a group that lost a chunk
+        as failed rows) and the groups' histograms, in layer order."""
+        answers, failures, cumulative = self.dispatch(cumulative=self.sweep.config.cumulative)
+        for item, value in answers.items():
+            if value is None:  # its worker could not read the first chunk's bounds
+                failures[item] = failures.get((0, item[1]), "the first chunk was lost")
+        rows: dict = {}
+        histograms: dict = {}
+        lost_groups = 0
+        for g, group in enumerate(self.groups):
+            lost = sorted(item for item in failures if item[1] == g)
+            if lost:
+                lost_groups += 1
+                start, stop = self.chunks[lost[0][0]]
+                reason = (f"worker lost on samples {start}–{stop - 1} ({failures[lost[0]]}); rerun with --resume "
+                          "to retry")
+                for t in self.trials[group]:
+                    rows[t.key] = TrialResult(t.layer, t.target, *t.names, error=reason)
+                    self.lost.add(t.key)
+                continue
+            partials = [{part.key: part for part in answers[(c, g)][0]} for c in range(len(self.chunks))]
+            for t, row in zip(self.trials[group], self.sweep.merge_chunks(self.trials[group], partials)):
+                rows[t.key] = row
+            histograms.update(answers[(len(self.chunks) - 1, g)][1])
+        if lost_groups == len(self.groups):
+            raise RuntimeError(f"every chunk of the data-parallel sweep was lost ({_reasons(failures)}); check "
+                               "the workers' memory, or run without --workers")
+        in_layer_order = {layer.name: histograms[layer.name] for layer in self.sweep.layers if layer.name in histograms}
+        return [rows[t.key] for t in self.trial_order], in_layer_order, cumulative
+
+
+def _data_parallel(ray: Any, sweep: "Sweep", actors: list, payload: list, workers: int, trials: list["Trial"],
+                   statistics: Any, on_result: Callable[[TrialResult], None] | None) -> tuple[AnalysisResult, list | None]:
+    """Estimated output metrics over workers by chunks of samples (`_ChunkDispatcher`), then
+    `--verify K` as layer shards measured exactly. A trial finishes only with its last chunk, so
+    rows reach `on_result` when every chunk is merged; verified rows follow as their shards finish."""
+    chunks = len(sweep.sim.chunks())
+    budget = sweep.verification_budget(trials)
+    dispatcher = _ChunkDispatcher(ray, sweep, actors, payload, workers, trials, statistics,
+                                  total=(len(trials) + budget) * chunks)
+    rows, histograms, cumulative = dispatcher.run()
+    if on_result:
+        for row in rows:
+            if row.key not in dispatcher.lost:  # kept out of trials.jsonl: --resume runs them again
+                on_result(row)
+    if budget:
+        rows = _verify(ray, sweep, actors, payload, workers, trials, rows, statistics, on_result,
+                       offset=len(trials) * chunks)
+    return sweep.result(rows, (), histograms, 0.0), cumulative
+
+
+def _verify(ray: Any, sweep: "Sweep", actors: list, payload: list, workers: int, trials: list["Trial"],
+            rows: list[TrialResult], statistics: Any, on_result: Callable[[TrialResult], None] | None,
+            offset: int) -> list[TrialResult]:
+    """`--verify K` on the workers: the chosen trials re-measured exactly, as layer shards; their
+    rows become exact. A shard lost with its worker leaves its rows estimated, with a warning."""
+    chosen = [trials[index] for index in sweep.verification_choice(rows)]
+    if not chosen:
+        return rows
+    costs = {name: cost for name, cost in layer_costs(sweep, chosen).items() if cost}
+    chunks = len(sweep.sim.chunks())
+    dispatcher = _Dispatcher(ray, sweep, actors, payload, costs, workers, chosen, statistics, on_result,
+                             exact=True, offset=offset, total=offset + len(chosen) * chunks)
+    results, failures, _ = dispatcher.dispatch()
+    exact = {row.key: row for result in results.values() for row in result.trials}
+    if failures:
+        lost = sum(len(dispatcher.trials[dispatcher.shards[index]]) for index in failures)
+        warnings.warn(f"--verify: {lost} trial(s) were not re-measured ({_reasons(failures)}); their rows stay "
+                      "estimated; rerun to verify them", QuantlensWarning, stacklevel=3)
+    return [exact.get(row.key, row) for row in rows]
+
+
+def _reasons(failures: dict) -> str:
+    return "; ".join(sorted(set(failures.values())))[:300]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -194,6 +194,16 @@ class NoiseEstimate:
         estimate._pending = [torch.tensor(float(v), dtype=torch.float64) for v in terms]
         return estimate
 
+    def merge(self, other: "NoiseEstimate") -> None:
+        """Add `other`'s chunks after this one's (in place). Merging one-chunk estimates in chunk
+        order gives, bit for bit, what one estimate updated with those chunks in that order holds:
+        the per-chunk noises are kept as they are and the signal is summed in the same order."""
+        if not isinstance(other, NoiseEstimate) or other.diagonal != self.diagonal:
+            raise ValueError("can only merge a NoiseEstimate of the same kind (diagonal or not)")
+        self._pending.extend(other._pending)
+        self.signal += other.signal
+        self.count += other.count
+
     def result(self) -> ErrorStats:
         # Terms rebuilt by from_state live on the CPU, later ones on the data's device.
         home = self._pending[-1].device if self._pending else None

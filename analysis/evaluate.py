@@ -19,6 +19,7 @@ from analysis.formats import Format
 from analysis.metrics import ErrorAccumulator, ErrorStats, accuracy, perplexity
 from analysis.precision_map import PrecisionMap, uniform_map
 from analysis.config import QuantConfig
+from analysis.hooks import engine_simulator
 from analysis.quantsim import QuantSim
 
 DEFAULT_BASELINES = (("int8", "int8"), ("int4", "int8"), ("int8", None), ("int4", None))
@@ -71,12 +72,16 @@ class Evaluation:
 
 
 class Evaluator:
-    """Calibrates once on calibration data; evaluates any number of maps on evaluation data."""
+    """Calibrates once on calibration data; evaluates any number of maps on evaluation data.
+
+    `engine`: what runs the model (analysis.config.ENGINES; `analysis.hooks.engine_simulator`):
+    pass the engine the analysis used (`Provenance.engine`) so a model only the hook engine runs
+    is evaluated with it too."""
 
     def __init__(self, model: Any, calibration: Dataset, evaluation: Dataset | None = None,
                  config: QuantConfig | None = None, *, device: str | None = None,
-                 sim: QuantSim | None = None) -> None:
-        self.sim = sim or QuantSim(model, calibration, config or QuantConfig(), device=device)
+                 sim: QuantSim | None = None, engine: str = "auto") -> None:
+        self.sim = sim or engine_simulator(model, calibration, config or QuantConfig(), engine=engine, device=device)
         self.config = self.sim.config
         self.calibration = self.sim.data
         self.evaluation = evaluation or calibration

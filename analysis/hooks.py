@@ -44,13 +44,13 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from analysis.config import ENGINES, AnalysisConfig
+from analysis.config import DEFAULT_CACHE_BYTES, ENGINES, AnalysisConfig, QuantConfig
 from analysis.data import Dataset, Inputs, call_model
 from analysis.graph import ModelPreparationError, PreparedModel, check_names, primary_output, private_copy
-from analysis.layers import layer_kind_for
+from analysis.layers import Layer, discover_layers, layer_kind_for
 from analysis.quantsim import DETERMINISM_DB, QuantlensWarning, QuantSim, run_to_run_sqnr_db
 
-__all__ = ["HookSim", "build_simulator"]
+__all__ = ["HookSim", "build_simulator", "engine_simulator", "module_layers"]
 
 _BATCHNORMS = nn.modules.batchnorm._BatchNorm
 
@@ -123,6 +123,7 @@ class HookSim(QuantSim):
     (see the module docstring). Same constructor, same quantizers, same results."""
 
     source = "hooks"
+    engine = "hooks"
 
     def __init__(self, *args: Any, block_reruns: bool = True, **kwargs: Any) -> None:
         """`block_reruns=False`: every trial re-runs the whole model (the same numbers, slower)."""
@@ -359,32 +360,58 @@ class HookSim(QuantSim):
         return output
 
 
+def module_layers(model: nn.Module) -> list[Layer]:
+    """The layers the hook engine analyses in `model`, found from its module tree without running it
+    (no data at hand: the recipe and torchao exports): every module of a registered layer kind, with
+    its kind and tied weights, in definition order rather than execution order. A module forward
+    never calls is listed too (a discovery pass would leave it out)."""
+    graph = torch.fx.Graph()
+    for name in _site_modules(model):
+        graph.call_module(name, (graph.placeholder(f"{name.replace('.', '_')}_input"),))
+    graph.output(None)
+    gm = torch.fx.GraphModule(model, graph, class_name="ModuleTree")
+    return discover_layers(PreparedModel(gm, "hooks", eager=model)).layers
+
+
 def build_simulator(model: Any, data: Dataset, config: AnalysisConfig, *, cache_bytes: int,
                     device: str | None = None) -> QuantSim:
-    """The simulator for `config.engine`: "graph" (a traced copy), "hooks" (the eager model with
-    hooks), or "auto" — the graph, and the hook engine when the model cannot be prepared as a graph
-    (tracing fails, or the traced graph does not compute the model's output), with a one-line warning."""
+    """The sweep's simulator for `config.engine` (see `engine_simulator`); estimated output metrics
+    need a graph, so the hook engine is refused with them (and "auto" does not fall back)."""
     if config.engine not in ENGINES:
         raise ValueError(f"unknown engine {config.engine!r}; use one of {', '.join(ENGINES)}")
-    kwargs = {"device": device or config.device, "cache_bytes": cache_bytes}
-    if config.engine == "graph":
-        return QuantSim(model, data, config.quant, **kwargs)
-    if config.engine == "hooks":
-        if config.output_metrics == "estimated":
-            raise ValueError("estimated output metrics differentiate through a traced graph, which the hook engine "
-                             "does not have; use --output-metrics exact (or none) with --engine hooks")
-        return HookSim(model, data, config.quant, **kwargs)
+    if config.engine == "hooks" and config.output_metrics == "estimated":
+        raise ValueError("estimated output metrics differentiate through a traced graph, which the hook engine "
+                         "does not have; use --output-metrics exact (or none) with --engine hooks")
+    return engine_simulator(model, data, config.quant, engine="graph" if config.output_metrics == "estimated"
+                            else config.engine, device=device or config.device, cache_bytes=cache_bytes)
+
+
+def engine_simulator(model: Any, data: Dataset, quant: QuantConfig | None = None, *, engine: str = "auto",
+                     device: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> QuantSim:
+    """The simulator for `engine`: "graph" (a traced copy), "hooks" (the eager model with hooks), or
+    "auto" — the graph, and the hook engine when the model cannot be prepared as a graph (tracing
+    fails, or the traced graph does not compute the model's output), with a one-line warning.
+    Every surface that quantizes a model (sweep, evaluation, export, real kernels) builds its
+    simulator here, so a model only the hook engine runs works everywhere the analysis did."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    quant = quant or QuantConfig()
+    kwargs = {"device": device, "cache_bytes": cache_bytes}
+    if engine == "graph":
+        return QuantSim(model, data, quant, **kwargs)
+    if engine == "hooks":
+        return HookSim(model, data, quant, **kwargs)
     try:
-        return QuantSim(model, data, config.quant, **kwargs)
+        return QuantSim(model, data, quant, **kwargs)
     except ModelPreparationError as graph_error:
-        if not isinstance(model, nn.Module) or config.output_metrics == "estimated":
+        if not isinstance(model, nn.Module):
             raise
         reason = str(graph_error).splitlines()[0] if str(graph_error) else type(graph_error).__name__
         try:
-            sim = HookSim(model, data, config.quant, **kwargs)
+            sim = HookSim(model, data, quant, **kwargs)
         except ModelPreparationError as hook_error:  # both say why: the graph's reason first
             raise ModelPreparationError(f"{reason}; the hook engine could not run it either: {hook_error}") from None
         warnings.warn(f"the graph engine cannot run this model ({reason}); analysing it with the hook engine "
                       "(your model run eagerly with forward hooks: same metrics, whole-block re-runs)",
-                      QuantlensWarning, stacklevel=2)
+                      QuantlensWarning, stacklevel=3)
         return sim

@@ -286,6 +286,30 @@ class ErrorAccumulator:
         self.distributions += other.distributions
 
 
+class UpdateLog:
+    """Stands in for an `ErrorAccumulator` on one part of the data: keeps each update as its own
+    accumulator, so that `replay` into an accumulator holding the earlier parts performs the same
+    float64 additions, in the same order, as one accumulator updated with everything would. The sums
+    then agree bit for bit (a merged accumulator adds a part's total at once, which differs in the last
+    bits when the part had several updates). Exact for every sum except KL over several row blocks in
+    one update (a language model's logits), which an update itself sums first."""
+
+    def __init__(self, logits: bool = False) -> None:
+        self.logits = logits
+        self.parts: list[ErrorAccumulator] = []
+
+    def update(self, reference: torch.Tensor, quantized: torch.Tensor, mask: torch.Tensor | None = None,
+               histogram: "ErrorHistogram | None" = None) -> None:
+        part = ErrorAccumulator(self.logits)
+        part.update(reference, quantized, mask, histogram=histogram)
+        self.parts.append(part)
+
+    def replay(self, into: ErrorAccumulator) -> None:
+        """Apply the logged updates to `into`, in the order they came."""
+        for part in self.parts:
+            into.merge(part)
+
+
 class ErrorHistogram:
     """Counts of an error tensor (quantized − reference) in `bins` equal bins over [−bound, bound].
 
@@ -322,11 +346,11 @@ class ErrorHistogram:
         if self._counts is None:
             self._counts = torch.zeros(self.bins, dtype=torch.float64, device=home)
         # Bin index floor((v − lo) · bins / (hi − lo)), out-of-range values clipped into the end bins
-        # (as clamping before torch.histc would), counted with bincount: 3× faster than histc on CPU.
-        lo = -self.bound
-        # Clamped to [0, bins − 1] first, truncation to an integer is the floor; int32 indices halve
-        # the memory traffic of the conversion (the costliest step on wide layers).
-        shifted = values.sub_(lo) if scratch and values.data_ptr() == error.data_ptr() else values - lo
+        # (as clamping before torch.histc would). Clamped to [0, bins − 1] first, truncation to an
+        # integer is the floor; int32 indices and binning the caller's scratch tensor in place make
+        # this ~20 % cheaper than int64 indices in a temporary, and bincount beats histc on CPU.
+        own = scratch and values.data_ptr() == error.data_ptr()
+        shifted = values.sub_(-self.bound) if own else values + self.bound
         index = shifted.mul_(self.bins / (2 * self.bound)).clamp_(0, self.bins - 1)
         index = index.to(torch.int32).clamp_(0, self.bins - 1)  # NaN (flagged by ErrorAccumulator) lands in a bin, not an error
         counts = torch.bincount(index, minlength=self.bins)

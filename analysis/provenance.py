@@ -30,6 +30,9 @@ class Provenance:
     data_spec: str | None = None
     model_fingerprint: str | None = None  # of the loaded model's state dict (analysis.loading)
     data_fingerprint: str | None = None
+    # The engine that ran the analysis ("graph" or "hooks"): evaluating, exporting or measuring its
+    # maps uses it again, so a model only the hook engine runs is not traced by a later command.
+    engine: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -44,6 +47,7 @@ class Provenance:
             weights_sha256=recorded.weights_sha256, data_spec=recorded.data_spec or result.data.get("spec"),
             model_fingerprint=recorded.model_fingerprint or result.model.get("fingerprint"),
             data_fingerprint=recorded.data_fingerprint or result.data.get("fingerprint"),
+            engine=recorded.engine or engine_of_source(result.model.get("source")),
         )
 
     @classmethod
@@ -51,6 +55,20 @@ class Provenance:
         payload = payload or {}
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in payload.items() if k in names and (v is None or isinstance(v, str))})
+
+
+def engine_of_source(source: str | None) -> str | None:
+    """The engine a prepared model's source implies ("hooks" for the hook engine, "graph" for an fx
+    or exported graph), for results written before the engine was recorded; None when unknown."""
+    if source is None:
+        return None
+    return "hooks" if source == "hooks" else "graph"
+
+
+def engine_for(given: str | None, recorded: Provenance) -> str:
+    """The engine a command uses: the one asked for (--engine), else the one the analysis used,
+    else "auto" (the graph, and the hook engine when tracing fails)."""
+    return given or recorded.engine or "auto"
 
 
 def absolute_spec(spec: str | None) -> str | None:

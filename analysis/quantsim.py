@@ -144,6 +144,8 @@ class QuantSim:
     caller's model: it works on a private traced copy that shares the caller's weight tensors
     read-only (or copies them when they must move to another device)."""
 
+    engine = "graph"  # what runs it (analysis.config.ENGINES); analysis.hooks.HookSim: "hooks"
+
     def __init__(self, model: Any, data: Dataset, config: QuantConfig | None = None, *,
                  device: str | torch.device | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.config = config or QuantConfig()

@@ -306,6 +306,15 @@ class RunInfo:
         samples = (self.config.get("quant") or self.config).get("num_samples")  # flat in runs of quantlens 0.1
         return f"W {weights} · A {acts}" + (f" · {samples} samples" if samples else "")
 
+    def workers_summary(self) -> str:
+        """Where the sweep ran: one process, or N workers and how the trials were split between them."""
+        workers, ray_address = self.config.get("workers") or 1, self.config.get("ray_address")
+        if workers == 1 and ray_address is None:
+            return "1 process"
+        split = "chunks of samples" if self.config.get("output_metrics") == "estimated" else "layers"
+        where = f" on the Ray cluster at {ray_address}" if ray_address is not None else ""
+        return f"{workers} workers{where}, split by {split}"
+
     def title(self) -> str:
         status = "" if self.done else f" · {self.status}"
         return f"{self.model} · {self.when}{status}"

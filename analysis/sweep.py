@@ -28,13 +28,14 @@ from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.hooks import build_simulator
 from analysis.layers import Layer, weight_coverage
-from analysis.metrics import ErrorAccumulator, ErrorHistogram
+from analysis.metrics import ErrorAccumulator, ErrorHistogram, UpdateLog
 from analysis.quantsim import ProgressFn, QuantSim
 from analysis.results import (
     TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
 )
 
-__all__ = ["AnalysisCancelled", "AnalysisConfig", "Sweep", "SweepState", "Trial", "analyze", "plan_trials"]
+__all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "SweepState", "Trial", "analyze",
+           "plan_trials"]
 
 TrialKey = tuple[str, str, str]  # Trial.key / TrialResult.key: (layer, target, format label)
 PHASES = ("sweep", "verify")  # the pass over every trial, then --verify's exact re-measurement
@@ -82,7 +83,7 @@ def plan_trials(layers: list[Layer], config: AnalysisConfig) -> list[Trial]:
 class _Accumulators:
     """One trial's running sums. Everything stays on the device until `_finish` reads it back."""
 
-    local: ErrorAccumulator
+    local: ErrorAccumulator | UpdateLog  # an UpdateLog on one chunk of a data-parallel sweep
     output: ErrorAccumulator | None  # exact output metrics
     estimate: NoiseEstimate | None = None  # estimated output metrics (analysis.estimate)
     error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
@@ -167,6 +168,20 @@ def _key(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)
 
 
+@dataclass(frozen=True)
+class ChunkPartial:
+    """One trial's sums over one chunk of samples, from fresh accumulators: what a data-parallel
+    worker returns (`Sweep.chunk_partials`); `Sweep.merge_chunks` folds every chunk's, in chunk
+    order, into the row `Sweep.run` writes."""
+
+    key: tuple[str, str, str]
+    local: UpdateLog
+    output: UpdateLog | None  # exact output metrics
+    estimate: NoiseEstimate | None  # estimated output metrics
+    error_histogram: ErrorHistogram
+    failure: str | None
+
+
 class Sweep:
     """The isolation sweep over a `QuantSim`; `run` performs it."""
 
@@ -239,9 +254,9 @@ class Sweep:
         fit: see `restore`). A distributed sweep resumes from finished trials only and takes no
         `start`; it calls no `checkpoint`."""
         self.check_runnable()
-        if self.config.distributed:  # the same sweep, sharded by layer over Ray workers
+        if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
             if start is not None:
-                raise ValueError("a sweep sharded over workers resumes from finished trials, not from a chunk "
+                raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
                                  "checkpoint; pass no start state")
             from analysis.distributed import run_distributed
 
@@ -271,52 +286,34 @@ class Sweep:
         if chosen is not None:
             verify = len(chosen)
         else:
-            verify = self._verification_budget([t for t in plan if t.key in known or t.key not in skip])
-        accumulators = {t.key: self._accumulators(mode) for t in trials}
-        if start is not None and start.phase == "sweep":
-            accumulators.update(restored)
-        descendants = {layer.name: sim.prepared.descendants([s.node for s in sim.sites(layer.name)]) for layer in layers}
-        perturbed = list(dict.fromkeys(s.node for layer in layers for s in sim.sites(layer.name)))
+            verify = self.verification_budget([t for t in plan if t.key in known or t.key not in skip])
+        accumulators = {id(t): restored.get(t.key) or self._accumulators(mode) for t in trials}
+        descendants = self._descendants(layers)
+        perturbed = self._perturbed()
         results: list[TrialResult] = []
         progress = _Progress((len(trials) + verify) * len(chunks), self.progress, self.should_stop)
         # Reported before the first trial, from where this run starts (a resumed run: its chunks
         # done), so a progress display shows the size of the job up front.
         progress.start(first * len(trials) + (start.done * verify if chosen is not None else 0))
+
+        def finish(trial: Trial) -> None:
+            results.append(_finish(trial, accumulators[id(trial)]))
+            if on_result:  # streamed as each trial finishes (a killed run resumes from here)
+                on_result(results[-1])
+
         for chunk_index in range(first, len(chunks) if trials else 0):
-            chunk = chunks[chunk_index]
-            grads = None
-            if mode == "estimated":  # its forward with autograd doubles as the chunk's FP32 capture
-                grads = self._gradients(chunk, perturbed)
-                cache = sim.adopt_cache(chunk, grads.values)
-                grads.values = None
-            else:
-                cache = sim.cache(chunk)
-            reference_out = sim.output_of(cache)
-            mask = sim.output_mask(chunk)
-            local_refs: dict[str, list[torch.Tensor]] = {}
-            for trial in trials:
-                progress.check()
-                acc = accumulators[trial.key]
-                if acc.failure is None:
-                    try:
-                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
-                                        mask=mask)
-                    except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
-                        acc.failure = _one_line(exc)
-                progress.step(trial.layer)
-                if chunk_index == len(chunks) - 1:
-                    results.append(_finish(trial, acc))
-                    if on_result:  # streamed as each trial finishes (a killed run resumes from here)
-                        on_result(results[-1])
-            del grads
-            if checkpoint is not None and chunk_index < len(chunks) - 1:
+            last = chunk_index == len(chunks) - 1
+            self._chunk_pass(chunks[chunk_index], trials, accumulators, descendants, perturbed, progress,
+                             finish if last else None)
+            if checkpoint is not None and not last:
                 checkpoint(SweepState("sweep", tuple(chunks), chunk_index + 1,
-                                      {t.key: accumulators[t.key].state() for t in trials}))
+                                      {t.key: accumulators[id(t)].state() for t in trials}))
         if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
             if chosen is None:
                 rows = {**known, **{r.key: r for r in results}}
-                chosen = [t for t in self._chosen([rows[t.key] for t in plan if t.key in rows])
-                          if t.key not in measured]
+                estimated = [rows[t.key] for t in plan if t.key in rows]
+                chosen = [by_key[estimated[i].key] for i in self.verification_choice(estimated)
+                          if estimated[i].key not in measured]
                 restored, first_verify = {}, 0
             else:
                 first_verify = start.done
@@ -325,20 +322,7 @@ class Sweep:
             results = sorted({**{r.key: r for r in results}, **{r.key: r for r in verified}}.values(),
                              key=lambda r: order[r.key])
         cumulative = self._cumulative(layers) if self.config.cumulative else ()
-        return AnalysisResult(
-            config=self.config.to_dict(),
-            layers=tuple(sim.layers),
-            skipped=tuple(sim.table.skipped),
-            trials=tuple(results),
-            cumulative=tuple(cumulative),
-            histograms=self.histograms(layers),
-            model={"source": sim.prepared.source, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
-                   "weight_coverage": weight_coverage(sim.table, sim.gm)},
-            data={"samples": len(self.data), "task": self.data.task, "fingerprint": self.data.fingerprint(),
-                  "chunks": len(chunks)},
-            versions=versions(),
-            seconds=time.perf_counter() - started,
-        )
+        return self.result(results, cumulative, self.histograms(layers), time.perf_counter() - started)
 
     def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, _Accumulators]:
         """The running sums `state` holds, checked against this sweep with the trials in `skip`
@@ -380,6 +364,118 @@ class Sweep:
                 raise ValueError(f"the sums of trial {'/'.join(key)} are unusable: {reason}") from None
         return restored
 
+    def result(self, trials: list[TrialResult], cumulative: Any, histograms: dict[str, LayerHistograms],
+               seconds: float) -> AnalysisResult:
+        """The sweep's result from its rows, cumulative view and histograms (what `run` returns)."""
+        sim = self.sim
+        return AnalysisResult(
+            config=self.config.to_dict(),
+            layers=tuple(sim.layers),
+            skipped=tuple(sim.table.skipped),
+            trials=tuple(trials),
+            cumulative=tuple(cumulative),
+            histograms=histograms,
+            model={"source": sim.prepared.source, "engine": sim.engine, "folded_batchnorms": list(sim.prepared.folded_batchnorms),
+                   "weight_coverage": weight_coverage(sim.table, sim.gm)},
+            data={"samples": len(self.data), "task": self.data.task, "fingerprint": self.data.fingerprint(),
+                  "chunks": len(sim.chunks())},
+            versions=versions(),
+            seconds=seconds,
+        )
+
+    def _descendants(self, layers: list[Layer]) -> dict[str, list]:
+        """The nodes a trial of each layer re-runs for exact output metrics."""
+        sim = self.sim
+        return {layer.name: sim.prepared.descendants([s.node for s in sim.sites(layer.name)]) for layer in layers}
+
+    def _perturbed(self) -> list:
+        """The nodes whose output gradients the estimate takes: every analysed layer's (the same set
+        wherever a chunk runs, so the backward pass is the same)."""
+        return list(dict.fromkeys(s.node for layer in self.layers for s in self.sim.sites(layer.name)))
+
+    def _chunk_pass(self, chunk: tuple[int, int], trials: list[Trial], accumulators: dict, descendants: dict,
+                    perturbed: list, progress: "_Progress", finished: Callable[[Trial], None] | None = None) -> None:
+        """Every trial on one chunk of samples, into its accumulators; `finished(trial)` after each."""
+        sim = self.sim
+        grads = None
+        if self.config.output_metrics == "estimated":  # its forward with autograd doubles as the FP32 capture
+            grads = self._gradients(chunk, perturbed)
+            cache = sim.adopt_cache(chunk, grads.values)
+            grads.values = None
+        else:
+            cache = sim.cache(chunk)
+        reference_out = sim.output_of(cache)
+        mask = sim.output_mask(chunk)
+        local_refs: dict[str, list[torch.Tensor]] = {}
+        for trial in trials:
+            progress.check()
+            acc = accumulators[id(trial)]
+            if acc.failure is None:
+                try:
+                    self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
+                                    mask=mask)
+                except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
+                    acc.failure = _one_line(exc)
+            progress.step(trial.layer)
+            if finished is not None:
+                finished(trial)
+
+    # data parallel: chunks of samples computed apart, merged in chunk order -------------------
+
+    def chunk_partials(self, chunk: tuple[int, int], trials: list[Trial], bounds: dict | None = None,
+                       progress: ProgressFn | None = None) -> list[ChunkPartial]:
+        """`trials` (of this sweep's plan) on one chunk of `self.sim.chunks()`, each from fresh sums:
+        one chunk's share of `run`, for a worker of a data-parallel sweep. `bounds`: each trial's
+        error-histogram bound from the first chunk's partials (`ChunkPartial.error_histogram.bound`),
+        so every chunk bins on the edges a single run fixes on its first chunk."""
+        mode, bounds = self.config.output_metrics, bounds or {}
+        logits = self.data.logits
+        accumulators = {id(t): _Accumulators(UpdateLog(), UpdateLog(logits) if mode == "exact" else None,
+                                             NoiseEstimate() if mode == "estimated" else None,
+                                             ErrorHistogram(bound=bounds.get(t.key))) for t in trials}
+        layers = [layer for layer in self.layers if layer.name in {t.layer for t in trials}]
+        descendants = self._descendants(layers) if mode == "exact" else {layer.name: [] for layer in layers}
+        self._chunk_pass(chunk, trials, accumulators, descendants, self._perturbed(),
+                         _Progress(len(trials), progress, self.should_stop))
+        return [ChunkPartial(t.key, a.local, a.output, a.estimate, a.error_histogram, a.failure)
+                for t in trials for a in (accumulators[id(t)],)]
+
+    def merge_chunks(self, trials: list[Trial], chunks: list[dict[tuple[str, str, str], ChunkPartial]]) -> list[TrialResult]:
+        """The rows of `trials` from their `chunk_partials` of every chunk, given in chunk order (one
+        dict by trial key per chunk). Each trial's sums are replayed chunk after chunk, the additions
+        `run` makes in the order it makes them: the rows are `run`'s bit for bit. A trial that failed
+        on a chunk is failed with the first such chunk's reason, as `run` reports it."""
+        results = []
+        for trial in trials:
+            acc = self._accumulators(self.config.output_metrics)
+            for partials in chunks:
+                part = partials[trial.key]
+                if part.failure is not None:
+                    acc.failure = part.failure
+                    break
+                try:
+                    part.local.replay(acc.local)
+                    if acc.output is not None and part.output is not None:
+                        part.output.replay(acc.output)
+                    if acc.estimate is not None and part.estimate is not None:
+                        acc.estimate.merge(part.estimate)
+                    acc.error_histogram.merge(part.error_histogram)
+                except ValueError as exc:
+                    acc.failure = _one_line(exc)
+                    break
+            results.append(_finish(trial, acc))
+        return results
+
+    def verification_choice(self, results: list[TrialResult]) -> list[int]:
+        """Indices into `results` (estimated rows, in plan order) that `--verify K` re-measures: the
+        K rows of each format label whose estimated output noise is largest."""
+        by_label: dict[tuple[str, str], list[int]] = {}
+        for index, result in enumerate(results):
+            if result.ok and result.output is not None:
+                by_label.setdefault((result.target, result.format), []).append(index)
+        return sorted(index for indices in by_label.values()
+                      for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
+
     def _accumulators(self, mode: str) -> _Accumulators:
         logits = self.data.logits
         return _Accumulators(ErrorAccumulator(), ErrorAccumulator(logits) if mode == "exact" else None,
@@ -393,7 +489,7 @@ class Sweep:
             raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
                              f"({_one_line(exc)}); use --output-metrics exact") from None
 
-    def _verification_budget(self, trials: list[Trial]) -> int:
+    def verification_budget(self, trials: list[Trial]) -> int:
         """How many trials `--verify K` re-measures: K per format label (fewer where a label has fewer)."""
         if self.config.output_metrics != "estimated" or not self.config.verify:
             return 0
@@ -401,18 +497,6 @@ class Sweep:
         for trial in trials:
             per_label[(trial.target, _label(trial))] = per_label.get((trial.target, _label(trial)), 0) + 1
         return sum(min(n, self.config.verify) for n in per_label.values())
-
-    def _chosen(self, results: list[TrialResult]) -> list[Trial]:
-        """The K trials of each format label whose estimated output noise is largest (the ones a
-        budget decides on first), in plan order; `results` are the estimated rows in plan order."""
-        by_label: dict[tuple[str, str], list[int]] = {}
-        for index, result in enumerate(results):
-            if result.ok and result.output is not None:
-                by_label.setdefault((result.target, result.format), []).append(index)
-        chosen = sorted(index for indices in by_label.values()
-                        for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
-        by_key = {t.key: t for t in self.plan()}
-        return [by_key[results[index].key] for index in chosen]
 
     def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators], first: int, descendants: dict,
                 progress: "_Progress", on_result: Callable[[TrialResult], None] | None,

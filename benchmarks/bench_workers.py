@@ -6,10 +6,13 @@ waits for), one after the other in one session:
 - `workers=2` on a local Ray cluster: 2 worker processes of 1 intra-op thread each (Ray start-up,
   model shipping and each worker's own preparation included);
 - one process with every core's thread (torch's default), for context.
-Random initialisation, weight-only int8/int4 with exact output metrics (the numbers are about time).
-CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
+Random initialisation, weight-only int8/int4 with exact output metrics (the numbers are about time),
+or with `--output-metrics estimated`, where the workers split the chunks of samples instead of the
+layers (`--cache-mb` sets the chunks: the estimate's cache bound is a quarter of it with its 2
+projections; each mode prints how many chunks it had). CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
 other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
 Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
+     python benchmarks/bench_workers.py --output-metrics estimated --sequences 16 --cache-mb 256 [--workers-only]
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def sweep(args: argparse.Namespace) -> None:
     model = GPT(blocks=args.blocks, context=args.tokens).eval()
     idx = torch.randint(0, 16384, (args.sequences, args.tokens))
     data = Dataset(idx, torch.roll(idx, -1, dims=1), "language-model", "random tokens")
+    extra = {} if args.cache_mb is None else {"cache_bytes": args.cache_mb << 20}
     config = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=(), targets=("weights",),
-                            num_samples=args.sequences, workers=args.workers)
+                            num_samples=args.sequences, workers=args.workers, output_metrics=args.output_metrics,
+                            **extra)
     stop, workers = threading.Event(), {}
     sampler = threading.Thread(target=worker_cpu_seconds, args=(stop, workers), daemon=True)
     sampler.start()
@@ -70,7 +75,8 @@ def sweep(args: argparse.Namespace) -> None:
     result.to_frame().to_csv(args.table, index=False)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"sweep_seconds": round(seconds, 1), "layers": len(result.layers),
-                      "trials": len(result.trials), "threads": torch.get_num_threads(),
+                      "trials": len(result.trials), "chunks": result.data["chunks"],
+                      "output_metrics": args.output_metrics, "threads": torch.get_num_threads(),
                       "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                       "cpu_seconds_this_process": round(usage.ru_utime + usage.ru_stime, 1),
                       "cpu_seconds_workers": sorted(round(v, 1) for v in workers.values())}))
@@ -81,6 +87,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12, help="12: the ~100M model; fewer for a quick run")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--output-metrics", choices=("exact", "estimated"), default="exact",
+                        help="estimated: the workers split the chunks of samples (data parallel)")
+    parser.add_argument("--cache-mb", type=int, help="the sweep's cache bound, which sets the chunks of samples")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="only 1 process vs the workers (leave out the 1 process with every core's thread)")
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # a child's mode
     parser.add_argument("--table", help=argparse.SUPPRESS)  # where a child writes its layers.csv
     args = parser.parse_args()
@@ -90,7 +101,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     work = Path(tempfile.mkdtemp(prefix="quantlens-bench-workers-"))
     modes = [("1 process, 1 thread", 1, "1"), (f"--workers {cores}, 1 thread each", cores, "1"),
-             (f"1 process, {cores} threads", 1, str(cores))]
+             (f"1 process, {cores} threads", 1, str(cores))][:2 if args.workers_only else 3]
     rows = []
     for label, workers, threads in modes:
         table = work / f"{len(rows)}.csv"
@@ -98,7 +109,9 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
         started = time.perf_counter()
         child = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
-                                "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table)],
+                                "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table),
+                                "--output-metrics", args.output_metrics,
+                                *(["--cache-mb", str(args.cache_mb)] if args.cache_mb is not None else [])],
                                capture_output=True, text=True, env=env)
         wall = time.perf_counter() - started
         load = os.getloadavg()[0]  # other processes on the machine: the wall times depend on them

@@ -205,8 +205,9 @@ def baseline_pairs(result: Any) -> tuple[tuple[str, str | None], ...]:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Calibrating the evaluator (once per run)…")
-def evaluator(run_key: str, inputs_json: str, config_json: str, eval_samples: int) -> tuple[Any, threading.Lock]:
-    """An Evaluator with the run's calibration settings, on the run's model and evaluation data.
+def evaluator(run_key: str, inputs_json: str, config_json: str, eval_samples: int,
+              engine: str = "auto") -> tuple[Any, threading.Lock]:
+    """An Evaluator with the run's calibration settings and engine, on the run's model and evaluation data.
 
     Shared by sessions (calibration runs once); the lock serialises its use."""
     from analysis.evaluate import Evaluator
@@ -216,7 +217,7 @@ def evaluator(run_key: str, inputs_json: str, config_json: str, eval_samples: in
     calibration = state.load_data(inputs)
     evaluation = state.load_eval_data(inputs).take(eval_samples)
     config = state.config_from_dict(json.loads(config_json)).quant
-    return Evaluator(model, calibration, evaluation, config), threading.Lock()
+    return Evaluator(model, calibration, evaluation, config, engine=engine), threading.Lock()
 
 
 def run_evaluator(info: state.RunInfo, result: Any, eval_samples: int) -> tuple[Any, threading.Lock]:
@@ -226,8 +227,11 @@ def run_evaluator(info: state.RunInfo, result: Any, eval_samples: int) -> tuple[
                          "analyse the model from the Model & data page to evaluate maps")
     from dataclasses import asdict
 
+    from analysis.provenance import Provenance, engine_for
+
     return evaluator(info.key, json.dumps(asdict(inputs), sort_keys=True),
-                     json.dumps(result.config, sort_keys=True, default=str), int(eval_samples))
+                     json.dumps(result.config, sort_keys=True, default=str), int(eval_samples),
+                     engine_for(None, Provenance.of_result(result)))
 
 
 @st.cache_data(max_entries=8, ttl=3600, show_spinner="Evaluating FP32 and the uniform baselines…")

@@ -100,6 +100,13 @@ def spec_digest(spec: str | None) -> str:
     return runstore.file_stamp(Path(spec).expanduser())
 
 
+def available_workers() -> int:
+    """The most worker processes an analysis may run in here: the cores this server may use."""
+    from analysis.distributed import local_cores
+
+    return local_cores()
+
+
 def available_devices() -> list[str]:
     """Where this server can run an analysis: cpu, each CUDA device, mps."""
     import torch

@@ -135,6 +135,7 @@ def sidebar() -> None:
                      help="Every analysis is saved on disk and reopens after a refresh or a restart.")
         info = by_id[current]
         details = [f"**model** {escape(info.model)}", f"**data** {escape(info.data)}", escape(info.formats_summary()),
+                   escape(info.workers_summary()),
                    f"{info.when} · {info.status}" + (f" · took {info.seconds:.1f} s" if info.seconds else "")]
         if info.layers:
             details.append(f"{info.layers} layers · {info.trials} trials")

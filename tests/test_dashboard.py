@@ -856,3 +856,62 @@ def test_the_mixed_precision_page_decides_once_per_deployment_group():
     pmap = suggest(grouped, Budget("avg-bits", 6.0)).map
     for group in names:
         assert len({str(pmap.layers[name].weight) for name in group}) == 1, group
+
+
+def _sidebar_details(at: AppTest) -> str:
+    return "\n".join(caption.value for caption in at.sidebar.caption)
+
+
+def test_the_workers_number_offers_this_machines_cores_and_defaults_to_one_process(tmp_path, template_runs):
+    from analysis.distributed import local_cores
+
+    at = _open(tmp_path, template_runs)
+    workers = at.number_input(key="md_workers")
+    assert (workers.value, workers.min, workers.max) == (1, 1, local_cores())
+    assert "1 process" in _sidebar_details(at)  # the template run: one process
+
+
+def test_workers_without_ray_are_refused_in_one_line_before_anything_is_written(tmp_path, template_runs,
+                                                                               monkeypatch):
+    import builtins
+
+    from analysis.distributed import local_cores
+
+    if local_cores() < 2:
+        pytest.skip("two worker processes need two cores")
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    at = _open(tmp_path, template_runs)
+    run_id = at.session_state.run_id
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    at.number_input(key="md_workers").set_value(2)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    errors = _errors(at)
+    assert len(errors) == 1 and "pip install 'quantlens[ray]'" in errors[0] and "\n" not in errors[0], errors
+    assert at.session_state.run_id == run_id and len(_run_dirs(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_a_run_with_two_workers_records_them_and_shows_how_it_was_split(tmp_path, template_runs):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'quantlens[ray]' runs this test")
+    from analysis.distributed import local_cores
+
+    if local_cores() < 2:
+        pytest.skip("two worker processes need two cores")
+    at = _open(tmp_path, template_runs)
+    at.number_input(key="md_workers").set_value(2)
+    at.radio(key="md_output").set_value("estimated (fast)")
+    at.number_input(key="md_samples").set_value(16)
+    at.button(key="md_run").click().run()
+    _ok(at)
+    assert not _errors(at), _errors(at)
+    info = state.get_run(at.session_state.run_id)
+    assert info.status == "done" and info.config["workers"] == 2 and info.config["output_metrics"] == "estimated"
+    assert info.trials == MLP_TRIALS
+    assert "2 workers, split by chunks of samples" in _sidebar_details(at)

@@ -105,7 +105,6 @@ def test_workers_are_checked_and_do_not_change_what_a_resume_compares():
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"output_metrics": "estimated", "verify": 2}, "--verify"),
     ({"device": "cuda:1"}, "name cpu or cuda"),
     ({"device": "mps"}, "name cpu or cuda"),
     ({"workers": 10_000}, "more than the"),
@@ -191,9 +190,9 @@ class _FakeWorker:
         return self
 
     def remote(self, *args):
-        if len(args) != 4:  # a progress poll
+        if len(args) != 5:  # a progress poll
             return lambda: (0, "")
-        _, layers, skip, _ = args
+        _, layers, skip, _, _ = args
 
         def result():
             if self.fake.doomed in layers:
@@ -262,7 +261,11 @@ CNN_CONFIG = AnalysisConfig(weight_formats=("int8", "int4"), act_formats=("int8"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("changes", [{"cumulative": True}, {"output_metrics": "estimated"}], ids=["exact", "estimated"])
+@pytest.mark.parametrize("changes", [
+    {"cumulative": True},
+    # data parallel: 48 samples in 6 chunks, split over the workers; --verify re-measures on them
+    {"output_metrics": "estimated", "cache_bytes": 12 << 20, "verify": 2},
+], ids=["exact", "estimated"])
 def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_path, changes):
     model, ds = _cnn()
     config = dataclasses.replace(CNN_CONFIG, **changes)
@@ -277,11 +280,15 @@ def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_pat
     assert shards.cumulative == single.cumulative  # computed on one worker with every layer
     assert {k: v for k, v in shards.config.items() if k != "workers"} == \
         {k: v for k, v in single.config.items() if k != "workers"} and shards.config["workers"] == 2
-    # every trial streamed once, as its shard finished; progress counted all of them, never backwards
-    assert sorted(t.key for t in streamed) == sorted(t.key for t in single.trials)
+    # every trial streamed once, as its shard finished (verified ones again, now exact); progress
+    # counted all of them, never backwards
+    verified = sum(t.output_source == "exact" for t in single.trials) if config.verify else 0
+    assert verified == (2 * len({(t.target, t.format) for t in single.trials}) if config.verify else 0)
+    assert sorted(t.key for t in streamed) == sorted([t.key for t in single.trials] + [
+        t.key for t in single.trials if config.verify and t.output_source == "exact"])
     lines = (tmp_path / "two" / "trials.jsonl").read_text().splitlines()
-    assert len(lines) == len(single.trials)
-    total = len(single.trials) * single.data["chunks"]
+    assert len(lines) == len(single.trials) + verified
+    total = (len(single.trials) + verified) * single.data["chunks"]
     assert steps and steps[-1] == (total, total) and all(a[0] <= b[0] for a, b in zip(steps, steps[1:]))
 
 

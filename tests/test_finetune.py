@@ -15,6 +15,7 @@ import sample_models as sm
 from analysis.cli import main
 from analysis.config import ConfigError, QATConfig, QuantConfig
 from analysis.data import Dataset
+from analysis.evaluate import Evaluator
 from analysis.finetune import remedies
 from analysis.formats import parse_format
 from analysis.loading import load_data, model_fingerprint
@@ -335,3 +336,83 @@ def test_finetune_cli_refuses_an_exported_program_before_training(tmp_path, caps
     captured = capsys.readouterr()
     assert code == 2 and len(captured.err.strip().splitlines()) == 1 and "exported program" in captured.err
     assert "held-out" not in captured.out and not (tmp_path / "t.safetensors").exists()
+
+
+# --- timm's BatchNormAct2d: folded by the analysis, unfolded back after QAT -----------------------
+
+
+class BatchNormAct2d(torch.nn.BatchNorm2d):
+    """Built like timm's `timm.layers.BatchNormAct2d` (importing timm takes seconds): a BatchNorm2d
+    subclass from outside torch.nn whose forward is `F.batch_norm` on its own buffers, then its
+    `drop` and `act` submodules; tracing runs through it."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.drop = torch.nn.Identity()
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           False, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class ConvBNAct(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = BatchNormAct2d(8)
+        self.head = torch.nn.Linear(8, 4)
+        with torch.no_grad():  # statistics a trained network would have, not the identity
+            self.bn1.running_mean.uniform_(-0.5, 0.5)
+            self.bn1.running_var.uniform_(0.5, 2.0)
+            self.bn1.weight.uniform_(0.5, 1.5)
+            self.bn1.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        return self.head(self.bn1(self.conv(x)).mean((2, 3)))
+
+
+def _conv_bn_act_data() -> Dataset:
+    torch.manual_seed(3)
+    return Dataset(torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), "classification", "images")
+
+
+def test_a_folded_timm_batchnormact_unfolds_into_the_models_own_class():
+    model, data = ConvBNAct().eval(), _conv_bn_act_data()
+    sim = QuantSim(model, data)
+    prepared, _ = sim.trainable_copy()
+    assert prepared.folded_batchnorms == ("bn1",)
+    tuned = prepared.graph_module
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    mine = unfold_into(model, tuned, prepared.folded_batchnorms)
+    assert type(mine) is ConvBNAct
+    # by hand: the BatchNorm now adds the folded bias and nothing else; the convolution has the folded weight
+    torch.testing.assert_close(mine.conv.weight, tuned.get_submodule("conv").weight, rtol=0, atol=0)
+    x = data.inputs
+    expected = tuned.get_submodule("head")(torch.relu(torch.nn.functional.conv2d(
+        x, tuned.get_submodule("conv").weight, tuned.get_submodule("conv").bias, padding=1)).mean((2, 3)))
+    torch.testing.assert_close(mine(x), expected, rtol=1e-5, atol=1e-6)
+    refolded = dict(QuantSim(mine, data).gm.named_parameters())
+    for name in ("conv.weight", "conv.bias", "head.weight"):
+        torch.testing.assert_close(refolded[name], dict(tuned.named_parameters())[name], rtol=1e-6, atol=1e-7)
+
+
+def test_finetune_returns_a_timm_style_conv_batchnormact_model_in_its_own_class():
+    model, data = ConvBNAct().eval(), _conv_bn_act_data()
+    before = _state(model)
+    pmap = PrecisionMap({"conv": LayerPrecision("int4", "int8"), "head": LayerPrecision("int4", "int8")},
+                        quant=QuantConfig())
+    result = finetune_qat(model, pmap, data, data, config=QATConfig(epochs=2, lr=1e-3, patience=0, keep="last"))
+    assert result.kept == "qat" and type(result.model) is ConvBNAct
+    assert not any("do not map back" in note for note in result.notes)
+    assert not torch.equal(result.model.conv.weight, model.conv.weight)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    # the returned model is the one QAT measured: evaluating it again gives the reported figures
+    again = Evaluator(result.model, data, data, pmap.quant).evaluate(pmap)
+    assert again.output.sqnr_db == pytest.approx(result.qat_output_sqnr_db, rel=1e-4)
+    assert again.metric == pytest.approx(result.qat)
+

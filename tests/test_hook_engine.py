@@ -18,6 +18,7 @@ from analysis.graph import ModelPreparationError
 from analysis.hooks import HookSim
 from analysis.quantsim import QuantlensWarning, QuantSim, quantize_weight
 from analysis.sweep import AnalysisConfig, Sweep
+from tests._hook_models import Branchy, branchy_data
 
 
 def run(model, data, engine, **overrides):
@@ -92,33 +93,6 @@ def test_both_engines_give_the_same_table_on_a_hugging_face_llama():
     assert hook_sweep.sim.units == ["model.layers.0", "model.layers.1"]
     assert {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"} <= set(hook_sweep.sim.layer_names)
     assert lm.config.use_cache is True  # the private copy's cache went off, not the caller's
-
-
-class Branchy(nn.Module):
-    """Data-dependent control flow (neither torch.fx nor torch.export can trace it), blocks in a
-    ModuleList, and a layer called twice."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(6, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
-        self.shared = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-            if h.sum() > 0:  # data-dependent: a tracer cannot follow it
-                h = h * 0.5
-        h = self.shared(torch.relu(self.shared(h)))
-        return self.head(h)
-
-
-def branchy_data(n=16):
-    torch.manual_seed(1)
-    return Dataset(torch.randn(n, 6), None, "other", "synthetic")
 
 
 def naive_sqnr(model, inputs, param, fmt):

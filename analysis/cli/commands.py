@@ -134,8 +134,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     write_report(result, out / "report.html", title=f"quantlens: {args.model}")
     frame = result.to_frame()
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
-    if result.model.get("source") == "hooks":
-        print("engine: hooks (your model run eagerly with forward hooks)")
+    _print_engine(result.model.get("engine"))
     print(f"analysed {len(result.layers)} layers ({len(result.skipped)} skipped), {len(frame)} trials"
           f"{f', {failed} failed' if failed else ''} in {result.seconds:.1f}s -> {out}/layers.csv, analysis.json, report.html")
     coverage = result.model.get("weight_coverage") or {}
@@ -152,6 +151,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"  ... and {len(result.skipped) - 10} more skipped (see analysis.json)")
     _print_most_sensitive(frame)
     return 0
+
+
+def _print_engine(engine: str | None) -> None:
+    if engine == "hooks":
+        print("engine: hooks (your model run eagerly with forward hooks)")
 
 
 def _output_metrics(args) -> str:
@@ -181,7 +185,8 @@ def _eval_spec(data_spec: str | None, eval_spec: str | None) -> tuple[str | None
     return data_spec, "calibration"
 
 
-def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, config, device: str = "cpu"):
+def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, config, device: str = "cpu",
+               engine: str = "auto"):
     from analysis.evaluate import Evaluator
     from analysis.loading import check_compatible, load_data
 
@@ -189,14 +194,14 @@ def _evaluator(model, data_spec: str, eval_spec: str | None, task: str | None, c
     check_compatible(model, calibration)
     spec, split = _eval_spec(data_spec, eval_spec)
     evaluation = load_data(spec, split=split, task=task) if spec else calibration
-    return Evaluator(model, calibration, evaluation, config, device=device)
+    return Evaluator(model, calibration, evaluation, config, device=device, engine=engine)
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     from analysis.allocate import DEFAULT_EVALUATIONS, apply_groups, build_problem, parse_budget, resolve_groups, suggest
     from analysis.config import QuantConfig
     from analysis.loading import load_model
-    from analysis.provenance import Provenance, check_model, weights_to_load
+    from analysis.provenance import Provenance, check_model, engine_for, weights_to_load
     from analysis.results import load_analysis
 
     from analysis.allocate import check_front_points
@@ -229,7 +234,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         model = load_model(model_spec, weights)
         check_model(provenance.model_fingerprint, model, f"the analysis in {args.analysis}",
                     "pass the --weights the analysis used, or re-run `quantlens analyze`")
-        evaluator = _evaluator(model, data_spec, args.eval_data, result.data.get("task"), quant)
+        evaluator = _evaluator(model, data_spec, args.eval_data, result.data.get("task"), quant,
+                               engine=engine_for(args.engine, provenance))
+        _print_engine(evaluator.sim.engine)
     judge = None
     if evaluator is not None:
         from analysis.allocate.judging import judging
@@ -315,13 +322,17 @@ def _quant_for(pmap, samples: int | None):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from analysis.precision_map import load_map
+    from analysis.provenance import Provenance, engine_for
 
     if args.out:
         _check_output(args.out, args, args.map, args.model, args.weights, args.data, args.eval_data)
     pmap = load_map(args.map) if args.map else None
     model = _map_model(args, pmap, f"the map {args.map}")
     config = _quant_for(pmap, args.samples)
-    evaluator = _evaluator(model, args.data, args.eval_data, args.task, config, args.device)
+    recorded = Provenance.from_dict(pmap.provenance) if pmap is not None else Provenance()
+    evaluator = _evaluator(model, args.data, args.eval_data, args.task, config, args.device,
+                           engine=engine_for(args.engine, recorded))
+    _print_engine(evaluator.sim.engine)
     if pmap is not None:
         pmap.validate(evaluator.layer_names)
         evaluations = [evaluator.fp32(), evaluator.evaluate(pmap, label=Path(args.map).name)]
@@ -331,7 +342,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from analysis.real import evaluate_real
 
         for pmap_real, label in ([(pmap, Path(args.map).name)] if pmap else _uniform_real(evaluator)):
-            evaluations.append(evaluate_real(model, evaluator.calibration, evaluator.evaluation, pmap_real, label=f"{label} (real)"))
+            evaluations.append(evaluate_real(model, evaluator.calibration, evaluator.evaluation, pmap_real,
+                                             label=f"{label} (real)", engine=evaluator.sim.engine))
     _print_evaluations(evaluations)
     if evaluator.evaluation.labels is None:
         print("note: the evaluation data has no labels, so no task metric (accuracy / perplexity) was computed; "
@@ -396,7 +408,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     update, close = _progress_bar(args.quiet, unit="epoch")
     try:
         result = finetune_qat(model, pmap, train, calibration, validation=validation, evaluation=evaluation,
-                              config=config, progress=update, device=args.device)
+                              config=config, progress=update, device=args.device, engine=args.engine)
     finally:
         close()
     for line in result.summary():
@@ -445,7 +457,7 @@ def cmd_export(args: argparse.Namespace) -> int:
              if target.uses_model and (args.model or recorded.model_spec) else None)
     data_spec = args.data or (recorded.data_spec if target.uses_calibration else None)
     calibration = load_data(data_spec, split="calibration", max_samples=pmap.quant.num_samples) if data_spec else None
-    path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration)
+    path = export_map(pmap, args.to, Path(args.out), model=model, calibration=calibration, engine=args.engine)
     record_written(path)  # a later export may replace it without --force
     print(f"wrote {args.to} -> {path}")
     return 0

@@ -41,6 +41,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N or mps (default cpu)")
 
 
+def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="what runs the model: graph, hooks or auto (default: the engine the analysis used, as "
+                             "its map or analysis.json records it, else auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from analysis.calibration import CALIBRATION_METHODS
     from analysis.formats import format_syntax
@@ -88,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(≈1.6x slower on small models)")
     analyze.add_argument("--workers", type=int, default=1, metavar="N",
                          help="run the sweep in N worker processes on Ray (pip install 'quantlens[ray]'), one model "
-                              "copy each, the CPU cores split between them; results equal a single-process run")
+                              "copy each, the CPU cores split between them; split by layer, or by chunks of samples with "
+                              "--output-metrics estimated; results equal a single-process run")
     analyze.add_argument("--ray", metavar="ADDRESS", default=None,
                          help="run the workers on an existing Ray cluster: 'auto' or host:port (with --device cuda, "
                               "each worker gets a GPU)")
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what a layer left unquantized is kept in (bf16/fp16: analyse that format too)")
     suggest.add_argument("--force", action="store_true",
                          help="replace a map (or front CSV) that quantlens did not write or that was edited since")
+    _add_engine_arg(suggest)
     suggest.set_defaults(func=cmd_suggest)
 
     evaluate = sub.add_parser("evaluate", help="apply a map (or uniform baselines) and measure it")
@@ -129,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the results as JSON here")
     evaluate.add_argument("--force", action="store_true",
                          help="replace an --out file that quantlens did not write")
+    _add_engine_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     finetune = sub.add_parser("finetune", help="quantization-aware fine-tuning under a map; keeps the PTQ model "
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out-map", help="write the map for the fine-tuned weights (default: OUT with .map.json)")
     finetune.add_argument("--force", action="store_true",
                          help="replace an --out or --out-map file that quantlens did not write")
+    _add_engine_arg(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     remedy = sub.add_parser("remedies", help="try calibration remedies on one sensitive layer, each measured")
@@ -176,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output file")
     export.add_argument("--force", action="store_true",
                          help="replace an --out file that quantlens did not write")
+    _add_engine_arg(export)
     export.set_defaults(func=cmd_export)
 
     dashboard = sub.add_parser("dashboard", help="open the interactive dashboard (Streamlit) on 127.0.0.1")

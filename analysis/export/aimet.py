@@ -363,8 +363,8 @@ def aimet_config_path(out_path: Path) -> Path:
 
 
 def _export_aimet(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
-                  version: str = "torch", **_: Any) -> Path:
-    sim = build_sim(pmap, model, calibration)
+                  version: str = "torch", engine: str | None = None, **_: Any) -> Path:
+    sim = build_sim(pmap, model, calibration, engine)
     encodings = to_aimet_encodings(sim, pmap, version)
     if version == "torch":
         write_json(aimet_quantsim_config(encodings), aimet_config_path(out_path))

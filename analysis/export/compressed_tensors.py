@@ -97,10 +97,11 @@ def preset_args(name: str) -> dict[str, Any]:
     return scheme_args(parse_format(weight), parse_format(act, "activation") if act else None, dynamic, name)
 
 
-def compressed_tensors_config(pmap: PrecisionMap, model: Any = None) -> dict[str, Any]:
+def compressed_tensors_config(pmap: PrecisionMap, model: Any = None, engine: str | None = None) -> dict[str, Any]:
     """{"quantization_config", "recipe", "schemes"} for the map; with `model` (nn.Module or spec) every
-    analysed layer is covered and non-Linear ones are refused (see `params.recipe_layers`)."""
-    layers = recipe_layers(pmap, model)
+    analysed layer is covered and non-Linear ones are refused (see `params.recipe_layers`, also for
+    `engine`)."""
+    layers = recipe_layers(pmap, model, engine)
     pmap.validate([name for name, _ in layers])
     assignment = recipe_assignment(pmap, [name for name, _ in layers])
     groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -134,8 +135,8 @@ def compressed_tensors_config(pmap: PrecisionMap, model: Any = None) -> dict[str
     }
 
 
-def _export(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
-    return write_json(compressed_tensors_config(pmap, model), out_path)
+def _export(pmap: PrecisionMap, out_path: Path, *, model: Any = None, engine: str | None = None, **_: Any) -> Path:
+    return write_json(compressed_tensors_config(pmap, model, engine), out_path)
 
 
 register(Target("compressed-tensors", "llm-compressor recipe",

@@ -52,10 +52,11 @@ def _quantizer_cfg(layer: str, role: str, fmt: Format, dynamic: bool) -> dict[st
     raise ExportError(f"ModelOpt cannot express {fmt.qualified_name(role)} ({role} of layer {layer}): {why}")
 
 
-def modelopt_quant_cfg(pmap: PrecisionMap, model: Any = None) -> dict[str, Any]:
+def modelopt_quant_cfg(pmap: PrecisionMap, model: Any = None, engine: str | None = None) -> dict[str, Any]:
     """The ModelOpt config for the map, JSON-able (see `modelopt_config` for the live dict); with
-    `model` (nn.Module or spec) every analysed layer is covered (see `params.recipe_layers`)."""
-    layer_names = [name for name, _ in recipe_layers(pmap, model)]
+    `model` (nn.Module or spec) every analysed layer is covered (see `params.recipe_layers`, also
+    for `engine`)."""
+    layer_names = [name for name, _ in recipe_layers(pmap, model, engine)]
     pmap.validate(layer_names)
     assignment = recipe_assignment(pmap, layer_names)
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
@@ -89,8 +90,8 @@ def modelopt_config(path_or_dict: str | Path | dict[str, Any]) -> dict[str, Any]
                                   for entry in data["quant_cfg"]]}
 
 
-def _export(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
-    return write_json(modelopt_quant_cfg(pmap, model), out_path)
+def _export(pmap: PrecisionMap, out_path: Path, *, model: Any = None, engine: str | None = None, **_: Any) -> Path:
+    return write_json(modelopt_quant_cfg(pmap, model, engine), out_path)
 
 
 register(Target("modelopt", "ModelOpt quant_cfg", "NVIDIA ModelOpt mtq.quantize config (per-layer quant_cfg)",

@@ -153,6 +153,30 @@ def _wrapper_class() -> type[torch.nn.Module]:
     return _Wrapped
 
 
+def _exported(module: Any, example: tuple, batch: Any) -> Any:
+    """The hook engine's eager model as a torch.export program, or ExportError in one line (what
+    torch prints about the failed graph is held back: the refusal names what to do)."""
+    import contextlib
+    import io
+    import logging
+
+    import torch
+
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return torch.export.export(module, example, dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 — torch.export's reasons are many; its type names them
+        raise ExportError(f"ONNX needs a graph of the model, and torch.export cannot capture this one "
+                          f"({type(exc).__name__}); the hook engine runs it eagerly, which ONNX cannot: make forward "
+                          "exportable (torch.cond for data-dependent branches), or export --to aimet, torchao, "
+                          "compressed-tensors or modelopt") from None
+    finally:
+        shapes_log.setLevel(level)
+
+
 def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model: Any = None,
                      dynamo: bool = True) -> Path:
     """FP32 ONNX of the analysed graph, batch dimension dynamic.
@@ -160,7 +184,9 @@ def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model:
     The analysed graph module is exported (not the original model) so that BatchNorm is folded
     exactly as in the analysis: the weights ONNX Runtime quantizes are the ones we calibrated.
     `dynamo=True` (torch.export based, torch's default) is tried first; the TorchScript exporter is
-    the fallback. `model` is exported instead only if the graph module cannot be.
+    the fallback. `model` is exported instead only if the graph module cannot be. A hook-engine
+    simulator's model (`sim.engine == "hooks"`) is exported with torch.export only, and refused in one
+    line when it cannot be captured (TorchScript's tracer would keep only the branches taken).
     """
     import torch
 
@@ -172,17 +198,20 @@ def export_fp32_onnx(sim: QuantSim, path: str | Path, opset: int = 21, *, model:
             "modelopt, aimet)")
     example = (sim.data.inputs[:2],)
     errors = []
-    sources = [sim.gm] + ([model] if model is not None else [])
+    batch = torch.export.Dim("batch")
+    # The hook engine's model is not a graph: only torch.export captures it faithfully or fails;
+    # TorchScript's tracer would record the branches the example took, silently.
+    hooks = sim.engine == "hooks"
+    sources: list[Any] = [_exported(sim.gm, example, batch)] if hooks else [sim.gm] + ([model] if model is not None else [])
     for source in sources:
-        if dynamo:
+        if dynamo or hooks:
             try:
-                batch = torch.export.Dim("batch")
                 torch.onnx.export(source, example, str(path), dynamo=True, opset_version=opset,
-                                  dynamic_shapes=({0: batch},), verbose=False)
+                                  dynamic_shapes=None if hooks else ({0: batch},), verbose=False)
                 return path
             except Exception as exc:  # noqa: BLE001 — fall back to the TorchScript exporter
                 errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        if isinstance(source, torch.nn.Module):
+        if isinstance(source, torch.nn.Module) and not hooks:
             try:
                 torch.onnx.export(_wrapper_class()(source), example, str(path), dynamo=False, opset_version=opset,
                                   input_names=["x"], output_names=["output"],

@@ -204,8 +204,8 @@ def _prune(graph: Any) -> None:
 
 
 def _export_onnx(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
-                 opset: int = 21, dynamo: bool = True, **_: Any) -> Path:
-    sim = build_sim(pmap, model, calibration)
+                 opset: int = 21, dynamo: bool = True, engine: str | None = None, **_: Any) -> Path:
+    sim = build_sim(pmap, model, calibration, engine)
     return export_qdq_onnx(model if not isinstance(model, str) else None, sim, pmap, out_path, opset, dynamo=dynamo)
 
 

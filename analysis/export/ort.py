@@ -244,12 +244,12 @@ def ort_quantize_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_ort(pmap: PrecisionMap, out_path: Path, *, model: Any = None, calibration: Any = None,
-                opset: int = 21, dynamo: bool = True, **_: Any) -> Path:
+                opset: int = 21, dynamo: bool = True, engine: str | None = None, **_: Any) -> Path:
     """With model + calibration: pinned scales, and the FP32 ONNX model the tensor names refer to is
     written next to the JSON (<out>.onnx). Without: types only, keyed by PyTorch parameter names."""
     if model is None or calibration is None:
         return write_json(to_ort_overrides(pmap), out_path)
-    sim = build_sim(pmap, model, calibration)
+    sim = build_sim(pmap, model, calibration, engine)
     onnx_path = out_path.with_suffix(".onnx") if out_path.suffix != ".onnx" else out_path.with_suffix(".fp32.onnx")
     export_fp32_onnx(sim, onnx_path, opset, model=model if not isinstance(model, str) else None, dynamo=dynamo)
     import onnx

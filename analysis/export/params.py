@@ -22,22 +22,26 @@ if TYPE_CHECKING:  # torch and the simulator load on first use: the CLI lists ta
     from analysis.quantsim import QuantSim
 
 
-def build_sim(pmap: PrecisionMap, model: Any, calibration: Any) -> QuantSim:
-    """A QuantSim over `calibration` with the map's quantization config (`pmap.quant`).
+def build_sim(pmap: PrecisionMap, model: Any, calibration: Any, engine: str | None = None) -> QuantSim:
+    """A simulator over `calibration` with the map's quantization config (`pmap.quant`).
 
     `model`: nn.Module, torch.export program, or a `quantlens` model spec ("sample:cnn", "file.py:fn",
     "model.pt2"); `calibration`: Dataset, {"inputs", "labels"} mapping, input tensor, or a data spec.
+    `engine` (analysis.config.ENGINES): None runs the engine the map's analysis used (its provenance),
+    else "auto" — so a model only the hook engine runs is exported from the hook engine's numbers.
     """
     if model is None or calibration is None:
         raise ExportError("this export target needs numbers from the model: pass the model and calibration data "
                           "(CLI: --model and --data)")
-    from analysis.quantsim import QuantSim
+    from analysis.hooks import engine_simulator
+    from analysis.provenance import Provenance, engine_for
 
     if isinstance(model, str):
         from analysis.loading import load_model
 
         model = load_model(model)
-    return QuantSim(model, _as_dataset(calibration), pmap.quant)
+    return engine_simulator(model, _as_dataset(calibration), pmap.quant,
+                            engine=engine_for(engine, Provenance.from_dict(pmap.provenance)))
 
 
 def _as_dataset(calibration: Any) -> Dataset:
@@ -151,23 +155,31 @@ def quantization_parameters(sim: QuantSim, pmap: PrecisionMap, *,
     return result
 
 
-def recipe_layers(pmap: PrecisionMap, model: Any = None) -> list[tuple[str, str | None]]:
+def recipe_layers(pmap: PrecisionMap, model: Any = None, engine: str | None = None) -> list[tuple[str, str | None]]:
     """(name, kind) of every layer a recipe export (compressed-tensors, ModelOpt) covers: the model's
     analysed layers when it is given (an nn.Module or a model spec), else the layers the map names
-    with kind None, refused when the map's default would quantize layers it does not name."""
+    with kind None, refused when the map's default would quantize layers it does not name.
+    `engine`: as for `build_sim` (None: the one the map's analysis used)."""
     if model is not None:
-        from analysis.real import analysed_layers
-
-        if isinstance(model, str):
-            from analysis.loading import load_model
-
-            model = load_model(model)
-        return [(layer.name, layer.kind) for layer in analysed_layers(model)]
+        return [(layer.name, layer.kind) for layer in model_layers(pmap, model, engine)]
     weight, act = pmap.default.formats(pmap.quant.granularity)
     if (weight is not None and not weight.is_identity) or act is not None:
         raise ExportError("the map's default quantizes layers it does not name: pass the model (model=; CLI: --model) "
                           "so that every layer can be listed")
     return [(name, None) for name in pmap.layers]
+
+
+def model_layers(pmap: PrecisionMap, model: Any, engine: str | None = None) -> list[Any]:
+    """The analysed layers of `model` (an nn.Module or a model spec) as the engine the map's analysis
+    used sees them (`engine` overrides it; see `analysis.real.analysed_layers`), without data."""
+    from analysis.provenance import Provenance, engine_for
+    from analysis.real import analysed_layers
+
+    if isinstance(model, str):
+        from analysis.loading import load_model
+
+        model = load_model(model)
+    return analysed_layers(model, engine=engine_for(engine, Provenance.from_dict(pmap.provenance)))
 
 
 HALF_PRECISION = ("bf16", "fp16")  # what a recipe export leaves to the checkpoint's dtype

@@ -46,15 +46,12 @@ def to_torchao_export(pmap: PrecisionMap, layers: Sequence[str | Layer]) -> dict
     }
 
 
-def _export_torchao(pmap: PrecisionMap, out_path: Path, *, model: Any = None, **_: Any) -> Path:
+def _export_torchao(pmap: PrecisionMap, out_path: Path, *, model: Any = None, engine: str | None = None,
+                    **_: Any) -> Path:
     """With the model, non-Linear layers are named with the reason they stay float."""
-    from analysis.real import analysed_layers
+    from analysis.export.params import model_layers
 
-    if isinstance(model, str):
-        from analysis.loading import load_model
-
-        model = load_model(model)
-    layers = analysed_layers(model) if model is not None else list(pmap.layers)
+    layers = model_layers(pmap, model, engine) if model is not None else list(pmap.layers)
     return write_json(to_torchao_export(pmap, layers), out_path)
 
 

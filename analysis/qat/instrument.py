@@ -11,12 +11,14 @@ would get.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -244,15 +246,26 @@ def unfold_into(model: nn.Module, tuned: nn.Module, folded: tuple[str, ...]) -> 
 
 
 def _conv_bn_pairs(model: nn.Module, folded: tuple[str, ...]) -> dict[str, str]:
+    """{convolution: BatchNorm} for the folded BatchNorms: called as modules (torch.nn's own), or
+    traced through as an `F.batch_norm` on the module's buffers (timm's `BatchNormAct2d`, folded
+    the same way by the analysis, `analysis.graph`)."""
     if not folded:
         return {}
     traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    signature = inspect.signature(F.batch_norm)
     pairs = {}
     for node in traced.graph.nodes:
+        source, norm = None, None
         if node.op == "call_module" and node.target in folded:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.op == "call_module":
-                pairs[str(source.target)] = str(node.target)
+            source, norm = node.args[0], str(node.target)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            arguments = signature.bind(*node.args, **node.kwargs).arguments
+            stats = arguments.get("running_mean")
+            if isinstance(stats, torch.fx.Node) and stats.op == "get_attr":
+                source, norm = arguments["input"], str(stats.target).rpartition(".")[0]
+        if norm in folded and isinstance(source, torch.fx.Node) and source.op == "call_module":
+            pairs[str(source.target)] = norm
     if len(pairs) != len(folded):
-        raise ValueError("could not pair every folded BatchNorm with its convolution")
+        missing = sorted(set(folded) - set(pairs.values()))
+        raise ValueError(f"could not pair every folded BatchNorm with its convolution ({', '.join(missing[:3])})")
     return pairs

@@ -26,6 +26,7 @@ from analysis.data import check_labels as data_check_labels
 from analysis.evaluate import Evaluator, metric_drop, task_metric
 from analysis.graph import primary_output
 from analysis.precision_map import PrecisionMap
+from analysis.provenance import Provenance, engine_for
 from analysis.qat.instrument import TrainingGraph, instrument, unfold_into
 from analysis.quantsim import QuantSim
 
@@ -165,10 +166,18 @@ class QATResult:
         return lines
 
 
+def refuse_hook_engine(engine: str) -> None:
+    """QATError (one line) for the hook engine: training needs a graph to instrument."""
+    if engine == "hooks":
+        raise QATError("fine-tuning trains a traced (torch.fx) copy of the model, and this model runs on the hook engine "
+                       "(its analysis could not trace it, or --engine hooks): make forward traceable (no data-dependent "
+                       "branches) and analyse it with --engine graph, or fine-tune it with your own training loop")
+
+
 def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Dataset, *,
                  validation: Dataset | None = None, evaluation: Dataset | None = None,
                  config: QATConfig | None = None, progress: ProgressFn | None = None,
-                 device: str | None = None) -> QATResult:
+                 device: str | None = None, engine: str | None = None) -> QATResult:
     """Quantization-aware fine-tuning under `pmap`; never returns a model that scored worse than PTQ
     on the validation split (with `config.keep == "best"`, the default).
 
@@ -187,6 +196,9 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
     ("diverged"), and the best earlier checkpoint is kept. `evaluation` (held-out; default:
     `calibration`) gives the FP32 / PTQ / QAT figures. `device` places the simulators (every
     evaluation); training itself runs on the CPU. The input model is never modified.
+
+    Training runs a traced (torch.fx) copy of the model: a model only the hook engine runs
+    (`engine` "hooks", or None and the map's analysis ran on it) is refused in one line.
     """
     config = config or QATConfig()
     started = time.perf_counter()
@@ -197,6 +209,7 @@ def finetune_qat(model: Any, pmap: PrecisionMap, train: Dataset, calibration: Da
         split = Split(train, validation, f"validation set {validation.name} given separately")
     evaluation = evaluation or calibration
     quant = pmap.quant
+    refuse_hook_engine(engine_for(engine, Provenance.from_dict(pmap.provenance)))
     base_sim = QuantSim(model, calibration, quant, device=device)
     pmap.validate(base_sim.layer_names)
     assignment = pmap.assignment(base_sim.layer_names)

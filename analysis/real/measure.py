@@ -26,6 +26,7 @@ from analysis import costs
 from analysis.config import QuantConfig
 from analysis.data import Dataset, Inputs, call_model
 from analysis.evaluate import Evaluation, Evaluator, metric_drop, task_metric
+from analysis.provenance import Provenance, engine_for
 from analysis.layers import Layer
 from analysis.metrics import ErrorAccumulator, compare
 from analysis.precision_map import PrecisionMap
@@ -135,7 +136,7 @@ def _sim_config(pmap: PrecisionMap, matched: bool) -> QuantConfig:
 
 def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | None, pmap: PrecisionMap,
                   label: str = "map (real)", *, batch_size: int = 256, warmup: int = 2, repeats: int = 7,
-                  threads: int | None = None) -> Evaluation:
+                  threads: int | None = None, engine: str | None = None) -> Evaluation:
     """Run `pmap` on torchao's CPU kernels and measure it (path="real").
 
     Task metric and output error vs FP32 on `evaluation`; actual bytes of the analysed layers' stored
@@ -147,11 +148,14 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     dynamic per-token activations, only the layers that really run quantized),
     sim_map_vs_real_sqnr_db (against the simulation with the map's own calibration), FP32 latency and
     bytes for ratios, and the layers left in float with their reasons.
+    `engine` (analysis.config.ENGINES): what runs the simulation; None: the engine the map's analysis
+    used (its provenance), else "auto". With the hook engine BatchNorm stays unfolded on both paths.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer (or None for torch's setting), got {threads!r}")
     evaluation = evaluation or calibration
-    evaluator = Evaluator(model, calibration, evaluation, _sim_config(pmap, matched=True))
+    engine = engine_for(engine, Provenance.from_dict(pmap.provenance))
+    evaluator = Evaluator(model, calibration, evaluation, _sim_config(pmap, matched=True), engine=engine)
     layers = evaluator.layers
     plan = _plan(pmap, layers)
     # Both copies come from the simulator's prepared graph: one trace, one BatchNorm fold for
@@ -172,7 +176,7 @@ def evaluate_real(model: nn.Module, calibration: Dataset, evaluation: Dataset | 
     extra: dict[str, Any] = {"sim_vs_real_sqnr_db": compare(simulated, real_out).sqnr_db}
     map_config = _sim_config(pmap, matched=False)
     if map_config != evaluator.config:
-        map_sim = Evaluator(model, calibration, evaluation, map_config).sim.forward(inputs, pmap.assignment(evaluator.layer_names))
+        map_sim = Evaluator(model, calibration, evaluation, map_config, engine=evaluator.sim.engine).sim.forward(inputs, pmap.assignment(evaluator.layer_names))
         extra["sim_map_vs_real_sqnr_db"] = compare(map_sim, real_out).sqnr_db
 
     with _intra_op_threads(threads) as used_threads:

@@ -327,13 +327,30 @@ def _float_copy(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     return fused.eval(), tuple(sorted(set(batchnorms) - remaining))
 
 
-def analysed_layers(model: nn.Module, fold_batchnorm: bool = True) -> list[Layer]:
+def analysed_layers(model: nn.Module, fold_batchnorm: bool = True, engine: str = "auto") -> list[Layer]:
     """The layers the analysis finds in `model`, with their kinds and ties: what the plan needs to
-    leave convolutions, embeddings and tied weights in float when only the model is at hand."""
-    from analysis.graph import prepare_model
-    from analysis.layers import discover_layers
+    leave convolutions, embeddings and tied weights in float when only the model is at hand.
+    `engine` (analysis.config.ENGINES): "hooks" lists them from the module tree as the hook engine
+    sees them (`analysis.hooks.module_layers`); "auto" does so, with a one-line warning, for an
+    nn.Module that cannot be traced."""
+    import warnings
 
-    return discover_layers(prepare_model(model, fold_batchnorm=fold_batchnorm)).layers
+    from analysis.graph import ModelPreparationError, prepare_model
+    from analysis.hooks import module_layers
+    from analysis.layers import discover_layers
+    from analysis.quantsim import QuantlensWarning
+
+    if engine == "hooks" and isinstance(model, nn.Module):
+        return module_layers(model)
+    try:
+        return discover_layers(prepare_model(model, fold_batchnorm=fold_batchnorm)).layers
+    except ModelPreparationError as exc:
+        if engine == "graph" or not isinstance(model, nn.Module):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"the graph engine cannot trace this model ({reason}); its layers are listed from its modules, "
+                      "as the hook engine sees them", QuantlensWarning, stacklevel=2)
+        return module_layers(model)
 
 
 def simulator_float_copy(sim: Any, model: Any) -> tuple[nn.Module, tuple[str, ...]]:
@@ -343,6 +360,8 @@ def simulator_float_copy(sim: Any, model: Any) -> tuple[nn.Module, tuple[str, ..
     if sim.prepared.source == "fx":
         prepared, _ = sim.trainable_copy()
         return prepared.graph_module.eval(), tuple(prepared.folded_batchnorms)
+    if sim.engine == "hooks":  # the eager model, BatchNorm unfolded as the hook engine analyses it
+        return copy.deepcopy(model).eval(), ()
     return _float_copy(model)
 
 

@@ -34,13 +34,18 @@ def _config(values: dict):
     if not targets:
         raise ValueError("the chosen targets have no formats to try; add formats or targets")
     granularity = None if values["granularity"] == "per-channel" else values["granularity"]
-    return AnalysisConfig(
+    config = AnalysisConfig(
         weight_formats=weights, act_formats=acts, targets=targets, granularity=granularity,
         weight_calibration=values["wcal"], act_calibration=values["acal"],
         dynamic_activations=values["dynamic"], fold_batchnorm=values["fold"],
         num_samples=int(values["samples"]), cumulative=values["cumulative"],
-        output_metrics=OUTPUT_MODES[values["output"]], device=values["device"],
+        output_metrics=OUTPUT_MODES[values["output"]], device=values["device"], workers=int(values["workers"]),
     )
+    if config.distributed:  # refused here, in one line (Ray missing, a GPU index), not by the worker
+        from analysis.distributed import check_distributed
+
+        check_distributed(config)
+    return config
 
 
 def _check_suffix(uploaded, allowed: tuple[str, ...], what: str) -> None:
@@ -255,6 +260,13 @@ with left:
                 "Device", devices, key="md_device",
                 help="Where the trials run: the CPU, or a GPU this server has. Results do not depend on it "
                      "beyond float rounding." + ("" if len(devices) > 1 else " No GPU was found on this server."))
+            cores = state.available_workers()
+            values["workers"] = st.number_input(
+                "Worker processes", min_value=1, max_value=cores, value=1, step=1, key="md_workers",
+                help=f"Run the sweep in this many processes (a local Ray cluster started for the run, at most "
+                     f"the {cores} cores of this server), as `quantlens analyze --workers N`. Exact output "
+                     "metrics are split by layer, estimated ones by chunks of samples; the table is the one "
+                     "1 process writes. Starting the cluster takes several seconds: it pays on big models.")
             values["output"] = st.radio(
                 "Output metrics", list(OUTPUT_MODES), key="md_output", horizontal=True,
                 help="Exact re-runs the model after each layer for every trial. Estimated carries each layer's "
