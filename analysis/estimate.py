@@ -168,6 +168,32 @@ class NoiseEstimate:
         self.signal += grads.signal
         self.count += grads.count
 
+    def state(self) -> dict[str, Any]:
+        """Plain numbers (JSON-ready, exact through `json`) from which `from_state` rebuilds this
+        estimate: the per-chunk noise terms are kept one by one, so a rebuilt estimate sums them in
+        the same order and its result is the same to the last bit."""
+        return {"diagonal": self.diagonal, "signal": self.signal, "count": self.count,
+                "pending": [float(term) for term in self._pending]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> NoiseEstimate:
+        """The estimate `state()` described (its terms on the CPU)."""
+        if not isinstance(state, dict) or set(state) != {"diagonal", "signal", "count", "pending"}:
+            raise ValueError("not a NoiseEstimate state; expected the keys diagonal, signal, count, pending "
+                             "as written by NoiseEstimate.state()")
+        if not isinstance(state["diagonal"], bool):
+            raise ValueError(f"NoiseEstimate state: diagonal must be true or false, not {state['diagonal']!r}")
+        if isinstance(state["count"], bool) or not isinstance(state["count"], int) or state["count"] < 0:
+            raise ValueError(f"NoiseEstimate state: count must be a non-negative integer, not {state['count']!r}")
+        terms = state["pending"]
+        if not isinstance(terms, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                              for v in [state["signal"], *terms]):
+            raise ValueError("NoiseEstimate state: signal must be a number and pending a list of numbers")
+        estimate = cls(diagonal=state["diagonal"])
+        estimate.signal, estimate.count = float(state["signal"]), state["count"]
+        estimate._pending = [torch.tensor(float(v), dtype=torch.float64) for v in terms]
+        return estimate
+
     def merge(self, other: "NoiseEstimate") -> None:
         """Add `other`'s chunks after this one's (in place). Merging one-chunk estimates in chunk
         order gives, bit for bit, what one estimate updated with those chunks in that order holds:
@@ -179,7 +205,9 @@ class NoiseEstimate:
         self.count += other.count
 
     def result(self) -> ErrorStats:
-        noise = float(torch.stack(self._pending).sum()) if self._pending else 0.0
+        # Terms rebuilt by from_state live on the CPU, later ones on the data's device.
+        home = self._pending[-1].device if self._pending else None
+        noise = float(torch.stack([term.to(home) for term in self._pending]).sum()) if self._pending else 0.0
         nan = float("nan")
         return ErrorStats(sqnr_db=sqnr_from_sums(self.signal, noise), mse=noise / max(self.count, 1),
                           cosine=nan, max_abs_error=nan, count=self.count)

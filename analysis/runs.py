@@ -9,9 +9,14 @@ Layout of an output directory:
                    inputs: the record `analysis.runstore` reads, so a CLI run and a dashboard run are
                    the same kind of folder
 
-`--resume` reads trials.jsonl, skips the finished trials and runs the rest; the final files are the
-same bytes a clean run writes, because trials are stored losslessly (JSON floats round-trip) and
-reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
+    checkpoint.json  while a run over several chunks of samples is under way: the sweep's state after
+                   its last completed chunk (`analysis.sweep.SweepState`: every unfinished trial's
+                   running sums, plain JSON numbers), with what it belongs to; removed when the run is done
+
+`--resume` reads trials.jsonl, skips the finished trials and continues the rest from the chunk after
+the checkpoint's (from the first chunk when there is none, or it is not this run's: said in one
+line); the final files are the same bytes a clean run writes, because trials and sums are stored
+losslessly (JSON floats round-trip) and reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
 crash mid-write leaves the previous version, never half a file.
 
 The folder is locked while a run writes into it (a second analysis into the same --out is refused,
@@ -22,9 +27,11 @@ a run (no run.json or meta.json of quantlens') holding files of those names is r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,16 +40,18 @@ from analysis import provenance as provenance_mod
 from analysis import runstore
 from analysis.config import RESULT_NEUTRAL, AnalysisConfig
 from analysis.data import Dataset
-from analysis.quantsim import ProgressFn
+from analysis.quantsim import ProgressFn, QuantlensWarning
 from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
 from analysis.runstore import Inputs
-from analysis.sweep import AnalysisCancelled, Sweep
+from analysis.sweep import AnalysisCancelled, Sweep, SweepState
 
 RUN_SCHEMA = "quantlens.run/1"
 # What a run folder holds (report.html: the CLI's report); trials.jsonl is appended, so it is
 # quantlens' own exactly when run.json is.
 RUN_FILES = ("run.json", "analysis.json", "layers.csv", "report.html", runstore.RUN_META)
 TRIALS_FILE = "trials.jsonl"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_SCHEMA = "quantlens.checkpoint/1"
 
 
 class ResumeError(ValueError):
@@ -84,7 +93,7 @@ def check_run_folder(out: str | Path, *, force: bool = False, inputs: tuple = ()
     did not write, unless `force`; `inputs` are files the run reads (never written over)."""
     out = Path(out)
     ours = is_run_folder(out)  # its files are quantlens' own: a re-run replaces them
-    for name in (*RUN_FILES, TRIALS_FILE):  # a directory, FIFO or one of the inputs is refused even so
+    for name in (*RUN_FILES, TRIALS_FILE, CHECKPOINT_FILE):  # a directory, FIFO or one of the inputs is refused even so
         runstore.check_writable(out / name, force=force or ours, inputs=inputs)
 
 
@@ -140,14 +149,20 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
                 )
         planned = {t.key for t in sweep.plan()}
         # Only trials of this plan: a line from another run or plan is not ours to reuse.
-        finished = {t.key: t for t in _read_trials(trials_file) if t.key in planned}
+        rows = [t for t in _read_trials(trials_file) if t.key in planned]
+        finished = {t.key: t for t in rows}  # the last row of a trial (--verify's, when re-measured)
+        first = {t.key: t for t in reversed(rows)}  # its first row: what --verify chose by
+        kept = [t for t in rows if t is first[t.key] or t is finished[t.key]]  # (what Sweep.run's earlier= reads)
         # Rewrite without a line the crash cut short, so appended trials start on a clean line.
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
-            "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in finished.values())))
+            "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in kept)))
+        start = _read_checkpoint(out, sweep, header, set(finished))
     else:
         check_run_folder(out, force=force)
         runstore.write_json_atomic(run_file, header)
         runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
+        _remove_checkpoint(out)  # an earlier run's in a reused folder
+        kept, start = [], None
     _mark_started(out, config, resume, inputs, provenance, planned=len(sweep.plan()))
     started = time.time()
     try:
@@ -159,10 +174,19 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
                 if on_result:
                     on_result(trial)
 
-            result = sweep.run(on_result=record, skip=set(finished))
+            def save(state: SweepState) -> None:
+                payload = {"schema": CHECKPOINT_SCHEMA, "run": _run_identity(header, sweep), "state": state.to_dict()}
+                runstore.write_atomic(out / CHECKPOINT_FILE, lambda tmp: tmp.write_text(json.dumps(payload)))
+
+            # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
+            keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
+            result = sweep.run(on_result=record, skip=set(finished), earlier=kept,
+                               checkpoint=save if keep else None, start=start)
 
         order = {t.key: i for i, t in enumerate(sweep.plan())}
-        merged = sorted([*finished.values(), *result.trials], key=lambda t: order.get(t.key, len(order)))
+        # A trial this run reported again (re-measured by --verify) replaces its earlier row.
+        latest = {**finished, **{t.key: t for t in result.trials}}
+        merged = sorted(latest.values(), key=lambda t: order.get(t.key, len(order)))
         result = replace(
             result,
             trials=tuple(merged),
@@ -171,6 +195,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
             data={**result.data, "spec": provenance.data_spec},
         )
         write_outputs(result, out)
+        _remove_checkpoint(out)
     except AnalysisCancelled:
         runstore.write_meta(out, status="cancelled", error="cancelled by the user")
         raise
@@ -184,6 +209,49 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
     runstore.write_meta(out, status="done", error=None, seconds=round(time.time() - started, 2),
                         layers=len(result.layers), trials=len(result.trials))
     return result
+
+
+def _run_identity(header: dict[str, Any], sweep: Sweep) -> dict[str, str]:
+    """What a checkpoint belongs to: the run (run.json's config, model and data) and its plan."""
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {"header": digest(header), "plan": digest([list(t.key) for t in sweep.plan()])}
+
+
+def _read_checkpoint(out: Path, sweep: Sweep, header: dict[str, Any], finished: set) -> SweepState | None:
+    """The checkpoint in `out` when it is this run's and fits its sweep; else None, said in one line
+    (a checkpoint is never trusted: a run folder may come from anyone, see README's trust model)."""
+    path = out / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        if sweep.config.distributed:
+            raise ValueError("a run over workers resumes from finished trials only")
+        if not path.is_file():
+            raise ValueError("it is not a regular file; remove it to have this folder keep checkpoints")
+        try:
+            payload = json.loads(runstore.read_regular(path, "checkpoint"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(payload, dict) or payload.get("schema") != CHECKPOINT_SCHEMA:
+            raise ValueError("not a quantlens checkpoint")
+        if payload.get("run") != _run_identity(header, sweep):
+            raise ValueError("it belongs to another run: other config, model, data or plan")
+        state = SweepState.from_dict(payload.get("state"))
+        sweep.restore(state, finished)  # the chunk boundaries and every trial's sums, checked
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"the checkpoint {path} is not used ({reason}); the unfinished trials start again from the "
+                      "first chunk of samples", QuantlensWarning, stacklevel=3)
+        return None
+    return state
+
+
+def _remove_checkpoint(out: Path) -> None:
+    path = out / CHECKPOINT_FILE
+    if path.is_symlink() or path.is_file():  # anything else in its place is not quantlens' (and never read)
+        path.unlink(missing_ok=True)
 
 
 def _result_config(config: AnalysisConfig) -> dict[str, Any]:

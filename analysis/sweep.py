@@ -16,7 +16,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,7 +34,11 @@ from analysis.results import (
     TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
 )
 
-__all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "Trial", "analyze", "plan_trials"]
+__all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "SweepState", "Trial", "analyze",
+           "plan_trials"]
+
+TrialKey = tuple[str, str, str]  # Trial.key / TrialResult.key: (layer, target, format label)
+PHASES = ("sweep", "verify")  # the pass over every trial, then --verify's exact re-measurement
 
 
 class AnalysisCancelled(RuntimeError):
@@ -84,6 +88,84 @@ class _Accumulators:
     estimate: NoiseEstimate | None = None  # estimated output metrics (analysis.estimate)
     error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
     failure: str | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Plain numbers (JSON-ready, exact through `json`): what `from_state` rebuilds these sums from."""
+        return {"local": self.local.state(), "output": None if self.output is None else self.output.state(),
+                "estimate": None if self.estimate is None else self.estimate.state(),
+                "error_histogram": self.error_histogram.state(), "failure": self.failure}
+
+    @classmethod
+    def from_state(cls, state: Any, mode: str, logits: bool) -> _Accumulators:
+        """The sums `state()` described, for a trial measured in output-metrics `mode`; ValueError
+        (one line) for anything else."""
+        keys = {"local", "output", "estimate", "error_histogram", "failure"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"a trial's sums need the keys {', '.join(sorted(keys))}")
+        if (state["output"] is None) == (mode == "exact") or (state["estimate"] is None) == (mode == "estimated"):
+            raise ValueError(f"a trial's sums are not those of output metrics {mode!r}")
+        if state["failure"] is not None and not isinstance(state["failure"], str):
+            raise ValueError("a trial's failure must be a message or null")
+        output = None if state["output"] is None else ErrorAccumulator.from_state(state["output"])
+        if output is not None and output.logits != logits:
+            raise ValueError("a trial's output sums were taken with another reading of the outputs (logits)")
+        return cls(ErrorAccumulator.from_state(state["local"]), output,
+                   None if state["estimate"] is None else NoiseEstimate.from_state(state["estimate"]),
+                   ErrorHistogram.from_state(state["error_histogram"]), state["failure"])
+
+
+@dataclass(frozen=True)
+class SweepState:
+    """Where a single-process sweep stands after a completed chunk of samples: `Sweep.run` reports
+    one to its `checkpoint` callback after every chunk but the last of a pass, and continues from
+    one given as `start`. Plain data (`to_dict` is JSON-ready and exact through `json`); where it is
+    kept is the caller's business (`analysis.runs` keeps it in the run folder).
+
+    phase: "sweep" (every unfinished trial) or "verify" (`--verify`'s exact re-measurement);
+    chunks: the chunk boundaries it was taken with; done: chunks of that phase completed;
+    trials: each unfinished trial's running sums; verified: the trials the verify phase re-measures."""
+
+    phase: str
+    chunks: tuple[tuple[int, int], ...]
+    done: int
+    trials: dict[TrialKey, dict[str, Any]]
+    verified: tuple[TrialKey, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "chunks": [list(c) for c in self.chunks], "done": self.done,
+                "trials": [[list(key), state] for key, state in self.trials.items()],
+                "verified": [list(key) for key in self.verified]}
+
+    @classmethod
+    def from_dict(cls, payload: Any) -> SweepState:
+        """The state `to_dict` wrote; ValueError (one line) for anything else. The trials' sums are
+        checked when a sweep restores them (`Sweep.restore`), which knows their mode."""
+        if not isinstance(payload, dict) or set(payload) != {"phase", "chunks", "done", "trials", "verified"}:
+            raise ValueError("not a sweep state: expected the keys phase, chunks, done, trials, verified")
+        if payload["phase"] not in PHASES:
+            raise ValueError(f"sweep state: phase must be one of {', '.join(PHASES)}, not {payload['phase']!r}")
+        chunks, done = payload["chunks"], payload["done"]
+        if not isinstance(chunks, list) or not all(_ints(c, 2) for c in chunks):
+            raise ValueError("sweep state: chunks must be a list of [start, end] sample indices")
+        if not _ints([done], 1):
+            raise ValueError(f"sweep state: done must be a count of chunks, not {done!r}")
+        trials, verified = payload["trials"], payload["verified"]
+        if not isinstance(trials, list) or not all(isinstance(t, list) and len(t) == 2 and _key(t[0])
+                                                   and isinstance(t[1], dict) for t in trials):
+            raise ValueError("sweep state: trials must be a list of [[layer, target, format], sums]")
+        if not isinstance(verified, list) or not all(_key(k) for k in verified):
+            raise ValueError("sweep state: verified must be a list of [layer, target, format]")
+        return cls(payload["phase"], tuple((a, b) for a, b in chunks), done,
+                   {tuple(key): state for key, state in trials}, tuple(tuple(k) for k in verified))
+
+
+def _ints(values: Any, length: int) -> bool:
+    return (isinstance(values, list) and len(values) == length
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+
+def _key(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)
 
 
 @dataclass(frozen=True)
@@ -165,39 +247,127 @@ class Sweep:
                                             for s in self.sim.sites(layer.name)])
 
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
-            skip: set[tuple[str, str, str]] | None = None) -> AnalysisResult:
+            skip: set[TrialKey] | None = None, *, earlier: Iterable[TrialResult] = (),
+            checkpoint: Callable[[SweepState], None] | None = None, start: SweepState | None = None) -> AnalysisResult:
+        """The sweep. `on_result` receives each trial as it finishes; `skip`: keys of trials finished
+        earlier, not run again, and `earlier` the rows they reported, in order (a trial `--verify`
+        re-measured has two: the estimate, then the measurement). `--verify` chooses from their
+        estimates and this run's, and re-measures those not measured yet (reported and returned again).
+
+        `checkpoint` is called after every completed chunk of samples but the last of a pass with the
+        sweep's state; `start` continues from such a state (ValueError, one line, when it does not
+        fit: see `restore`). A distributed sweep resumes from finished trials only and takes no
+        `start`; it calls no `checkpoint`."""
         self.check_runnable()
         if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
+            if start is not None:
+                raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
+                                 "checkpoint; pass no start state")
             from analysis.distributed import run_distributed
 
             return run_distributed(self, on_result=on_result, skip=skip)
         sim = self.sim
         started = time.perf_counter()
         layers = self.layers
-        trials = [t for t in self.plan() if not skip or t.key not in skip]
+        plan = self.plan()
+        skip = set(skip or ())
+        trials = [t for t in plan if t.key not in skip]
+        known: dict[TrialKey, TrialResult] = {}  # each earlier trial's first row: what --verify chooses by
+        measured = set()  # earlier trials --verify already re-measured (a second row)
+        for row in earlier:
+            if row.key not in skip:
+                continue
+            if row.key in known:
+                measured.add(row.key)
+            else:
+                known[row.key] = row
+        restored = self.restore(start, skip) if start is not None else {}
         self.calibrate()
         chunks = sim.chunks()
         mode = self.config.output_metrics
-        verify = self.verification_budget(trials)
-        total = (len(trials) + verify) * len(chunks)
-        accumulators = {id(t): self._accumulators(mode) for t in trials}
+        first = 0 if start is None else (start.done if start.phase == "sweep" else len(chunks))
+        by_key = {t.key: t for t in plan}
+        chosen = [by_key[key] for key in start.verified] if start is not None and start.phase == "verify" else None
+        if chosen is not None:
+            verify = len(chosen)
+        else:
+            verify = self.verification_budget([t for t in plan if t.key in known or t.key not in skip])
+        accumulators = {id(t): restored.get(t.key) or self._accumulators(mode) for t in trials}
         descendants = self._descendants(layers)
         perturbed = self._perturbed()
         results: list[TrialResult] = []
-        progress = _Progress(total, self.progress, self.should_stop)
+        progress = _Progress((len(trials) + verify) * len(chunks), self.progress, self.should_stop)
+        # Reported before the first trial, from where this run starts (a resumed run: its chunks
+        # done), so a progress display shows the size of the job up front.
+        progress.start(first * len(trials) + (start.done * verify if chosen is not None else 0))
 
         def finish(trial: Trial) -> None:
             results.append(_finish(trial, accumulators[id(trial)]))
             if on_result:  # streamed as each trial finishes (a killed run resumes from here)
                 on_result(results[-1])
 
-        for chunk_index, chunk in enumerate(chunks):
-            self._chunk_pass(chunk, trials, accumulators, descendants, perturbed, progress,
-                             finish if chunk_index == len(chunks) - 1 else None)
+        for chunk_index in range(first, len(chunks) if trials else 0):
+            last = chunk_index == len(chunks) - 1
+            self._chunk_pass(chunks[chunk_index], trials, accumulators, descendants, perturbed, progress,
+                             finish if last else None)
+            if checkpoint is not None and not last:
+                checkpoint(SweepState("sweep", tuple(chunks), chunk_index + 1,
+                                      {t.key: accumulators[id(t)].state() for t in trials}))
         if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
-            results = self._verify(results, trials, descendants, progress, on_result)
+            if chosen is None:
+                rows = {**known, **{r.key: r for r in results}}
+                estimated = [rows[t.key] for t in plan if t.key in rows]
+                chosen = [by_key[estimated[i].key] for i in self.verification_choice(estimated)
+                          if estimated[i].key not in measured]
+                restored, first_verify = {}, 0
+            else:
+                first_verify = start.done
+            verified = self._verify(chosen, restored, first_verify, descendants, progress, on_result, checkpoint)
+            order = {t.key: i for i, t in enumerate(plan)}
+            results = sorted({**{r.key: r for r in results}, **{r.key: r for r in verified}}.values(),
+                             key=lambda r: order[r.key])
         cumulative = self._cumulative(layers) if self.config.cumulative else ()
         return self.result(results, cumulative, self.histograms(layers), time.perf_counter() - started)
+
+    def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, _Accumulators]:
+        """The running sums `state` holds, checked against this sweep with the trials in `skip`
+        finished: ValueError (one line, saying what differs) when it is not a state of this sweep's
+        chunks, plan and output metrics."""
+        if not isinstance(state, SweepState):
+            raise TypeError(f"a sweep continues from a SweepState, not {type(state).__name__}")
+        chunks = tuple(self.sim.chunks())
+        if state.chunks != chunks:
+            raise ValueError(f"it was taken with other chunks of samples ({len(state.chunks)} chunks, now "
+                             f"{len(chunks)} of up to {self.sim.chunk_size}): the cache bound (--cache-mb), device "
+                             "or sample count differs")
+        if state.done >= len(chunks) or state.phase not in PHASES:
+            raise ValueError(f"it says {state.done} of {len(chunks)} chunks of the {state.phase!r} pass are done, "
+                             "which no sweep writes")
+        plan = {t.key for t in self.plan()}
+        unfinished = plan - set(skip or ())
+        if set(state.trials) - plan:
+            raise ValueError("it holds trials that are not in this run's plan")
+        if state.phase == "sweep":
+            missing = unfinished - set(state.trials)
+            if missing:
+                raise ValueError(f"it lacks the sums of {len(missing)} unfinished trial(s), e.g. {min(missing)}")
+            mode, keys = self.config.output_metrics, sorted(unfinished)
+        else:
+            if self.config.output_metrics != "estimated" or not self.config.verify:
+                raise ValueError("it is a state of --verify's pass, which this run does not make")
+            if unfinished:
+                raise ValueError(f"it is a state of --verify's pass, but {len(unfinished)} trial(s) are not finished")
+            if not set(state.verified) <= plan or set(state.trials) != set(state.verified):
+                raise ValueError("its verified trials are not this run's or lack their sums")
+            mode, keys = "exact", list(state.verified)
+        restored = {}
+        for key in keys:
+            try:
+                restored[key] = _Accumulators.from_state(state.trials[key], mode, self.data.logits)
+            except (ValueError, TypeError, OverflowError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"the sums of trial {'/'.join(key)} are unusable: {reason}") from None
+        return restored
 
     def result(self, trials: list[TrialResult], cumulative: Any, histograms: dict[str, LayerHistograms],
                seconds: float) -> AnalysisResult:
@@ -333,35 +503,42 @@ class Sweep:
             per_label[(trial.target, _label(trial))] = per_label.get((trial.target, _label(trial)), 0) + 1
         return sum(min(n, self.config.verify) for n in per_label.values())
 
-    def _verify(self, results: list[TrialResult], trials: list[Trial], descendants: dict,
-                progress: "_Progress", on_result: Callable[[TrialResult], None] | None) -> list[TrialResult]:
-        """Re-measure exactly the K trials of each format label whose estimated output noise is
-        largest (the ones a budget decides on first); their rows become `exact`."""
-        chosen = self.verification_choice(results)
-        accumulators = {index: self._accumulators("exact") for index in chosen}
+    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators], first: int, descendants: dict,
+                progress: "_Progress", on_result: Callable[[TrialResult], None] | None,
+                checkpoint: Callable[[SweepState], None] | None) -> list[TrialResult]:
+        """Re-measure the `chosen` trials exactly, from chunk `first` on (sums of the chunks before it
+        in `restored`); their rows become `exact`."""
         sim = self.sim
+        chunks = sim.chunks()
+        if not chosen:  # every trial of the budget failed: nothing to re-measure
+            progress.total = progress.done
+            return []
+        accumulators = {t.key: restored.get(t.key) or self._accumulators("exact") for t in chosen}
         # The budget counted every trial of a label; failed trials are not re-measured.
-        progress.total = progress.done + len(chosen) * len(sim.chunks())
-        for chunk in sim.chunks():
-            cache = sim.cache(chunk)
+        progress.total = progress.done + len(chosen) * (len(chunks) - first)
+        for chunk_index in range(first, len(chunks)):
+            cache = sim.cache(chunks[chunk_index])
             reference_out = sim.output_of(cache)
-            mask = sim.output_mask(chunk)
+            mask = sim.output_mask(chunks[chunk_index])
             local_refs: dict[str, list[torch.Tensor]] = {}
-            for index in chosen:
+            for trial in chosen:
                 progress.check()
-                acc = accumulators[index]
+                acc = accumulators[trial.key]
                 if acc.failure is None:
                     try:
-                        self._run_trial(trials[index], cache, reference_out, descendants[trials[index].layer],
-                                        local_refs, acc, None, mask=mask)
+                        self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, None,
+                                        mask=mask)
                     except Exception as exc:  # noqa: BLE001
                         acc.failure = _one_line(exc)
-                progress.step(trials[index].layer)
-        out = list(results)
-        for index in chosen:
-            out[index] = _finish(trials[index], accumulators[index])
-            if on_result:
-                on_result(out[index])
+                progress.step(trial.layer)
+            if checkpoint is not None and chunk_index < len(chunks) - 1:
+                checkpoint(SweepState("verify", tuple(chunks), chunk_index + 1,
+                                      {t.key: accumulators[t.key].state() for t in chosen},
+                                      tuple(t.key for t in chosen)))
+        out = [_finish(trial, accumulators[trial.key]) for trial in chosen]
+        if on_result:
+            for result in out:
+                on_result(result)
         return out
 
     def _run_trial(self, trial: Trial, cache: dict, reference_out: torch.Tensor,
@@ -505,6 +682,12 @@ class _Progress:
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise AnalysisCancelled(f"stopped after {self.done} of {self.total} trials")
+
+    def start(self, done: int) -> None:
+        """Where the sweep starts (steps already done by the run it continues), reported once."""
+        self.done = done
+        if self.callback:
+            self.callback(self.done, self.total, "")
 
     def step(self, layer: str) -> None:
         self.done += 1

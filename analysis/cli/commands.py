@@ -64,7 +64,12 @@ def _progress_bar(quiet: bool, unit: str = "trial") -> tuple[Callable[[int, int,
 
     def update(done: int, total: int, label: str) -> None:
         if not bar:
-            bar.append(tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False))
+            # Shown at the first report (the sweep sends one before its first step); `initial`: a
+            # resumed run starts where it left off, and its rate (so the ETA) counts only new steps.
+            bar.append(tqdm(total=total, initial=done, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False))
+        if bar[0].total != total:  # --verify's pass: its size is known once the sweep has chosen
+            bar[0].total = total
+            bar[0].refresh()
         bar[0].set_postfix_str(label[-40:], refresh=False)
         bar[0].update(done - bar[0].n)
 
