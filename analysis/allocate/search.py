@@ -31,8 +31,8 @@ MeasureFn = Callable[[dict[str, tuple[Format | None, Format | None]]], dict[str,
 data also {"metric": task metric, "drop": points lost vs FP32 (positive = worse)}."""
 
 
-DEFAULT_EVALUATIONS = 24  # real evaluations `suggest` may spend on a cost budget (--evaluations)
-DEFAULT_PATIENCE = 8  # the measured search stops after this many evaluations without a better map
+DEFAULT_EVALUATIONS = 40  # real evaluations `suggest` may spend on a cost budget (--evaluations)
+DEFAULT_PATIENCE = 12  # the measured search stops after this many evaluations without a better map
 FRONT_REPAIR_EVALUATIONS = 6  # per front point that measured worse than a cheaper one
 
 

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--weights", help="weights for a file.py:factory model, as given to analyze")
     suggest.add_argument("--front-points", type=int, default=12, help="budgets on the Pareto front (0: none; at most 200)")
     suggest.add_argument("--evaluations", type=int, default=None, metavar="N",
-                         help="real evaluations the measured search may spend on a cost budget (default 24); "
+                         help="real evaluations the measured search may spend on a cost budget (default 40); "
                               "it stops sooner when it stops gaining")
     suggest.add_argument("--no-groups", action="store_true",
                          help="no default deployment groups (fused q/k/v, gate/up, MoE experts share one format by default)")
