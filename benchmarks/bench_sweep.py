@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from analysis.data import Dataset
-from analysis.graph import capture, load_args, primary_output, rerun
+from analysis.graph import bind_inputs, capture, primary_output, rerun
 from analysis.metrics import ErrorAccumulator
 from analysis.sweep import AnalysisConfig, Sweep
 
@@ -49,16 +49,15 @@ def naive_sweep(sweep: Sweep, trials) -> None:
     """What tools without a cached graph do: a full fake-quant forward for every layer × format."""
     analyzer = sweep.sim
     prepared = analyzer.prepared
-    holder = next(n for n in prepared.nodes if n.op == "placeholder")
     nodes = [n for n in prepared.nodes if n.op != "placeholder"]
     inputs = analyzer.data.inputs
-    reference = capture(prepared, (inputs,))  # the FP32 pass, once
+    reference = capture(prepared, inputs)  # the FP32 pass, once
     ref_out = primary_output(reference[prepared.output_node])
     for trial in trials:
         sites = analyzer.table.sites[trial.layer]
         weight = analyzer.quantized_weight(trial.layer, trial.weight_format)
         overrides = {s.node: (lambda node, a, k, s=s: s.run(analyzer.gm, a, k, weight, None)) for s in sites}
-        env = rerun(prepared, {holder: inputs}, nodes, overrides)
+        env = rerun(prepared, bind_inputs(prepared, inputs), nodes, overrides)
         local, output = ErrorAccumulator(), ErrorAccumulator(logits=True)
         for site in sites:
             local.update(reference[site.node], env[site.node])
