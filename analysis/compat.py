@@ -12,6 +12,8 @@ on a user's machine — the first import succeeds and nothing is declared.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 from types import ModuleType
 
@@ -50,3 +52,38 @@ def import_timm() -> ModuleType:
     import_torchvision()
     import timm
     return timm
+
+
+class _GuardedTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Turns the first `import torchvision` (wherever it happens: a user's file, transformers, timm)
+    into `import_torchvision()`, so the tolerance costs nothing until torchvision is really wanted
+    (importing it takes seconds, which a user whose model does not need it should not pay)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "torchvision" or "torchvision" in sys.modules:
+            return None
+        remove_torchvision_guard()
+        module = import_torchvision()
+        self._spec = module.__spec__
+        return importlib.util.spec_from_loader(fullname, self, is_package=True)
+
+    def create_module(self, spec):
+        return sys.modules["torchvision"]  # already imported by find_spec
+
+    def exec_module(self, module):
+        module.__spec__ = self._spec  # the import system stamped ours on it; torchvision's own is the truth
+
+
+_guard = _GuardedTorchvision()
+
+
+def guard_torchvision_import() -> None:
+    """From now on, a plain `import torchvision` tolerates a mismatched compiled extension, as
+    `import_torchvision()` does; nothing is imported now. Idempotent."""
+    if "torchvision" not in sys.modules and _guard not in sys.meta_path:
+        sys.meta_path.insert(0, _guard)
+
+
+def remove_torchvision_guard() -> None:
+    if _guard in sys.meta_path:
+        sys.meta_path.remove(_guard)

@@ -124,12 +124,12 @@ def _import_file(path: Path, shown: str, name: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise LoadError(f"cannot import {shown}: Python does not recognise it as a module; use a .py file")
     module = importlib.util.module_from_spec(spec)
-    if importlib.util.find_spec("torchvision") is not None:
-        # A user's `import torchvision` (or transformers, which imports it) must not fail because the
-        # installed wheel was built for another torch (see analysis.compat).
-        from analysis.compat import import_torchvision
+    # A user's `import torchvision` (or transformers', or timm's) must not fail because the installed
+    # wheel was built for another torch (see analysis.compat); guarded, not imported: most models
+    # never import it, and importing it costs seconds.
+    from analysis.compat import guard_torchvision_import
 
-        import_torchvision()
+    guard_torchvision_import()
     # Registered while it runs: dataclasses and typing look a class's module up by name while the
     # class is created (dataclasses fails on an unregistered one); `_user_callable` unregisters it.
     sys.modules[name] = module
