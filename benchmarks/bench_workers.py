@@ -8,7 +8,7 @@ waits for), one after the other in one session:
 - one process with every core's thread (torch's default), for context.
 Random initialisation, weight-only int8/int4 with exact output metrics (the numbers are about time),
 or with `--output-metrics estimated`, where the workers split the chunks of samples instead of the
-layers (`--cache-mb` sets the chunks: the estimate's cache bound is a quarter of it with its 2
+layers (`--cache-mb` sets the chunks: the estimate's cache is 1/5 of it with its 2
 projections; each mode prints how many chunks it had). CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
 other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
 Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
