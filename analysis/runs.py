@@ -17,8 +17,10 @@ Layout of an output directory:
 
 `--resume` reads trials.jsonl, skips the finished trials and continues the rest where the checkpoint
 left them (the running chunk's FP32 values are computed again, its trials done are not re-run; from
-the first chunk when there is no checkpoint, or it is not this run's: said in one line); the final files are the same bytes a clean run writes, because trials and sums are stored
-losslessly (JSON floats round-trip) and reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
+the first chunk when there is no checkpoint, or it is not this run's: said in one line); the final
+files are the same bytes a clean run writes, because trials and sums are stored losslessly (JSON
+floats round-trip), each trial's sums are added in chunk order, and trials are reassembled in plan
+order. Every whole-file write is a temp file renamed over the old one, so a
 crash mid-write leaves the previous version, never half a file.
 
 The folder is locked while a run writes into it (a second analysis into the same --out is refused,
