@@ -33,6 +33,10 @@ QUANT_SCHEMA = "quantlens.quant-config/1"
 # The most data a load reads into memory at once (a zip bomb or an endless generator is refused
 # before it gets there); `analysis.loading.load_data(max_bytes=...)` takes another bound.
 MAX_DATA_BYTES = 2 << 30
+# Within a chunk of samples, a run writes its checkpoint at most this often (seconds): a kill loses
+# the trials of the last few seconds, while the state (~1 KB per unfinished trial) is not rewritten
+# after every trial. Chunk ends are always written; `analysis.runs.analyze_to_directory(checkpoint_every=)`.
+CHECKPOINT_SECONDS = 5.0
 
 
 class ConfigError(ValueError):

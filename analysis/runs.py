@@ -9,14 +9,18 @@ Layout of an output directory:
                    inputs: the record `analysis.runstore` reads, so a CLI run and a dashboard run are
                    the same kind of folder
 
-    checkpoint.json  while a run over several chunks of samples is under way: the sweep's state after
-                   its last completed chunk (`analysis.sweep.SweepState`: every unfinished trial's
-                   running sums, plain JSON numbers), with what it belongs to; removed when the run is done
+    checkpoint.json  while a run over several chunks of samples is under way: the sweep's state
+                   (`analysis.sweep.SweepState`: every unfinished trial's running sums, plain JSON
+                   numbers, and which trials already hold the running chunk), with what it belongs
+                   to; rewritten at every chunk's end and within a chunk at most every
+                   `checkpoint_every` seconds (5); removed when the run is done
 
-`--resume` reads trials.jsonl, skips the finished trials and continues the rest from the chunk after
-the checkpoint's (from the first chunk when there is none, or it is not this run's: said in one
-line); the final files are the same bytes a clean run writes, because trials and sums are stored
-losslessly (JSON floats round-trip) and reassembled in plan order. Every whole-file write is a temp file renamed over the old one, so a
+`--resume` reads trials.jsonl, skips the finished trials and continues the rest where the checkpoint
+left them (the running chunk's FP32 values are computed again, its trials done are not re-run; from
+the first chunk when there is no checkpoint, or it is not this run's: said in one line); the final
+files are the same bytes a clean run writes, because trials and sums are stored losslessly (JSON
+floats round-trip), each trial's sums are added in chunk order, and trials are reassembled in plan
+order. Every whole-file write is a temp file renamed over the old one, so a
 crash mid-write leaves the previous version, never half a file.
 
 The folder is locked while a run writes into it (a second analysis into the same --out is refused,
@@ -38,12 +42,12 @@ from typing import Any, Callable
 
 from analysis import provenance as provenance_mod
 from analysis import runstore
-from analysis.config import RESULT_NEUTRAL, AnalysisConfig
+from analysis.config import CHECKPOINT_SECONDS, RESULT_NEUTRAL, AnalysisConfig
 from analysis.data import Dataset
 from analysis.quantsim import ProgressFn, QuantlensWarning
 from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
 from analysis.runstore import Inputs
-from analysis.sweep import AnalysisCancelled, Sweep, SweepState
+from analysis.sweep import AnalysisCancelled, Sweep, SweepState, checkpoint_interval
 
 RUN_SCHEMA = "quantlens.run/1"
 # What a run folder holds (report.html: the CLI's report); trials.jsonl is appended, so it is
@@ -69,13 +73,16 @@ def analyze_to_directory(
     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
     on_result: Callable[[TrialResult], None] | None = None,
     model_spec: str | None = None, data_spec: str | None = None, weights: str | None = None,
-    inputs: Inputs | None = None, force: bool = False,
+    inputs: Inputs | None = None, force: bool = False, checkpoint_every: float = CHECKPOINT_SECONDS,
 ) -> AnalysisResult:
     """Run the sweep, streaming each finished trial to `out/trials.jsonl`, then write the final files.
 
     `inputs` (specs of the model and data, recorded in meta.json) lets the run be resumed or
     evaluated from another surface; model_spec/data_spec/weights default to its specs. `force`
-    replaces files in `out` that quantlens did not write."""
+    replaces files in `out` that quantlens did not write. `checkpoint_every`: the least seconds
+    between two writes of checkpoint.json within a chunk of samples (0: after every trial); a chunk's
+    end is always written."""
+    checkpoint_every = checkpoint_interval(checkpoint_every)
     if inputs is not None:
         model_spec, data_spec = model_spec or inputs.model_spec, data_spec or inputs.data_spec
         weights = weights or inputs.weights
@@ -85,7 +92,7 @@ def analyze_to_directory(
     out.mkdir(parents=True, exist_ok=True)
     with runstore.locked(out, f"the run folder {out}"):
         return _analyze_locked(model, data, config, out, resume, progress, should_stop, on_result,
-                               model_spec, data_spec, weights, inputs, force)
+                               model_spec, data_spec, weights, inputs, force, checkpoint_every)
 
 
 def check_run_folder(out: str | Path, *, force: bool = False, inputs: tuple = ()) -> None:
@@ -113,7 +120,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
                     progress: ProgressFn | None, should_stop: Callable[[], bool] | None,
                     on_result: Callable[[TrialResult], None] | None, model_spec: str | None,
                     data_spec: str | None, weights: str | None, inputs: Inputs | None,
-                    force: bool) -> AnalysisResult:
+                    force: bool, checkpoint_every: float) -> AnalysisResult:
     current = runstore.read_run(out)
     if current is not None and current.foreign:  # two writers would interleave their trials
         raise ResumeError(f"{out} is being analysed by process {current.pid} on {current.host}; "
@@ -181,7 +188,7 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
             # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
             keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
             result = sweep.run(on_result=record, skip=set(finished), earlier=kept,
-                               checkpoint=save if keep else None, start=start)
+                               checkpoint=save if keep else None, start=start, checkpoint_every=checkpoint_every)
 
         order = {t.key: i for i, t in enumerate(sweep.plan())}
         # A trial this run reported again (re-measured by --verify) replaces its earlier row.

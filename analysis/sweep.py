@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from analysis.config import AnalysisConfig
+from analysis.config import CHECKPOINT_SECONDS, AnalysisConfig
 from analysis.data import Dataset
 from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
 from analysis.formats import Format
@@ -35,7 +35,7 @@ from analysis.results import (
 )
 
 __all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "SweepState", "Trial", "analyze",
-           "plan_trials"]
+           "checkpoint_interval", "plan_trials"]
 
 TrialKey = tuple[str, str, str]  # Trial.key / TrialResult.key: (layer, target, format label)
 PHASES = ("sweep", "verify")  # the pass over every trial, then --verify's exact re-measurement
@@ -116,32 +116,38 @@ class _Accumulators:
 
 @dataclass(frozen=True)
 class SweepState:
-    """Where a single-process sweep stands after a completed chunk of samples: `Sweep.run` reports
-    one to its `checkpoint` callback after every chunk but the last of a pass, and continues from
-    one given as `start`. Plain data (`to_dict` is JSON-ready and exact through `json`); where it is
-    kept is the caller's business (`analysis.runs` keeps it in the run folder).
+    """Where a single-process sweep stands: `Sweep.run` reports one to its `checkpoint` callback
+    after every chunk of samples but the last of a pass, and within a chunk after a trial (at most
+    every `checkpoint_every` seconds), and continues from one given as `start`. Plain data
+    (`to_dict` is JSON-ready and exact through `json`); where it is kept is the caller's business
+    (`analysis.runs` keeps it in the run folder).
 
     phase: "sweep" (every unfinished trial) or "verify" (`--verify`'s exact re-measurement);
     chunks: the chunk boundaries it was taken with; done: chunks of that phase completed;
-    trials: each unfinished trial's running sums; verified: the trials the verify phase re-measures."""
+    trials: each unfinished trial's running sums; verified: the trials the verify phase re-measures;
+    ahead: the trials whose sums already hold chunk `done` too (a state taken within that chunk),
+    which a continued sweep does not run on it again."""
 
     phase: str
     chunks: tuple[tuple[int, int], ...]
     done: int
     trials: dict[TrialKey, dict[str, Any]]
     verified: tuple[TrialKey, ...] = ()
+    ahead: tuple[TrialKey, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "chunks": [list(c) for c in self.chunks], "done": self.done,
                 "trials": [[list(key), state] for key, state in self.trials.items()],
-                "verified": [list(key) for key in self.verified]}
+                "verified": [list(key) for key in self.verified], "ahead": [list(key) for key in self.ahead]}
 
     @classmethod
     def from_dict(cls, payload: Any) -> SweepState:
-        """The state `to_dict` wrote; ValueError (one line) for anything else. The trials' sums are
-        checked when a sweep restores them (`Sweep.restore`), which knows their mode."""
-        if not isinstance(payload, dict) or set(payload) != {"phase", "chunks", "done", "trials", "verified"}:
-            raise ValueError("not a sweep state: expected the keys phase, chunks, done, trials, verified")
+        """The state `to_dict` wrote (one without `ahead`, as written before states were taken within
+        a chunk, has none); ValueError (one line) for anything else. The trials' sums are checked
+        when a sweep restores them (`Sweep.restore`), which knows their mode."""
+        keys = {"phase", "chunks", "done", "trials", "verified"}
+        if not isinstance(payload, dict) or set(payload) not in (keys, keys | {"ahead"}):
+            raise ValueError("not a sweep state: expected the keys phase, chunks, done, trials, verified, ahead")
         if payload["phase"] not in PHASES:
             raise ValueError(f"sweep state: phase must be one of {', '.join(PHASES)}, not {payload['phase']!r}")
         chunks, done = payload["chunks"], payload["done"]
@@ -153,10 +159,13 @@ class SweepState:
         if not isinstance(trials, list) or not all(isinstance(t, list) and len(t) == 2 and _key(t[0])
                                                    and isinstance(t[1], dict) for t in trials):
             raise ValueError("sweep state: trials must be a list of [[layer, target, format], sums]")
-        if not isinstance(verified, list) or not all(_key(k) for k in verified):
-            raise ValueError("sweep state: verified must be a list of [layer, target, format]")
+        ahead = payload.get("ahead", [])
+        for name, value in (("verified", verified), ("ahead", ahead)):
+            if not isinstance(value, list) or not all(_key(k) for k in value):
+                raise ValueError(f"sweep state: {name} must be a list of [layer, target, format]")
         return cls(payload["phase"], tuple((a, b) for a, b in chunks), done,
-                   {tuple(key): state for key, state in trials}, tuple(tuple(k) for k in verified))
+                   {tuple(key): state for key, state in trials}, tuple(tuple(k) for k in verified),
+                   tuple(tuple(k) for k in ahead))
 
 
 def _ints(values: Any, length: int) -> bool:
@@ -248,17 +257,22 @@ class Sweep:
 
     def run(self, on_result: Callable[[TrialResult], None] | None = None,
             skip: set[TrialKey] | None = None, *, earlier: Iterable[TrialResult] = (),
-            checkpoint: Callable[[SweepState], None] | None = None, start: SweepState | None = None) -> AnalysisResult:
+            checkpoint: Callable[[SweepState], None] | None = None, start: SweepState | None = None,
+            checkpoint_every: float = CHECKPOINT_SECONDS) -> AnalysisResult:
         """The sweep. `on_result` receives each trial as it finishes; `skip`: keys of trials finished
         earlier, not run again, and `earlier` the rows they reported, in order (a trial `--verify`
         re-measured has two: the estimate, then the measurement). `--verify` chooses from their
         estimates and this run's, and re-measures those not measured yet (reported and returned again).
 
-        `checkpoint` is called after every completed chunk of samples but the last of a pass with the
-        sweep's state; `start` continues from such a state (ValueError, one line, when it does not
-        fit: see `restore`). A distributed sweep resumes from finished trials only and takes no
-        `start`; it calls no `checkpoint`."""
+        `checkpoint` is called with the sweep's state after every completed chunk of samples but the
+        last of a pass, and within a chunk after a trial once `checkpoint_every` seconds have passed
+        since it was last called (0: after every trial; not in the sweep's last chunk, where each
+        trial is reported as it finishes); `start` continues from such a state, running a chunk's
+        trials that its sums do not hold yet (ValueError, one line, when it does not fit: see
+        `restore`). A distributed sweep resumes from finished trials only and takes no `start`; it
+        calls no `checkpoint`."""
         self.check_runnable()
+        saver = _Checkpoints(checkpoint, checkpoint_every)
         if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
             if start is not None:
                 raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
@@ -297,32 +311,39 @@ class Sweep:
         perturbed = self._perturbed()
         results: list[TrialResult] = []
         progress = _Progress((len(trials) + verify) * len(chunks), self.progress, self.should_stop)
+        # The trials whose sums already hold the chunk the state was taken in (in plan order).
+        ahead = [t.key for t in (trials if chosen is None else chosen) if start is not None and t.key in start.ahead]
         # Reported before the first trial, from where this run starts (a resumed run: its chunks
-        # done), so a progress display shows the size of the job up front.
-        progress.start(first * len(trials) + (start.done * verify if chosen is not None else 0))
+        # done, and its trials ahead), so a progress display shows the size of the job up front.
+        progress.start(first * len(trials) + (start.done * verify if chosen is not None else 0) + len(ahead))
 
         def finish(trial: Trial) -> None:
             results.append(_finish(trial, accumulators[id(trial)]))
             if on_result:  # streamed as each trial finishes (a killed run resumes from here)
                 on_result(results[-1])
 
+        def state(done: int, ran: list[TrialKey]) -> SweepState:
+            return SweepState("sweep", tuple(chunks), done, {t.key: accumulators[id(t)].state() for t in trials},
+                              ahead=tuple(ran))
+
         for chunk_index in range(first, len(chunks) if trials else 0):
             last = chunk_index == len(chunks) - 1
-            self._chunk_pass(chunks[chunk_index], trials, accumulators, descendants, perturbed, progress,
-                             finish if last else None)
-            if checkpoint is not None and not last:
-                checkpoint(SweepState("sweep", tuple(chunks), chunk_index + 1,
-                                      {t.key: accumulators[id(t)].state() for t in trials}))
+            ran = ahead if chunk_index == first else []  # trials done with this chunk, in the order they ran
+            todo = [t for t in trials if t.key not in set(ran)]
+            after = finish if last else saver.within(ran, len(trials), lambda c=chunk_index, r=ran: state(c, r))
+            self._chunk_pass(chunks[chunk_index], todo, accumulators, descendants, perturbed, progress, after)
+            if not last:
+                saver.report(lambda c=chunk_index: state(c + 1, []))
         if verify:  # verified rows are reported again, now exact; a reader keeps the last row per trial
             if chosen is None:
                 rows = {**known, **{r.key: r for r in results}}
                 estimated = [rows[t.key] for t in plan if t.key in rows]
                 chosen = [by_key[estimated[i].key] for i in self.verification_choice(estimated)
                           if estimated[i].key not in measured]
-                restored, first_verify = {}, 0
-            else:
+                restored, first_verify, ahead = {}, 0, []
+            else:  # continued from a state of the verify pass (the sweep's ahead were its trials)
                 first_verify = start.done
-            verified = self._verify(chosen, restored, first_verify, descendants, progress, on_result, checkpoint)
+            verified = self._verify(chosen, restored, (first_verify, ahead), descendants, progress, on_result, saver)
             order = {t.key: i for i, t in enumerate(plan)}
             results = sorted({**{r.key: r for r in results}, **{r.key: r for r in verified}}.values(),
                              key=lambda r: order[r.key])
@@ -347,6 +368,8 @@ class Sweep:
         unfinished = plan - set(skip or ())
         if set(state.trials) - plan:
             raise ValueError("it holds trials that are not in this run's plan")
+        if set(state.ahead) - set(state.trials):
+            raise ValueError("it names trials as done with its running chunk that it holds no sums of")
         if state.phase == "sweep":
             missing = unfinished - set(state.trials)
             if missing:
@@ -503,11 +526,14 @@ class Sweep:
             per_label[(trial.target, _label(trial))] = per_label.get((trial.target, _label(trial)), 0) + 1
         return sum(min(n, self.config.verify) for n in per_label.values())
 
-    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators], first: int, descendants: dict,
-                progress: "_Progress", on_result: Callable[[TrialResult], None] | None,
-                checkpoint: Callable[[SweepState], None] | None) -> list[TrialResult]:
-        """Re-measure the `chosen` trials exactly, from chunk `first` on (sums of the chunks before it
-        in `restored`); their rows become `exact`."""
+    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators],
+                where: tuple[int, list[TrialKey]], descendants: dict, progress: "_Progress",
+                on_result: Callable[[TrialResult], None] | None, saver: "_Checkpoints") -> list[TrialResult]:
+        """Re-measure the `chosen` trials exactly, from chunk `first` on (`where` = (first, the trials
+        whose sums in `restored` hold that chunk already; the sums of the chunks before it are there
+        too)); their rows become `exact`. Nothing is reported before the last trial of the last
+        chunk, so its state is saved within every chunk, the last one included."""
+        first, ahead = where
         sim = self.sim
         chunks = sim.chunks()
         if not chosen:  # every trial of the budget failed: nothing to re-measure
@@ -515,13 +541,20 @@ class Sweep:
             return []
         accumulators = {t.key: restored.get(t.key) or self._accumulators("exact") for t in chosen}
         # The budget counted every trial of a label; failed trials are not re-measured.
-        progress.total = progress.done + len(chosen) * (len(chunks) - first)
+        progress.total = progress.done + len(chosen) * (len(chunks) - first) - len(ahead)
+
+        def state(done: int, ran: list[TrialKey]) -> SweepState:
+            return SweepState("verify", tuple(chunks), done, {t.key: accumulators[t.key].state() for t in chosen},
+                              tuple(t.key for t in chosen), tuple(ran))
+
         for chunk_index in range(first, len(chunks)):
             cache = sim.cache(chunks[chunk_index])
             reference_out = sim.output_of(cache)
             mask = sim.output_mask(chunks[chunk_index])
             local_refs: dict[str, list[torch.Tensor]] = {}
-            for trial in chosen:
+            ran = ahead if chunk_index == first else []
+            after = saver.within(ran, len(chosen), lambda c=chunk_index, r=ran: state(c, r))
+            for trial in [t for t in chosen if t.key not in set(ran)]:
                 progress.check()
                 acc = accumulators[trial.key]
                 if acc.failure is None:
@@ -531,10 +564,9 @@ class Sweep:
                     except Exception as exc:  # noqa: BLE001
                         acc.failure = _one_line(exc)
                 progress.step(trial.layer)
-            if checkpoint is not None and chunk_index < len(chunks) - 1:
-                checkpoint(SweepState("verify", tuple(chunks), chunk_index + 1,
-                                      {t.key: accumulators[t.key].state() for t in chosen},
-                                      tuple(t.key for t in chosen)))
+                after(trial)
+            if chunk_index < len(chunks) - 1:
+                saver.report(lambda c=chunk_index: state(c + 1, []))
         out = [_finish(trial, accumulators[trial.key]) for trial in chosen]
         if on_result:
             for result in out:
@@ -670,6 +702,41 @@ class Sweep:
             else:
                 clip[name] = (float(fine_edges[0]), float(fine_edges[-1]))
         return TensorHistograms(Histogram(tuple(edges), tuple(fp32.astype(float))), quantized, clip)
+
+
+def checkpoint_interval(seconds: Any) -> float:
+    """`seconds` as the least time between two checkpoints within a chunk (`Sweep.run`'s
+    `checkpoint_every`); ValueError (one line) unless it is a number ≥ 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise ValueError(f"checkpoint_every must be a number of seconds >= 0 (0: after every trial), not {seconds!r}")
+    return float(seconds)
+
+
+class _Checkpoints:
+    """When `Sweep.run` hands its state to its `checkpoint` callback: at the end of a chunk
+    (`report`), and within one after a trial once `every` seconds have passed since it last did
+    (`within`), so a kill loses the trials of those seconds while big runs are not rewritten after
+    every trial."""
+
+    def __init__(self, callback: Callable[[SweepState], None] | None, every: float) -> None:
+        self.callback, self.every = callback, checkpoint_interval(every)
+        self.last = time.monotonic()
+
+    def report(self, state: Callable[[], SweepState]) -> None:
+        if self.callback is not None:
+            self.callback(state())
+            self.last = time.monotonic()
+
+    def within(self, ran: list[TrialKey], total: int, state: Callable[[], SweepState]) -> Callable[[Trial], None]:
+        """What to call after each trial of a chunk of `total` trials: it adds the trial to `ran` (the
+        chunk's trials done) and, while some are left (a chunk's end is reported anyway), reports
+        `state()` when due."""
+        def after(trial: Trial) -> None:
+            ran.append(trial.key)
+            if len(ran) < total and self.callback is not None and time.monotonic() - self.last >= self.every:
+                self.report(state)
+
+        return after
 
 
 class _Progress:
