@@ -39,3 +39,4 @@ bench: setup
 	$(PYTHON) benchmarks/bench_qat.py
 	$(PYTHON) benchmarks/bench_big_model.py
 	$(PYTHON) benchmarks/bench_workers.py --blocks 2 --sequences 2 --tokens 32
+	$(PYTHON) benchmarks/bench_models.py
