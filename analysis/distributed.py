@@ -55,7 +55,8 @@ from analysis.quantsim import QuantlensWarning
 from analysis.results import AnalysisResult, TrialResult
 
 if TYPE_CHECKING:
-    from analysis.sweep import Sweep, Trial
+    from analysis.sweep import Sweep
+    from analysis.trials import Trial
 
 __all__ = ["Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
 

@@ -47,7 +47,8 @@ from analysis.data import Dataset
 from analysis.quantsim import ProgressFn, QuantlensWarning
 from analysis.results import AnalysisResult, TrialResult, _jsonable, _trial
 from analysis.runstore import Inputs
-from analysis.sweep import AnalysisCancelled, Sweep, SweepState, checkpoint_interval
+from analysis.sweep import AnalysisCancelled, Sweep
+from analysis.sweep_state import SweepState, checkpoint_interval
 
 RUN_SCHEMA = "quantlens.run/1"
 # What a run folder holds (report.html: the CLI's report); trials.jsonl is appended, so it is

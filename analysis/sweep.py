@@ -7,188 +7,43 @@ How it stays fast (see benchmarks/bench_sweep.py for the figures):
 3. The cache has a byte bound. Samples are split into chunks that fit; all statistics are sums
    over samples, so the chunking changes memory use, not the numbers (beyond float32 rounding).
 
-The quantizers themselves live in `analysis.quantsim.QuantSim`; this module only decides which
-trials to run and accumulates their errors.
+The quantizers themselves live in `analysis.quantsim.QuantSim`; this module only runs the trials
+over the chunks and accumulates their errors. What a trial is and the sums it keeps:
+`analysis.trials`; the state a resumed run continues from: `analysis.sweep_state`; the cumulative
+view and the per-layer histograms a result carries: `analysis.cumulative`, `analysis.layer_histograms`.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from analysis.config import CHECKPOINT_SECONDS, AnalysisConfig
+from analysis.cumulative import cumulative_view
 from analysis.data import Dataset
 from analysis.estimate import NoiseEstimate, OutputGradients, node_difference, output_gradients
-from analysis.formats import Format
 from analysis.graph import load_args
 from analysis.hooks import build_simulator
+from analysis.layer_histograms import layer_histograms
 from analysis.layers import Layer, weight_coverage
 from analysis.metrics import ErrorAccumulator, ErrorHistogram, UpdateLog
 from analysis.quantsim import ProgressFn, QuantSim
-from analysis.results import (
-    TARGETS, AnalysisResult, CumulativeResult, Histogram, LayerHistograms, TensorHistograms, TrialResult,
-)
+from analysis.results import AnalysisResult, CumulativeResult, LayerHistograms, TrialResult
+from analysis.sweep_state import PHASES, Checkpoints, SweepState, checkpoint_interval
+from analysis.trials import ChunkPartial, Trial, TrialKey, TrialSums, finish_trial, one_line, plan_trials, trial_label
 
+# The sweep's public names; its state and trials are defined in analysis.sweep_state and
+# analysis.trials and re-exported here, where callers have always found them.
 __all__ = ["AnalysisCancelled", "AnalysisConfig", "ChunkPartial", "Sweep", "SweepState", "Trial", "analyze",
            "checkpoint_interval", "plan_trials"]
-
-TrialKey = tuple[str, str, str]  # Trial.key / TrialResult.key: (layer, target, format label)
-PHASES = ("sweep", "verify")  # the pass over every trial, then --verify's exact re-measurement
 
 
 class AnalysisCancelled(RuntimeError):
     """Raised when `should_stop` asked the sweep to stop; finished trials were already reported."""
-
-
-@dataclass(frozen=True)
-class Trial:
-    layer: str
-    target: str
-    weight_format: Format | None
-    act_format: Format | None
-
-    @property
-    def names(self) -> tuple[str | None, str | None]:
-        return (
-            self.weight_format.name_for("weight") if self.weight_format else None,
-            self.act_format.name_for("activation") if self.act_format else None,
-        )
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.layer, self.target, _label(self))
-
-
-def plan_trials(layers: list[Layer], config: AnalysisConfig) -> list[Trial]:
-    """Layer-major order, so a layer's quantized weights are computed once and reused."""
-    weight_formats, act_formats = config.parsed_weight_formats(), config.parsed_act_formats()
-    trials = []
-    for layer in layers:
-        if "weights" in config.targets:
-            trials += [Trial(layer.name, "weights", wf, None) for wf in weight_formats]
-        if layer.quantizable_input:
-            if "activations" in config.targets:
-                trials += [Trial(layer.name, "activations", None, af) for af in act_formats]
-            if "both" in config.targets:
-                trials += [Trial(layer.name, "both", wf, af) for wf in weight_formats for af in act_formats]
-    return trials
-
-
-@dataclass
-class _Accumulators:
-    """One trial's running sums. Everything stays on the device until `_finish` reads it back."""
-
-    local: ErrorAccumulator | UpdateLog  # an UpdateLog on one chunk of a data-parallel sweep
-    output: ErrorAccumulator | None  # exact output metrics
-    estimate: NoiseEstimate | None = None  # estimated output metrics (analysis.estimate)
-    error_histogram: ErrorHistogram = field(default_factory=ErrorHistogram)
-    failure: str | None = None
-
-    def state(self) -> dict[str, Any]:
-        """Plain numbers (JSON-ready, exact through `json`): what `from_state` rebuilds these sums from."""
-        return {"local": self.local.state(), "output": None if self.output is None else self.output.state(),
-                "estimate": None if self.estimate is None else self.estimate.state(),
-                "error_histogram": self.error_histogram.state(), "failure": self.failure}
-
-    @classmethod
-    def from_state(cls, state: Any, mode: str, logits: bool) -> _Accumulators:
-        """The sums `state()` described, for a trial measured in output-metrics `mode`; ValueError
-        (one line) for anything else."""
-        keys = {"local", "output", "estimate", "error_histogram", "failure"}
-        if not isinstance(state, dict) or set(state) != keys:
-            raise ValueError(f"a trial's sums need the keys {', '.join(sorted(keys))}")
-        if (state["output"] is None) == (mode == "exact") or (state["estimate"] is None) == (mode == "estimated"):
-            raise ValueError(f"a trial's sums are not those of output metrics {mode!r}")
-        if state["failure"] is not None and not isinstance(state["failure"], str):
-            raise ValueError("a trial's failure must be a message or null")
-        output = None if state["output"] is None else ErrorAccumulator.from_state(state["output"])
-        if output is not None and output.logits != logits:
-            raise ValueError("a trial's output sums were taken with another reading of the outputs (logits)")
-        return cls(ErrorAccumulator.from_state(state["local"]), output,
-                   None if state["estimate"] is None else NoiseEstimate.from_state(state["estimate"]),
-                   ErrorHistogram.from_state(state["error_histogram"]), state["failure"])
-
-
-@dataclass(frozen=True)
-class SweepState:
-    """Where a single-process sweep stands: `Sweep.run` reports one to its `checkpoint` callback
-    after every chunk of samples but the last of a pass, and within a chunk after a trial (at most
-    every `checkpoint_every` seconds), and continues from one given as `start`. Plain data
-    (`to_dict` is JSON-ready and exact through `json`); where it is kept is the caller's business
-    (`analysis.runs` keeps it in the run folder).
-
-    phase: "sweep" (every unfinished trial) or "verify" (`--verify`'s exact re-measurement);
-    chunks: the chunk boundaries it was taken with; done: chunks of that phase completed;
-    trials: each unfinished trial's running sums; verified: the trials the verify phase re-measures;
-    ahead: the trials whose sums already hold chunk `done` too (a state taken within that chunk),
-    which a continued sweep does not run on it again."""
-
-    phase: str
-    chunks: tuple[tuple[int, int], ...]
-    done: int
-    trials: dict[TrialKey, dict[str, Any]]
-    verified: tuple[TrialKey, ...] = ()
-    ahead: tuple[TrialKey, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "chunks": [list(c) for c in self.chunks], "done": self.done,
-                "trials": [[list(key), state] for key, state in self.trials.items()],
-                "verified": [list(key) for key in self.verified], "ahead": [list(key) for key in self.ahead]}
-
-    @classmethod
-    def from_dict(cls, payload: Any) -> SweepState:
-        """The state `to_dict` wrote (one without `ahead`, as written before states were taken within
-        a chunk, has none); ValueError (one line) for anything else. The trials' sums are checked
-        when a sweep restores them (`Sweep.restore`), which knows their mode."""
-        keys = {"phase", "chunks", "done", "trials", "verified"}
-        if not isinstance(payload, dict) or set(payload) not in (keys, keys | {"ahead"}):
-            raise ValueError("not a sweep state: expected the keys phase, chunks, done, trials, verified, ahead")
-        if payload["phase"] not in PHASES:
-            raise ValueError(f"sweep state: phase must be one of {', '.join(PHASES)}, not {payload['phase']!r}")
-        chunks, done = payload["chunks"], payload["done"]
-        if not isinstance(chunks, list) or not all(_ints(c, 2) for c in chunks):
-            raise ValueError("sweep state: chunks must be a list of [start, end] sample indices")
-        if not _ints([done], 1):
-            raise ValueError(f"sweep state: done must be a count of chunks, not {done!r}")
-        trials, verified = payload["trials"], payload["verified"]
-        if not isinstance(trials, list) or not all(isinstance(t, list) and len(t) == 2 and _key(t[0])
-                                                   and isinstance(t[1], dict) for t in trials):
-            raise ValueError("sweep state: trials must be a list of [[layer, target, format], sums]")
-        ahead = payload.get("ahead", [])
-        for name, value in (("verified", verified), ("ahead", ahead)):
-            if not isinstance(value, list) or not all(_key(k) for k in value):
-                raise ValueError(f"sweep state: {name} must be a list of [layer, target, format]")
-        return cls(payload["phase"], tuple((a, b) for a, b in chunks), done,
-                   {tuple(key): state for key, state in trials}, tuple(tuple(k) for k in verified),
-                   tuple(tuple(k) for k in ahead))
-
-
-def _ints(values: Any, length: int) -> bool:
-    return (isinstance(values, list) and len(values) == length
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
-
-
-def _key(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)
-
-
-@dataclass(frozen=True)
-class ChunkPartial:
-    """One trial's sums over one chunk of samples, from fresh accumulators: what a data-parallel
-    worker returns (`Sweep.chunk_partials`); `Sweep.merge_chunks` folds every chunk's, in chunk
-    order, into the row `Sweep.run` writes."""
-
-    key: tuple[str, str, str]
-    local: UpdateLog
-    output: UpdateLog | None  # exact output metrics
-    estimate: NoiseEstimate | None  # estimated output metrics
-    error_histogram: ErrorHistogram
-    failure: str | None
 
 
 class Sweep:
@@ -272,7 +127,7 @@ class Sweep:
         `restore`). A distributed sweep resumes from finished trials only and takes no `start`; it
         calls no `checkpoint`."""
         self.check_runnable()
-        saver = _Checkpoints(checkpoint, checkpoint_every)
+        saver = Checkpoints(checkpoint, checkpoint_every)
         if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
             if start is not None:
                 raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
@@ -318,7 +173,7 @@ class Sweep:
         progress.start(first * len(trials) + (start.done * verify if chosen is not None else 0) + len(ahead))
 
         def finish(trial: Trial) -> None:
-            results.append(_finish(trial, accumulators[id(trial)]))
+            results.append(finish_trial(trial, accumulators[id(trial)]))
             if on_result:  # streamed as each trial finishes (a killed run resumes from here)
                 on_result(results[-1])
 
@@ -350,7 +205,7 @@ class Sweep:
         cumulative = self._cumulative(layers) if self.config.cumulative else ()
         return self.result(results, cumulative, self.histograms(layers), time.perf_counter() - started)
 
-    def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, _Accumulators]:
+    def restore(self, state: SweepState, skip: set[TrialKey] | None = None) -> dict[TrialKey, TrialSums]:
         """The running sums `state` holds, checked against this sweep with the trials in `skip`
         finished: ValueError (one line, saying what differs) when it is not a state of this sweep's
         chunks, plan and output metrics."""
@@ -386,7 +241,7 @@ class Sweep:
         restored = {}
         for key in keys:
             try:
-                restored[key] = _Accumulators.from_state(state.trials[key], mode, self.data.logits)
+                restored[key] = TrialSums.from_state(state.trials[key], mode, self.data.logits)
             except (ValueError, TypeError, OverflowError) as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise ValueError(f"the sums of trial {'/'.join(key)} are unusable: {reason}") from None
@@ -422,7 +277,7 @@ class Sweep:
         return list(dict.fromkeys(s.node for layer in self.layers for s in self.sim.sites(layer.name)))
 
     def _chunk_pass(self, chunk: tuple[int, int], trials: list[Trial], accumulators: dict, descendants: dict,
-                    perturbed: list, progress: "_Progress", finished: Callable[[Trial], None] | None = None) -> None:
+                    perturbed: list, progress: _Progress, finished: Callable[[Trial], None] | None = None) -> None:
         """Every trial on one chunk of samples, into its accumulators; `finished(trial)` after each."""
         sim = self.sim
         grads = None
@@ -443,7 +298,7 @@ class Sweep:
                     self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, grads,
                                     mask=mask)
                 except Exception as exc:  # noqa: BLE001 — one failing layer must not end the sweep
-                    acc.failure = _one_line(exc)
+                    acc.failure = one_line(exc)
             progress.step(trial.layer)
             if finished is not None:
                 finished(trial)
@@ -458,7 +313,7 @@ class Sweep:
         so every chunk bins on the edges a single run fixes on its first chunk."""
         mode, bounds = self.config.output_metrics, bounds or {}
         logits = self.data.logits
-        accumulators = {id(t): _Accumulators(UpdateLog(), UpdateLog(logits) if mode == "exact" else None,
+        accumulators = {id(t): TrialSums(UpdateLog(), UpdateLog(logits) if mode == "exact" else None,
                                              NoiseEstimate() if mode == "estimated" else None,
                                              ErrorHistogram(bound=bounds.get(t.key))) for t in trials}
         layers = [layer for layer in self.layers if layer.name in {t.layer for t in trials}]
@@ -489,9 +344,9 @@ class Sweep:
                         acc.estimate.merge(part.estimate)
                     acc.error_histogram.merge(part.error_histogram)
                 except ValueError as exc:
-                    acc.failure = _one_line(exc)
+                    acc.failure = one_line(exc)
                     break
-            results.append(_finish(trial, acc))
+            results.append(finish_trial(trial, acc))
         return results
 
     def verification_choice(self, results: list[TrialResult]) -> list[int]:
@@ -504,9 +359,9 @@ class Sweep:
         return sorted(index for indices in by_label.values()
                       for index in sorted(indices, key=lambda i: -results[i].output.mse)[:self.config.verify])
 
-    def _accumulators(self, mode: str) -> _Accumulators:
+    def _accumulators(self, mode: str) -> TrialSums:
         logits = self.data.logits
-        return _Accumulators(ErrorAccumulator(), ErrorAccumulator(logits) if mode == "exact" else None,
+        return TrialSums(ErrorAccumulator(), ErrorAccumulator(logits) if mode == "exact" else None,
                              NoiseEstimate() if mode == "estimated" else None)
 
     def _gradients(self, chunk: tuple[int, int], nodes: list) -> OutputGradients:
@@ -515,7 +370,7 @@ class Sweep:
                                     keep_values=True)
         except Exception as exc:  # noqa: BLE001 — say which mode needs what, not a bare autograd error
             raise ValueError(f"estimated output metrics need a backward pass through the model, which failed "
-                             f"({_one_line(exc)}); use --output-metrics exact") from None
+                             f"({one_line(exc)}); use --output-metrics exact") from None
 
     def verification_budget(self, trials: list[Trial]) -> int:
         """How many trials `--verify K` re-measures: K per format label (fewer where a label has fewer)."""
@@ -523,12 +378,12 @@ class Sweep:
             return 0
         per_label: dict[tuple[str, str], int] = {}
         for trial in trials:
-            per_label[(trial.target, _label(trial))] = per_label.get((trial.target, _label(trial)), 0) + 1
+            per_label[(trial.target, trial_label(trial))] = per_label.get((trial.target, trial_label(trial)), 0) + 1
         return sum(min(n, self.config.verify) for n in per_label.values())
 
-    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, _Accumulators],
-                where: tuple[int, list[TrialKey]], descendants: dict, progress: "_Progress",
-                on_result: Callable[[TrialResult], None] | None, saver: "_Checkpoints") -> list[TrialResult]:
+    def _verify(self, chosen: list[Trial], restored: dict[TrialKey, TrialSums],
+                where: tuple[int, list[TrialKey]], descendants: dict, progress: _Progress,
+                on_result: Callable[[TrialResult], None] | None, saver: Checkpoints) -> list[TrialResult]:
         """Re-measure the `chosen` trials exactly, from chunk `first` on (`where` = (first, the trials
         whose sums in `restored` hold that chunk already; the sums of the chunks before it are there
         too)); their rows become `exact`. Nothing is reported before the last trial of the last
@@ -562,19 +417,19 @@ class Sweep:
                         self._run_trial(trial, cache, reference_out, descendants[trial.layer], local_refs, acc, None,
                                         mask=mask)
                     except Exception as exc:  # noqa: BLE001
-                        acc.failure = _one_line(exc)
+                        acc.failure = one_line(exc)
                 progress.step(trial.layer)
                 after(trial)
             if chunk_index < len(chunks) - 1:
                 saver.report(lambda c=chunk_index: state(c + 1, []))
-        out = [_finish(trial, accumulators[trial.key]) for trial in chosen]
+        out = [finish_trial(trial, accumulators[trial.key]) for trial in chosen]
         if on_result:
             for result in out:
                 on_result(result)
         return out
 
     def _run_trial(self, trial: Trial, cache: dict, reference_out: torch.Tensor,
-                   affected: list, local_refs: dict[str, list[torch.Tensor]], acc: _Accumulators,
+                   affected: list, local_refs: dict[str, list[torch.Tensor]], acc: TrialSums,
                    grads: OutputGradients | None = None, mask: torch.Tensor | None = None) -> None:
         """One trial on one chunk. `mask`: the chunk's output positions that count (padding does not)."""
         sim = self.sim
@@ -610,133 +465,11 @@ class Sweep:
         return self._cumulative(self.layers)
 
     def _cumulative(self, layers: list[Layer]) -> list[CumulativeResult]:
-        """Every analysed layer quantized at once, per uniform configuration. A configuration that
-        fails is kept as a record with its error (never dropped in silence)."""
-        sim = self.sim
-        configs = {(t.target, t.weight_format, t.act_format) for t in plan_trials(layers, self.config)}
-        results = []
-        for target, wf, af in sorted(configs, key=lambda c: (TARGETS.index(c[0]), str(c[1]), str(c[2]))):
-            assignment = {
-                layer.name: (wf, af if layer.quantizable_input else None) for layer in layers
-                if wf is not None or layer.quantizable_input
-            }
-            per_layer = {name: ErrorAccumulator() for name in assignment}
-            output = ErrorAccumulator(self.data.logits)
-            failure = None
-            try:
-                overrides = sim.overrides(assignment)
-                nodes = [n for n in sim.prepared.nodes if n.op != "placeholder"]
-                for chunk in sim.chunks():
-                    cache = sim.cache(chunk)
-                    env = sim.rerun(cache, nodes, overrides)
-                    output.update(sim.output_of(cache), sim.output_of(env), sim.output_mask(chunk))
-                    with torch.inference_mode():
-                        for name, (lwf, laf) in assignment.items():
-                            for site in sim.sites(name):
-                                fp_args, fp_kwargs = load_args(site.node, cache)
-                                q_args, q_kwargs = load_args(site.node, env, cache)
-                                reference = site.local(sim.gm, fp_args, fp_kwargs, None, None, cache[site.node])
-                                quantized = site.local(sim.gm, q_args, q_kwargs, sim.quantized_weight(name, lwf),
-                                                       sim.activation_quantizer(site, laf), env[site.node])
-                                per_layer[name].update(reference, quantized)
-                per_layer_stats, output_stats = {name: acc.result() for name, acc in per_layer.items()}, output.result()
-            except Exception as exc:  # noqa: BLE001
-                failure = _one_line(exc)
-                per_layer_stats, output_stats = {}, None
-            results.append(CumulativeResult(
-                target, wf.name_for("weight") if wf else None, af.name_for("activation") if af else None,
-                per_layer_stats, output_stats, error=failure,
-            ))
-        return results
-
-    # histograms -----------------------------------------------------------------------------
+        return cumulative_view(self.sim, layers, self.config)
 
     def histograms(self, layers: list[Layer]) -> dict[str, LayerHistograms]:
-        sim = self.sim
-        bins = self.config.histogram_bins
-        out = {}
-        for layer in layers:
-            w = sim.table.weight(layer.name).detach().float()
-            lo, hi = float(w.min()), float(w.max())
-            if lo == hi:
-                lo, hi = lo - 0.5, hi + 0.5
-            edges = np.linspace(lo, hi, bins + 1)
-            fp32 = np.histogram(w.cpu().numpy(), bins=edges)[0]
-            quantized, clip = {}, {}
-            for wf in self.config.parsed_weight_formats():
-                wq = sim.quantized_weight(layer.name, wf)
-                wlo, whi = sim.weight_range(layer.name, wf)
-                name = wf.name_for("weight")
-                quantized[name] = tuple(np.histogram(np.clip(wq.float().cpu().numpy(), lo, hi), bins=edges)[0].astype(float))
-                clip[name] = (float(wlo.min()), float(whi.max()))
-            rows = w.movedim(layer.channel_axis, 0).reshape(w.shape[layer.channel_axis], -1) if w.dim() > 1 else w.reshape(1, -1)
-            out[layer.name] = LayerHistograms(
-                weight=TensorHistograms(Histogram(tuple(edges), tuple(fp32.astype(float))), quantized, clip),
-                activation=self._activation_histogram(layer, bins),
-                channel_min=tuple(rows.amin(dim=1).tolist()),
-                channel_max=tuple(rows.amax(dim=1).tolist()),
-            )
-        return out
-
-    def _activation_histogram(self, layer: Layer, bins: int) -> TensorHistograms | None:
-        sim = self.sim
-        site = sim.sites(layer.name)[0]
-        hist = sim.activation_histogram(site, 0)
-        if hist is None or not layer.quantizable_input:
-            return None
-        fine_edges, fine_counts = np.asarray(hist.edges), np.asarray(hist.counts)
-        edges = np.linspace(fine_edges[0], fine_edges[-1], bins + 1)
-        centers = torch.tensor((fine_edges[:-1] + fine_edges[1:]) / 2, dtype=torch.float32, device=sim.device)
-        fp32 = np.histogram(centers.cpu().numpy(), bins=edges, weights=fine_counts)[0]
-        quantized, clip = {}, {}
-        for af in self.config.parsed_act_formats():
-            if af.block_scaled:  # a value's scale depends on its block's neighbours: bin centres cannot stand in
-                continue
-            name = af.name_for("activation")
-            # Moving each fine bin's count to where its centre quantizes to: exact up to 1/2048 of the range.
-            q_centers = sim.activation_quantizer(site, af)(0, centers).cpu().numpy()
-            quantized[name] = tuple(np.histogram(np.clip(q_centers, edges[0], edges[-1]), bins=edges, weights=fine_counts)[0])
-            if af.scaled and not sim.config.dynamic_activations:
-                lo, hi = sim.activation_range(site, 0, af)
-                clip[name] = (float(lo), float(hi))
-            else:
-                clip[name] = (float(fine_edges[0]), float(fine_edges[-1]))
-        return TensorHistograms(Histogram(tuple(edges), tuple(fp32.astype(float))), quantized, clip)
-
-
-def checkpoint_interval(seconds: Any) -> float:
-    """`seconds` as the least time between two checkpoints within a chunk (`Sweep.run`'s
-    `checkpoint_every`); ValueError (one line) unless it is a number ≥ 0."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-        raise ValueError(f"checkpoint_every must be a number of seconds >= 0 (0: after every trial), not {seconds!r}")
-    return float(seconds)
-
-
-class _Checkpoints:
-    """When `Sweep.run` hands its state to its `checkpoint` callback: at the end of a chunk
-    (`report`), and within one after a trial once `every` seconds have passed since it last did
-    (`within`), so a kill loses the trials of those seconds while big runs are not rewritten after
-    every trial."""
-
-    def __init__(self, callback: Callable[[SweepState], None] | None, every: float) -> None:
-        self.callback, self.every = callback, checkpoint_interval(every)
-        self.last = time.monotonic()
-
-    def report(self, state: Callable[[], SweepState]) -> None:
-        if self.callback is not None:
-            self.callback(state())
-            self.last = time.monotonic()
-
-    def within(self, ran: list[TrialKey], total: int, state: Callable[[], SweepState]) -> Callable[[Trial], None]:
-        """What to call after each trial of a chunk of `total` trials: it adds the trial to `ran` (the
-        chunk's trials done) and, while some are left (a chunk's end is reported anyway), reports
-        `state()` when due."""
-        def after(trial: Trial) -> None:
-            ran.append(trial.key)
-            if len(ran) < total and self.callback is not None and time.monotonic() - self.last >= self.every:
-                self.report(state)
-
-        return after
+        """Each of `layers`' weight (FP32 and per weight format) and input histograms with clipping ranges."""
+        return layer_histograms(self.sim, layers, self.config)
 
 
 class _Progress:
@@ -760,41 +493,6 @@ class _Progress:
         self.done += 1
         if self.callback:
             self.callback(self.done, self.total, layer)
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def _label(trial: Trial) -> str:
-    from analysis.results import trial_format
-
-    return trial_format(trial.target, *trial.names)
-
-
-def _finish(trial: Trial, acc: _Accumulators) -> TrialResult:
-    weight_name, act_name = trial.names
-    if acc.failure is None:
-        try:
-            # Also where NaN/Inf seen by any update surfaces: the accumulators defer that check to
-            # result() so that updates never wait for the device.
-            local, output = acc.local.result(), acc.output.result() if acc.output is not None else None
-        except Exception as exc:  # noqa: BLE001 — a trial whose sums are unusable is a failed trial
-            acc.failure = _one_line(exc)
-    if acc.failure is not None:
-        return TrialResult(trial.layer, trial.target, weight_name, act_name, error=acc.failure)
-    counted = acc.error_histogram.result()
-    histogram = Histogram(*counted) if counted is not None else None
-    if acc.estimate is not None:
-        try:
-            output = acc.estimate.result()
-        except Exception as exc:  # noqa: BLE001
-            return TrialResult(trial.layer, trial.target, weight_name, act_name, error=_one_line(exc))
-    source = None if output is None else ("estimated" if acc.estimate is not None else "exact")
-    return TrialResult(
-        trial.layer, trial.target, weight_name, act_name,
-        local=local, output=output, error_histogram=histogram, output_source=source,
-    )
 
 
 def versions() -> dict[str, str]:

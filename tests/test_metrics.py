@@ -12,7 +12,7 @@ from analysis.metrics import (
     NONFINITE, SQNR_CAP_DB, ErrorAccumulator, ErrorHistogram, accuracy, compare, perplexity, sqnr_db,
     sqnr_db_to_linear, sqnr_db_to_normalized_l2,
 )
-from analysis.sweep import Trial, _Accumulators, _finish
+from analysis.trials import Trial, TrialSums, finish_trial
 
 
 def test_sqnr_hand_computed():
@@ -193,13 +193,13 @@ def test_non_finite_values_are_reported_by_result_not_update():
 
 
 def test_the_sweep_turns_a_deferred_non_finite_into_a_failed_trial():
-    acc = _Accumulators(ErrorAccumulator(), ErrorAccumulator())
+    acc = TrialSums(ErrorAccumulator(), ErrorAccumulator())
     acc.local.update(torch.ones(4), torch.ones(4))
     acc.output.update(torch.ones(2), torch.tensor([1.0, float("inf")]))
     acc.error_histogram.update(torch.zeros(4))
-    result = _finish(Trial("fc", "weights", parse_format("int8"), None), acc)
+    result = finish_trial(Trial("fc", "weights", parse_format("int8"), None), acc)
     assert not result.ok and result.error == f"ValueError: {NONFINITE}"
-    fresh = _Accumulators(ErrorAccumulator(), None)
+    fresh = TrialSums(ErrorAccumulator(), None)
     with pytest.raises(ValueError, match="NaN or Inf"):  # a non-finite first chunk: the sweep records it
         fresh.error_histogram.update(torch.tensor([0.5, float("nan")]))
 
