@@ -59,6 +59,42 @@ def test_in_place_updates_keep_their_meaning():
         assert trial.output.sqnr_db == pytest.approx(naive, abs=0.01), trial.layer
 
 
+class PositionSlice(nn.Module):
+    """A buffer sliced by the input's length (fx cannot trace it; torch.export can) and only pure ops."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) * self.scale[: x.shape[1] + 2]
+
+
+def test_functionalisation_only_when_something_writes_in_place(monkeypatch):
+    """Re-tracing to functionalise costs seconds on big models: it runs for a program with in-place
+    ops, whose readers need it, and is skipped for a pure one, which runs the same either way."""
+    from analysis import graph
+
+    calls = []
+    original = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    for model, mutates in ((SliceAssign().eval(), True), (PositionSlice().eval(), False)):
+        calls.clear()
+        program = graph._export(model, data(4).inputs)
+        assert graph._may_mutate(program) is mutates
+        sim = QuantSim(model, data(), QuantConfig(num_samples=16))
+        assert sim.prepared.source == "export"
+        assert len(calls) == (1 if mutates else 0), type(model).__name__
+        # the graph that runs gives the model's own output either way
+        with torch.no_grad():
+            expected = model(data().inputs)
+        got = sim.output_of(sim.cache((0, 16)))
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
 def test_a_graph_that_computes_something_else_is_refused(monkeypatch):
     """Break the prepared graph on purpose (drop the functionalisation that keeps in-place updates
     right): the comparison with the user's own forward must refuse it."""
