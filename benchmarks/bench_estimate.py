@@ -105,9 +105,12 @@ def models() -> dict[str, tuple[torch.nn.Module, Dataset]]:
     out["20-layer residual CNN"] = (ResidualCNN().eval(), Dataset(torch.randn(SAMPLES, 3, 16, 16),
                                                                    torch.randint(0, 10, (SAMPLES,)), "classification", "random"))
     try:
+        from analysis.compat import import_torchvision
+
+        import_torchvision()  # transformers imports torchvision when installed (see analysis.compat)
         from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
-        print("transformers not installed: skipping the Llama-architecture model")
+    except ImportError as exc:
+        print(f"transformers cannot be imported ({exc}): skipping the Llama-architecture model")
         return out
 
     class CausalLM(torch.nn.Module):
