@@ -9,7 +9,8 @@ communication between the parts. `run_distributed` is what `Sweep.run` calls whe
    histograms (`QuantSim.adopt_activation_statistics`), so every shard quantizes with the ranges a
    single-process run computes.
 2. N Ray actors receive the model and data once (one copy in Ray's object store) and build their own
-   simulator once, on the device Ray assigns them (`num_gpus` per worker with `device="cuda"`), with
+   simulator once — started (`Cluster`) before the driver prepares its own copy, so their start-up
+   overlaps that preparation — on the device Ray assigns them (`num_gpus` per worker with `device="cuda"`), with
    `cores // N` intra-op threads each, so N workers never oversubscribe the cores.
 3. The layers are cut into shards of about equal cost (contiguous in execution order, a few per
    worker, the most expensive first); an idle worker takes the next shard. A finished shard's
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from analysis.sweep import Sweep
     from analysis.trials import Trial
 
-__all__ = ["Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
+__all__ = ["Cluster", "Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
 
 SHARDS_PER_WORKER = 3  # more: finer load balance and less lost to a driver crash; each costs an FP32 pass
 RETRIES = 2  # times Ray restarts a dead worker and re-runs its shard
@@ -173,16 +174,18 @@ def placement(ray: Any, config: AnalysisConfig) -> Placement:
 class ShardWorker:
     """One worker process (a Ray actor): its own model copy and simulator, built once; runs shards."""
 
-    def __init__(self, config: AnalysisConfig, threads: int, chunk_size: int) -> None:
+    def __init__(self, config: AnalysisConfig, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.threads, self.chunk_size = threads, chunk_size
+        self.threads = threads
         self.config = replace(config, workers=1, ray_address=None, cumulative=False, layers=None)
         self.sim = None
+        self.own_chunk_size = 0
         self.status: tuple[int, str] = (0, "")
 
     def load(self, payload: list) -> dict[str, Any]:
-        """Build the simulator from [ref to (model, data)] unless built: the first call after a
-        start or a restart (the ref is wrapped in a list so that only this call reads it)."""
+        """Build the simulator from payload[0], a ref to (model, data), unless built: the first call
+        after a start or a restart (the ref is wrapped in a list so that only this call reads it).
+        payload[1], when there (every call once the driver has planned): the driver's chunk size."""
         if self.sim is None:
             import ray
 
@@ -196,9 +199,11 @@ class ShardWorker:
                 import_torchvision()
             model, data = ray.get(payload[0])
             self.sim = Sweep(model, data, self.config).sim
+            self.own_chunk_size = self.sim.chunk_size
+        if len(payload) > 1:
             # The driver's chunks (the same samples per FP32 capture, so the same sums), unless this
             # device has room for fewer.
-            self.sim.chunk_size = min(self.sim.chunk_size, self.chunk_size)
+            self.sim.chunk_size = min(self.own_chunk_size, payload[1])
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.sim.device),
                 "threads": self.threads}
 
@@ -269,45 +274,68 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
     wall time. Connects to `config.ray_address`, or starts a local cluster for the run and stops it
     after."""
     config = sweep.config
-    check_distributed(config)
-    ray = _ray()
     started = time.perf_counter()
-    own_cluster = _connect(ray, config)
-    actors: list = []
+    cluster = sweep.cluster if sweep.cluster is not None else Cluster(sweep.model, sweep.data, config)
+    ray, actors = cluster.ray, cluster.actors
     try:
-        place = placement(ray, config)
-        try:
-            payload = ray.put((sweep.model, sweep.data))
-        except Exception as exc:  # noqa: BLE001 — whatever the pickler met, say what it means
-            raise ValueError(f"the model or data cannot be sent to the workers ({_one_line(exc)}); run without "
-                             "--workers/--ray, or make the model picklable") from None
-        remote = ray.remote(num_cpus=place.cpus, num_gpus=place.gpus, max_restarts=RETRIES, max_task_retries=RETRIES,
-                            concurrency_groups={"progress": 1})(ShardWorker)
-        worker_config = replace(config, device=place.device)
-        actors = [remote.remote(worker_config, place.cpus, sweep.sim.chunk_size) for _ in range(place.workers)]
-        for actor in actors:  # queued first on each worker: the model loads while the driver calibrates
-            actor.load.remote([payload])
+        # Every call from here on carries the driver's chunk size too (a restarted worker reads it again).
+        payload = [cluster.payload[0], sweep.sim.chunk_size]
         sweep.calibrate()  # once, while the workers load the model
         statistics = ray.put(sweep.sim.activation_statistics())
         trials = [t for t in sweep.plan() if not skip or t.key not in skip]
         if config.output_metrics == "estimated":  # data parallel: the backward passes are shared by all layers
-            merged, cumulative = _data_parallel(ray, sweep, actors, [payload], place.workers, trials, statistics,
+            merged, cumulative = _data_parallel(ray, sweep, actors, payload, cluster.place.workers, trials, statistics,
                                                 on_result)
         else:
-            results, cumulative = _Dispatcher(ray, sweep, actors, [payload], layer_costs(sweep, trials),
-                                              place.workers, trials, statistics, on_result).run()
+            results, cumulative = _Dispatcher(ray, sweep, actors, payload, layer_costs(sweep, trials),
+                                              cluster.place.workers, trials, statistics, on_result).run()
             merged = AnalysisResult.merge(*results)
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        if own_cluster:
-            ray.shutdown()
+        cluster.close()
     recorded = config.to_dict()
     if config.cumulative and cumulative is None:
         recorded["cumulative"] = False
         warnings.warn("the cumulative view was lost with its worker and is left out; rerun with --cumulative "
                       "to compute it", QuantlensWarning, stacklevel=2)
     return replace(merged, config=recorded, cumulative=tuple(cumulative or ()), seconds=time.perf_counter() - started)
+
+
+class Cluster:
+    """Ray and the worker actors of one distributed sweep: connected (or a local cluster started),
+    the model and data put in the object store once, and every worker told to load them. `Sweep`
+    starts one before it prepares its own copy of the model, so the workers' start-up overlaps that
+    preparation; `close` kills the workers and stops a cluster it started."""
+
+    def __init__(self, model: Any, data: Any, config: AnalysisConfig) -> None:
+        check_distributed(config)
+        self.ray = ray = _ray()
+        self.actors: list = []
+        self.own = _connect(ray, config)
+        try:
+            self.place = place = placement(ray, config)
+            try:
+                self.payload = [ray.put((model, data))]
+            except Exception as exc:  # noqa: BLE001 — whatever the pickler met, say what it means
+                raise ValueError(f"the model or data cannot be sent to the workers ({_one_line(exc)}); run without "
+                                 "--workers/--ray, or make the model picklable") from None
+            remote = ray.remote(num_cpus=place.cpus, num_gpus=place.gpus, max_restarts=RETRIES,
+                                max_task_retries=RETRIES, concurrency_groups={"progress": 1})(ShardWorker)
+            worker_config = replace(config, device=place.device)
+            self.actors = [remote.remote(worker_config, place.cpus) for _ in range(place.workers)]
+            for actor in self.actors:  # queued first on each worker: it loads the model while the driver prepares
+                actor.load.remote(self.payload)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Kill the workers and stop the cluster if this started it; safe to call twice."""
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.own:
+            self.ray.shutdown()
+            self.own = False
 
 
 def _connect(ray: Any, config: AnalysisConfig) -> bool:

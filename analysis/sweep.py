@@ -70,13 +70,32 @@ class Sweep:
         # A distributed sweep's own simulator only plans and calibrates (on the CPU); its workers
         # place their copies on config.device (analysis.distributed).
         device = "cpu" if self.config.distributed else self.config.device
-        if sim is None:  # the engine choice: graph, hooks, or the graph falling back to hooks
-            sim = build_simulator(model, data, self.config, cache_bytes=cache_bytes, device=device)
-        self.sim = sim
-        if self.config.layers is not None:
-            unknown = set(self.config.layers) - set(self.sim.layer_names)
-            if unknown:
-                raise ValueError(f"unknown layer(s) {sorted(unknown)[:3]}; see `quantlens analyze` output for names")
+        self.cluster = None  # a distributed sweep's Ray workers (analysis.distributed.Cluster)
+        if self.config.distributed and sim is None:
+            from analysis.distributed import Cluster
+
+            # Started before this process prepares its own copy, so that the workers' start-up
+            # (Python, torch, Ray, each preparing its copy) runs while it does: that preparation
+            # is otherwise a serial stretch of every distributed run (≈ 20 s of a 100M model's).
+            self.cluster = Cluster(model, data.take(self.config.num_samples), self.config)
+        try:
+            if sim is None:  # the engine choice: graph, hooks, or the graph falling back to hooks
+                sim = build_simulator(model, data, self.config, cache_bytes=cache_bytes, device=device)
+            self.sim = sim
+            if self.config.layers is not None:
+                unknown = set(self.config.layers) - set(self.sim.layer_names)
+                if unknown:
+                    raise ValueError(f"unknown layer(s) {sorted(unknown)[:3]}; see `quantlens analyze` output for names")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the Ray workers a distributed sweep started (`run` does when it ends; call this for a
+        sweep that will not run). Nothing to do otherwise; safe to call twice."""
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
 
     @property
     def data(self) -> Dataset:
@@ -126,15 +145,19 @@ class Sweep:
         trials that its sums do not hold yet (ValueError, one line, when it does not fit: see
         `restore`). A distributed sweep resumes from finished trials only and takes no `start`; it
         calls no `checkpoint`."""
+        if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
+            try:
+                self.check_runnable()
+                if start is not None:
+                    raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
+                                     "checkpoint; pass no start state")
+                from analysis.distributed import run_distributed
+
+                return run_distributed(self, on_result=on_result, skip=skip)
+            finally:
+                self.close()
         self.check_runnable()
         saver = Checkpoints(checkpoint, checkpoint_every)
-        if self.config.distributed:  # the same sweep over Ray workers (by layer, or by chunk when estimated)
-            if start is not None:
-                raise ValueError("a sweep over workers resumes from finished trials, not from a chunk "
-                                 "checkpoint; pass no start state")
-            from analysis.distributed import run_distributed
-
-            return run_distributed(self, on_result=on_result, skip=skip)
         sim = self.sim
         started = time.perf_counter()
         layers = self.layers

@@ -183,8 +183,8 @@ class _FakeActor:
     def __init__(self, fake, sim, config):
         from analysis.distributed import ShardWorker
 
-        self.worker = ShardWorker(config, torch.get_num_threads(), sim.chunk_size)
-        self.worker.sim = sim
+        self.worker = ShardWorker(config, torch.get_num_threads())
+        self.worker.sim, self.worker.own_chunk_size = sim, sim.chunk_size
         self.fake = fake
         self.run_chunk = _Method(self._chunk)
         self.progress = _Method(self.worker.progress)
@@ -250,3 +250,53 @@ def test_losing_every_group_is_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match="every chunk of the data-parallel sweep was lost") as info:
         _dispatch(monkeypatch, ESTIMATED, 2, {(1, "a")})
     assert "\n" not in str(info.value)
+
+
+class _RecordingCluster:
+    """Stands in for analysis.distributed.Cluster: records when it starts and stops."""
+
+    events: list = []
+
+    def __init__(self, model, data, config):
+        self.samples = len(data)
+        _RecordingCluster.events.append(("start", len(data)))
+
+    def close(self):
+        _RecordingCluster.events.append(("close",))
+
+
+def test_workers_start_before_the_driver_prepares_and_stop_when_it_fails(monkeypatch):
+    """The workers' start-up overlaps the driver's preparation (they are started first, with the
+    samples the run uses); a preparation that fails stops them, and so does closing a sweep that
+    never runs."""
+    import analysis.distributed
+    import analysis.sweep
+    from analysis.graph import ModelPreparationError
+
+    events = _RecordingCluster.events
+    events.clear()
+    monkeypatch.setattr(analysis.distributed, "Cluster", _RecordingCluster)
+    real_build = analysis.sweep.build_simulator
+
+    def build(*args, **kwargs):
+        events.append(("prepare",))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(analysis.sweep, "build_simulator", build)
+    config = dataclasses.replace(CONFIG, workers=2, num_samples=16)
+    sweep = Sweep(Chain().eval(), data(40), config)
+    assert events == [("start", 16), ("prepare",)]
+    sweep.close()
+    sweep.close()  # twice is harmless
+    assert events[2:] == [("close",)]
+
+    events.clear()
+
+    def broken(*args, **kwargs):
+        events.append(("prepare",))
+        raise ModelPreparationError("could not trace the model")
+
+    monkeypatch.setattr(analysis.sweep, "build_simulator", broken)
+    with pytest.raises(ModelPreparationError):
+        Sweep(Chain().eval(), data(40), config)
+    assert events == [("start", 16), ("prepare",), ("close",)]
