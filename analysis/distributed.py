@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Cluster", "Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
 
-SHARDS_PER_WORKER = 3  # more: finer load balance and less lost to a driver crash; each costs an FP32 pass
+SHARDS_PER_WORKER = 2  # more: finer load balance and less lost to a driver crash; each re-captures every chunk (FP32 pass)
 RETRIES = 2  # times Ray restarts a dead worker and re-runs its shard
 POLL_SECONDS = 0.5  # how often the driver collects progress and checks for a stop
 INSTALL_HINT = "pip install 'quantlens[ray]'"
