@@ -223,11 +223,11 @@ def _may_mutate(program: torch.export.ExportedProgram) -> bool:
 def _prepare_exported(program: torch.export.ExportedProgram) -> PreparedModel:
     # ep.module() builds a fresh GraphModule with parameters as attributes. Its shape guards pin
     # the batch size used at export time; we run other batch sizes (chunks), so they go.
-    # Functionalised first: in-place updates (slice assignment, copy_, masked_fill_) become
-    # out-of-place operations whose users read the updated value. Rewriting them one by one (as for
-    # fx graphs) would leave later readers with the value from before the update.
-    # Functionalising re-traces the whole program (4.6 s of a 100M GPT's 18 s set-up): done only when
-    # something in it can write in place; a graph of pure ops runs the same either way.
+    # Functionalised first when something in it can write in place: in-place updates (slice
+    # assignment, copy_, masked_fill_) become out-of-place operations whose users read the updated
+    # value; rewriting them one by one (as for fx graphs) would leave later readers with the value
+    # from before the update. A graph of pure ops runs the same either way, and functionalising
+    # re-traces the whole program (4.6 s of a 100M GPT's 18 s set-up), so it is skipped there.
     if _may_mutate(program):
         try:
             program = program.run_decompositions({})

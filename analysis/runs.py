@@ -128,98 +128,106 @@ def _analyze_locked(model: Any, data: Dataset, config: AnalysisConfig, out: Path
                           "wait for it to finish, or use another --out directory")
     sweep = Sweep(model, data, config, progress=progress, should_stop=should_stop)
     try:  # a distributed sweep's workers run from here: stopped whatever happens before, in or after the run
-        sweep.check_runnable()  # everything is validated before the first byte is written
-        header = {
-            "schema": RUN_SCHEMA,
-            "config": _jsonable(_result_config(config)),
-            "model_fingerprint": _fingerprint(model),
-            "data_fingerprint": sweep.data.fingerprint(),
-        }
-        # Absolute paths and the weights' content hash: a later `suggest` from any directory reloads
-        # exactly this model, or refuses.
-        provenance = provenance_mod.record(model_spec, weights, data_spec, model_fingerprint=header["model_fingerprint"],
-                            data_fingerprint=header["data_fingerprint"])
-        finished: dict[tuple[str, str, str], TrialResult] = {}
-        run_file, trials_file = out / "run.json", out / "trials.jsonl"
-        if resume and not run_file.exists():
-            raise ResumeError(f"nothing to resume in {out}: no run.json there; drop --resume to start a new run")
-        if resume:
-            try:
-                previous = json.loads(runstore.read_regular(run_file, "run header", 16 << 20))
-            except json.JSONDecodeError:
-                raise ResumeError(f"{run_file} is not valid JSON; drop --resume to start over") from None
-            if not isinstance(previous, dict):
-                raise ResumeError(f"{run_file} is not a quantlens run header; drop --resume to start over")
-            for key in ("config", "model_fingerprint", "data_fingerprint"):
-                if previous.get(key) != header[key]:
-                    raise ResumeError(
-                        f"the run in {out} was made with a different {key.replace('_', ' ')}; "
-                        "drop --resume to start over, or use another --out directory"
-                    )
-            planned = {t.key for t in sweep.plan()}
-            # Only trials of this plan: a line from another run or plan is not ours to reuse.
-            rows = [t for t in _read_trials(trials_file) if t.key in planned]
-            finished = {t.key: t for t in rows}  # the last row of a trial (--verify's, when re-measured)
-            first = {t.key: t for t in reversed(rows)}  # its first row: what --verify chose by
-            kept = [t for t in rows if t is first[t.key] or t is finished[t.key]]  # (what Sweep.run's earlier= reads)
-            # Rewrite without a line the crash cut short, so appended trials start on a clean line.
-            runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
-                "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in kept)))
-            start = _read_checkpoint(out, sweep, header, set(finished))
-        else:
-            check_run_folder(out, force=force)
-            runstore.write_json_atomic(run_file, header)
-            runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
-            _remove_checkpoint(out)  # an earlier run's in a reused folder
-            kept, start = [], None
-        _mark_started(out, config, resume, inputs, provenance, planned=len(sweep.plan()))
-        started = time.time()
-        try:
-            with trials_file.open("a") as sink:
-                def record(trial: TrialResult) -> None:
-                    sink.write(json.dumps(_jsonable(asdict(trial)), allow_nan=False) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())  # a kill -9 right after must not lose this trial
-                    if on_result:
-                        on_result(trial)
-
-                def save(state: SweepState) -> None:
-                    payload = {"schema": CHECKPOINT_SCHEMA, "run": _run_identity(header, sweep), "state": state.to_dict()}
-                    runstore.write_atomic(out / CHECKPOINT_FILE, lambda tmp: tmp.write_text(json.dumps(payload)))
-
-                # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
-                keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
-                result = sweep.run(on_result=record, skip=set(finished), earlier=kept,
-                                   checkpoint=save if keep else None, start=start, checkpoint_every=checkpoint_every)
-
-            order = {t.key: i for i, t in enumerate(sweep.plan())}
-            # A trial this run reported again (re-measured by --verify) replaces its earlier row.
-            latest = {**finished, **{t.key: t for t in result.trials}}
-            merged = sorted(latest.values(), key=lambda t: order.get(t.key, len(order)))
-            result = replace(
-                result,
-                trials=tuple(merged),
-                model={**result.model, **provenance.to_dict(), "spec": provenance.model_spec,
-                       "fingerprint": header["model_fingerprint"]},
-                data={**result.data, "spec": provenance.data_spec},
-            )
-            write_outputs(result, out)
-            _remove_checkpoint(out)
-        except AnalysisCancelled:
-            runstore.write_meta(out, status="cancelled", error="cancelled by the user")
-            raise
-        except KeyboardInterrupt:
-            runstore.write_meta(out, status="interrupted", error="interrupted (Ctrl-C)")
-            raise
-        except Exception as exc:
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-            runstore.write_meta(out, status="failed", error=f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
-            raise
-        runstore.write_meta(out, status="done", error=None, seconds=round(time.time() - started, 2),
-                            layers=len(result.layers), trials=len(result.trials))
-        return result
+        return _analyze_sweep(sweep, model, config, out, resume, on_result, model_spec, data_spec, weights, inputs,
+                              force, checkpoint_every)
     finally:
         sweep.close()
+
+
+def _analyze_sweep(sweep: Sweep, model: Any, config: AnalysisConfig, out: Path, resume: bool,
+                   on_result: Callable[[TrialResult], None] | None, model_spec: str | None,
+                   data_spec: str | None, weights: str | None, inputs: Inputs | None,
+                   force: bool, checkpoint_every: float) -> AnalysisResult:
+    sweep.check_runnable()  # everything is validated before the first byte is written
+    header = {
+        "schema": RUN_SCHEMA,
+        "config": _jsonable(_result_config(config)),
+        "model_fingerprint": _fingerprint(model),
+        "data_fingerprint": sweep.data.fingerprint(),
+    }
+    # Absolute paths and the weights' content hash: a later `suggest` from any directory reloads
+    # exactly this model, or refuses.
+    provenance = provenance_mod.record(model_spec, weights, data_spec, model_fingerprint=header["model_fingerprint"],
+                        data_fingerprint=header["data_fingerprint"])
+    finished: dict[tuple[str, str, str], TrialResult] = {}
+    run_file, trials_file = out / "run.json", out / "trials.jsonl"
+    if resume and not run_file.exists():
+        raise ResumeError(f"nothing to resume in {out}: no run.json there; drop --resume to start a new run")
+    if resume:
+        try:
+            previous = json.loads(runstore.read_regular(run_file, "run header", 16 << 20))
+        except json.JSONDecodeError:
+            raise ResumeError(f"{run_file} is not valid JSON; drop --resume to start over") from None
+        if not isinstance(previous, dict):
+            raise ResumeError(f"{run_file} is not a quantlens run header; drop --resume to start over")
+        for key in ("config", "model_fingerprint", "data_fingerprint"):
+            if previous.get(key) != header[key]:
+                raise ResumeError(
+                    f"the run in {out} was made with a different {key.replace('_', ' ')}; "
+                    "drop --resume to start over, or use another --out directory"
+                )
+        planned = {t.key for t in sweep.plan()}
+        # Only trials of this plan: a line from another run or plan is not ours to reuse.
+        rows = [t for t in _read_trials(trials_file) if t.key in planned]
+        finished = {t.key: t for t in rows}  # the last row of a trial (--verify's, when re-measured)
+        first = {t.key: t for t in reversed(rows)}  # its first row: what --verify chose by
+        kept = [t for t in rows if t is first[t.key] or t is finished[t.key]]  # (what Sweep.run's earlier= reads)
+        # Rewrite without a line the crash cut short, so appended trials start on a clean line.
+        runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(
+            "".join(json.dumps(_jsonable(asdict(t)), allow_nan=False) + "\n" for t in kept)))
+        start = _read_checkpoint(out, sweep, header, set(finished))
+    else:
+        check_run_folder(out, force=force)
+        runstore.write_json_atomic(run_file, header)
+        runstore.write_atomic(trials_file, lambda tmp: tmp.write_text(""))
+        _remove_checkpoint(out)  # an earlier run's in a reused folder
+        kept, start = [], None
+    _mark_started(out, config, resume, inputs, provenance, planned=len(sweep.plan()))
+    started = time.time()
+    try:
+        with trials_file.open("a") as sink:
+            def record(trial: TrialResult) -> None:
+                sink.write(json.dumps(_jsonable(asdict(trial)), allow_nan=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())  # a kill -9 right after must not lose this trial
+                if on_result:
+                    on_result(trial)
+
+            def save(state: SweepState) -> None:
+                payload = {"schema": CHECKPOINT_SCHEMA, "run": _run_identity(header, sweep), "state": state.to_dict()}
+                runstore.write_atomic(out / CHECKPOINT_FILE, lambda tmp: tmp.write_text(json.dumps(payload)))
+
+            # Something else in the checkpoint's place (said when resuming) is left alone: no checkpoints then.
+            keep = not (out / CHECKPOINT_FILE).exists() or (out / CHECKPOINT_FILE).is_file()
+            result = sweep.run(on_result=record, skip=set(finished), earlier=kept,
+                               checkpoint=save if keep else None, start=start, checkpoint_every=checkpoint_every)
+
+        order = {t.key: i for i, t in enumerate(sweep.plan())}
+        # A trial this run reported again (re-measured by --verify) replaces its earlier row.
+        latest = {**finished, **{t.key: t for t in result.trials}}
+        merged = sorted(latest.values(), key=lambda t: order.get(t.key, len(order)))
+        result = replace(
+            result,
+            trials=tuple(merged),
+            model={**result.model, **provenance.to_dict(), "spec": provenance.model_spec,
+                   "fingerprint": header["model_fingerprint"]},
+            data={**result.data, "spec": provenance.data_spec},
+        )
+        write_outputs(result, out)
+        _remove_checkpoint(out)
+    except AnalysisCancelled:
+        runstore.write_meta(out, status="cancelled", error="cancelled by the user")
+        raise
+    except KeyboardInterrupt:
+        runstore.write_meta(out, status="interrupted", error="interrupted (Ctrl-C)")
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        runstore.write_meta(out, status="failed", error=f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+        raise
+    runstore.write_meta(out, status="done", error=None, seconds=round(time.time() - started, 2),
+                        layers=len(result.layers), trials=len(result.trials))
+    return result
 
 
 def _run_identity(header: dict[str, Any], sweep: Sweep) -> dict[str, str]:
