@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from analysis.finite import all_finite
+
 ROLES = ("weight", "activation")
 GRANULARITIES = ("per-tensor", "per-channel", "per-group")
 
@@ -347,7 +349,7 @@ def parse_formats(text: str, role: str, granularity: str | None = None) -> tuple
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{what} contains NaN or Inf; quantization ranges are undefined, fix the model or data first")
 
 

@@ -9,6 +9,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from analysis.finite import all_finite
+
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
 
 QuantizeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,9 +51,8 @@ def _check_args(method: str, percentile: float, bits: int) -> None:
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    if not all_finite(x):
+        bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
             f"{what} contains NaN or Inf ({bad} of {x.numel()} values); "
             "check the model's weights/activations"

@@ -14,6 +14,7 @@ import torch
 
 from ..config import MAX_DATA_BYTES
 from ..data import POSITIONAL, TASKS, Dataset, NamedInputs, infer_task
+from ..finite import all_finite
 from .errors import LoadError, _dtype, _existing_file, _first_line, _shape
 from .hf import TEXT_SUFFIXES, load_text, split_text_spec
 from .tensor_files import _safetensors_load, _torch_load
@@ -438,7 +439,7 @@ def _is_integer(tensor: torch.Tensor) -> bool:
 
 
 def _check_finite(tensor: torch.Tensor, what: str, shown: str) -> None:
-    if not tensor.is_floating_point():
+    if all_finite(tensor):
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..finite import all_finite
 from .errors import LoadError, _existing_file, _first_line, _some
 from .hf import is_model_dir, load_model_dir
 from .libraries import build_library_model, library_spec
@@ -115,7 +116,7 @@ def _check_finite_parameters(model: nn.Module | torch.export.ExportedProgram, sh
     Parameters only: buffers may hold -inf on purpose (causal attention masks)."""
     bad = []
     for name, param in model.named_parameters():
-        if param.is_floating_point() and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+        if param.is_floating_point() and param.device.type != "meta" and not all_finite(param):
             nan = int(torch.isnan(param).sum())
             bad.append(f"{name} has {nan} NaN and {int((~torch.isfinite(param)).sum()) - nan} Inf of {param.numel()}")
     if bad:
