@@ -147,7 +147,7 @@ def compare_modes(args: argparse.Namespace) -> None:
         reports[mode] = json.loads(out[out.index("{"):])
         print(json.dumps(reports[mode], indent=1), flush=True)
     exact, estimated = (pd.read_csv(f"{work}/{mode}.csv").set_index(["layer", "format"]) for mode in ("exact", "estimated"))
-    joined = exact[["output_mse"]].join(estimated[["output_mse"]], rsuffix="_estimated")
+    joined = exact[["output_mse"]].join(estimated[["output_mse"]].rename(columns={"output_mse": "output_mse_estimated"}))
     print(json.dumps({
         "estimated_over_exact_time": round(reports["estimated"]["sweep_seconds"] / reports["exact"]["sweep_seconds"], 3),
         "spearman_output_noise": round(float(spearmanr(joined["output_mse"], joined["output_mse_estimated"]).correlation), 3),
