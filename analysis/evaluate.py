@@ -15,6 +15,7 @@ import torch
 
 from analysis import costs
 from analysis.data import Dataset, check_labels
+from analysis.finite import all_finite
 from analysis.formats import Format
 from analysis.metrics import ErrorAccumulator, ErrorStats, accuracy, perplexity
 from analysis.precision_map import PrecisionMap, uniform_map
@@ -147,7 +148,7 @@ def check_trained(model: torch.nn.Module, lr: float) -> None:
     """ValueError (one line) when training left a parameter non-finite: the optimisation diverged,
     which at a valid start is the learning rate's doing, not the model's or the data's."""
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+        if not all_finite(param):
             raise ValueError(f"fine-tuning diverged: parameter {name} became NaN/Inf during training with learning "
                              f"rate {lr:g}; lower --lr (the default is 1e-4)")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def worker_cpu_seconds(stop: threading.Event, seen: dict[int, float]) -> None:
-    """Until `stop`: the CPU seconds (user + system) of each Ray ShardWorker process on this machine,
+def worker_cpu_seconds(stop: threading.Event, seen: dict[int, tuple[float, float, int]]) -> None:
+    """Until `stop`: the CPU seconds (user + system), system seconds and minor page faults of each Ray ShardWorker process on this machine,
     read from /proc twice a second (the workers are gone once the sweep returns)."""
     tick = os.sysconf("SC_CLK_TCK")
     while not stop.wait(0.5):
@@ -45,7 +45,20 @@ def worker_cpu_seconds(stop: threading.Event, seen: dict[int, float]) -> None:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            seen[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            # utime + stime, and stime and minor page faults apart: first-touch faults of freshly
+            # mapped buffers are system time, which a process reusing its heap does not pay.
+            seen[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick, int(fields[7]))
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every process on this machine has used since boot (/proc/stat: all but idle and
+    iowait); the difference over a run counts Ray's own daemons too, which the per-process figures miss."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -79,7 +92,10 @@ def sweep(args: argparse.Namespace) -> None:
                       "output_metrics": args.output_metrics, "threads": torch.get_num_threads(),
                       "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                       "cpu_seconds_this_process": round(usage.ru_utime + usage.ru_stime, 1),
-                      "cpu_seconds_workers": sorted(round(v, 1) for v in workers.values())}))
+                      "system_seconds_this_process": round(usage.ru_stime, 1), "page_faults_this_process": usage.ru_minflt,
+                      "cpu_seconds_workers": sorted(round(v[0], 1) for v in workers.values()),
+                      "system_seconds_workers": sorted(round(v[1], 1) for v in workers.values()),
+                      "page_faults_workers": sorted(v[2] for v in workers.values())}))
 
 
 def main() -> None:
@@ -107,18 +123,20 @@ def main() -> None:
         table = work / f"{len(rows)}.csv"
         env = {**os.environ, "OMP_NUM_THREADS": threads,
                "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
-        started = time.perf_counter()
+        started, busy = time.perf_counter(), machine_cpu_seconds()
         child = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
                                 "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table),
                                 "--output-metrics", args.output_metrics,
                                 *(["--cache-mb", str(args.cache_mb)] if args.cache_mb is not None else [])],
                                capture_output=True, text=True, env=env)
         wall = time.perf_counter() - started
+        busy = None if busy is None else round(machine_cpu_seconds() - busy, 1)
         load = os.getloadavg()[0]  # other processes on the machine: the wall times depend on them
         if child.returncode:
             sys.exit(f"{label} failed:\n{child.stderr[-2000:]}")
         report = json.loads(child.stdout.strip().splitlines()[-1])
-        rows.append({"mode": label, "wall_seconds": round(wall, 1), **report, "load_average_after": round(load, 1)})
+        rows.append({"mode": label, "wall_seconds": round(wall, 1), **report, "cpu_seconds_machine": busy,
+                     "load_average_after": round(load, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it finishes
     reference = (work / "0.csv").read_bytes()
     for index, row in enumerate(rows):
