@@ -226,41 +226,50 @@ class QuantSim:
     def _check_forward(self) -> None:
         """The FP32 model must give one output row per sample, and the same output twice for the
         same input: quantization error is measured against that output, so a random one (dropout
-        forced on, noise, sampling) would be reported as error, or hide it."""
+        forced on, noise, sampling) would be reported as error, or hide it. And what runs must be the
+        user's model (`_faithful_agreement`).
+
+        A second run of the prepared graph is only needed when the user's own forward is not there to
+        compare with, or disagrees: two runs of a random forward differ whichever code runs them, so
+        agreement with the user's run at FAITHFUL_DB already says the graph is deterministic at
+        DETERMINISM_DB (≤ FAITHFUL_DB). Skipping that run saves a forward in every process that
+        prepares the model (each worker of a distributed sweep too)."""
         n = min(2, len(self.data))
         first = self.output_of(self.capture(self._inputs(0, n)))
         check_batch_output(first, n)
-        second = self.output_of(self.capture(self._inputs(0, n)))
-        agreement = run_to_run_sqnr_db(first, second)
-        if agreement < DETERMINISM_DB:
+        faithful = self._faithful_agreement(first, n)
+        if faithful is None or faithful < FAITHFUL_DB:
+            second = self.output_of(self.capture(self._inputs(0, n)))
+            agreement = run_to_run_sqnr_db(first, second)
+            if agreement < DETERMINISM_DB:
+                raise ModelPreparationError(
+                    f"two FP32 runs of the model on the same input disagree ({agreement:.1f} dB SQNR between them): "
+                    "its forward is random even in eval mode (dropout with training=True, added noise, sampling), so "
+                    "quantization error cannot be told from that randomness; make forward deterministic in eval mode")
+        if faithful is not None and faithful < FAITHFUL_DB:
             raise ModelPreparationError(
-                f"two FP32 runs of the model on the same input disagree ({agreement:.1f} dB SQNR between them): its "
-                "forward is random even in eval mode (dropout with training=True, added noise, sampling), so "
-                "quantization error cannot be told from that randomness; make forward deterministic in eval mode")
-        self._check_faithful(first, n)
+                f"the traced model ({self.prepared.source}) computes something other than your model: their FP32 "
+                f"outputs differ ({faithful:.1f} dB SQNR) on the first batch, so its numbers would be wrong; this "
+                "happens when forward updates tensors in place or branches on data — refusing rather than reporting "
+                "them (export the model with torch.export and pass the .pt2, or make those steps out of place)")
         if self._constant_output(first, self.data.inputs[:n]):
             warnings.warn(
                 "the model's output is the same for every input checked (a constant or all-zero output: an "
                 "untrained or zero-initialised head?): every trial will read near 100 dB; check the model and "
                 "weights", QuantlensWarning, stacklevel=2)
 
-    def _check_faithful(self, traced: torch.Tensor, n: int) -> None:
-        """What runs must be the user's model: the prepared graph's FP32 output against the user's
-        own forward (on the private copy, every buffer and mode restored) on the same batch."""
+    def _faithful_agreement(self, traced: torch.Tensor, n: int) -> float | None:
+        """SQNR (dB) of the prepared graph's FP32 output against the user's own forward (on the
+        private copy, every buffer and mode restored) on the same batch; None for a torch.export
+        program, which is already the graph that runs."""
         eager = self.prepared.eager
         if not isinstance(eager, torch.nn.Module):
-            return  # a torch.export program is already the graph that runs
+            return None
         first_param = next(iter(eager.parameters()), None)
         where = first_param.device if first_param is not None else torch.device("cpu")
         with unchanged(eager), torch.inference_mode():
             real = primary_output(call_model(eager, self.data.inputs[:n].to(where)))
-        agreement = run_to_run_sqnr_db(real.float(), traced.to(real.device).float())
-        if agreement < FAITHFUL_DB:
-            raise ModelPreparationError(
-                f"the traced model ({self.prepared.source}) computes something other than your model: their FP32 "
-                f"outputs differ ({agreement:.1f} dB SQNR) on the first batch, so its numbers would be wrong; this "
-                "happens when forward updates tensors in place or branches on data — refusing rather than reporting "
-                "them (export the model with torch.export and pass the .pt2, or make those steps out of place)")
+        return run_to_run_sqnr_db(real.float(), traced.to(real.device).float())
 
     @staticmethod
     def _constant_output(output: torch.Tensor, inputs: Inputs) -> bool:

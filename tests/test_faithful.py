@@ -141,3 +141,40 @@ def test_constant_output_is_flagged(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "quantlens: warning: the model's output is the same for every input" in err
     assert len([line for line in err.splitlines() if "same for every input" in line]) == 1
+
+
+class NoisyHead(nn.Module):
+    """Noise added in forward, small enough to pass a loose comparison but not the 60 dB bar."""
+
+    def __init__(self, noise: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.noise = noise
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + self.noise * torch.randn_like(y)
+
+
+def _graph_runs(monkeypatch) -> list:
+    calls: list = []
+    original = QuantSim.capture
+    monkeypatch.setattr(QuantSim, "capture", lambda self, inputs: calls.append(len(inputs)) or original(self, inputs))
+    return calls
+
+
+def test_a_faithful_model_is_run_once_by_the_checks_a_random_one_twice(monkeypatch):
+    """Agreement with the user's own forward implies run-to-run agreement (a random forward differs
+    between any two runs), so the second graph run is only made when that comparison fails — and
+    then it still names randomness, not the graph, as the cause."""
+    calls = _graph_runs(monkeypatch)
+    QuantSim(SliceAssign().eval(), data(), QuantConfig(num_samples=16))
+    assert calls.count(2) == 1  # the checks' batch of 2 samples; the chunk planning captures 1
+    calls.clear()
+    with pytest.raises(ModelPreparationError, match="two FP32 runs of the model on the same input disagree"):
+        QuantSim(NoisyHead(1e-2).eval(), data(), QuantConfig(num_samples=16))
+    assert calls.count(2) == 2
+    calls.clear()
+    QuantSim(NoisyHead(0.0).eval(), data(), QuantConfig(num_samples=16))  # the same model, not random: accepted
+    assert calls.count(2) == 1
