@@ -65,9 +65,7 @@ class OutputGradients:
 
     samples: int
     exact: bool  # basis vectors (no sampling noise) rather than random projections
-    # node -> per float leaf of its value: its K gradients, each [samples, rest] (a list of K tensors
-    # as autograd returned them, not copied into one; a [K, samples, rest] tensor indexes the same)
-    grads: dict[Any, list[Any]]
+    grads: dict[Any, list[torch.Tensor]]  # node -> per float leaf of its value: [K, samples, rest]
     signal: float  # Σ FP32 output², for SQNR
     count: int  # output elements
     values: dict | None = None  # every node's FP32 value (detached) when asked for: the chunk's cache
@@ -75,7 +73,7 @@ class OutputGradients:
     @property
     def projections(self) -> int:
         first = next(iter(self.grads.values()), None)
-        return len(first[0]) if first else 0
+        return first[0].shape[0] if first else 0
 
 
 def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, projections: int = DEFAULT_PROJECTIONS,
@@ -124,7 +122,9 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
     exact = width <= projections
     count = projections if not exact else width
     generator = torch.Generator(device="cpu").manual_seed(seed + chunk[0])
-    grads: dict[Any, list[list[torch.Tensor]]] = {node: [[] for _ in ts] for node, ts in leaves.items()}
+    grads: dict[Any, list[torch.Tensor]] = {
+        node: [torch.empty((count, *_per_sample(t, samples).shape), dtype=torch.float32, device=t.device) for t in ts]
+        for node, ts in leaves.items()}
     order = [(node, i, t) for node, ts in leaves.items() for i, t in enumerate(ts)]
     for k in range(count):
         if exact:
@@ -136,12 +136,11 @@ def output_gradients(sim: QuantSim, chunk: tuple[int, int], nodes: list, project
             vector = vector * keep
         got = torch.autograd.grad(output.reshape(samples, -1), [t for _, _, t in order], grad_outputs=vector,
                                   retain_graph=k < count - 1, allow_unused=True)
-        for (node, i, t), g in zip(order, got):
-            # Kept as autograd returned them: copying K gradients of every layer into one tensor cost
-            # ≈ 1 s per 100M-parameter sweep and a gradient's worth of memory at the peak.
-            if g is None:  # the output does not depend on this value: its rᵀ·J is zero
-                g = torch.zeros_like(t)
-            grads[node][i].append(_per_sample(g.detach().float(), samples))
+        for (node, i, _), g in zip(order, got):
+            if g is not None:
+                grads[node][i][k] = _per_sample(g.detach().float(), samples)
+            else:  # the output does not depend on this value: its rᵀ·J is zero
+                grads[node][i][k].zero_()
     home = float64_home(flat.device)
     counted = flat if keep is None else flat * keep
     signal = float(counted.to(home).double().pow(2).sum())
@@ -176,13 +175,11 @@ class NoiseEstimate:
                 if d.shape[0] != grads.samples:  # not one row per sample: no per-sample dot to take
                     continue
                 if self.diagonal:
-                    squared = d.pow(2)
-                    term = torch.stack([torch.linalg.vecdot(g[k].pow(2), squared).sum() for k in range(len(g))])
-                    term = term.reshape(-1, 1)
+                    term = torch.einsum("ksn,sn->k", g.pow(2), d.pow(2)).reshape(-1, 1)
                 else:
-                    # rᵀ·J·δ per vector and sample; vecdot rather than einsum("sn,sn->s"), which runs
-                    # as a strided batched matrix-vector product, ~8× slower on CPU at these sizes.
-                    term = torch.stack([torch.linalg.vecdot(g[k], d) for k in range(len(g))])
+                    # rᵀ·J·δ per vector and sample; vecdot rather than einsum("ksn,sn->ks"), which
+                    # runs as a strided batched matrix-vector product, ~8× slower on CPU at these sizes.
+                    term = torch.linalg.vecdot(g, d)
                 dots = term if dots is None else dots + term
         if dots is not None:
             noise = dots.double().sum() if self.diagonal else dots.double().pow(2).sum()
