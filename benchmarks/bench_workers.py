@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def worker_cpu_seconds(stop: threading.Event, seen: dict[int, tuple[float, float, int]]) -> None:
-    """Until `stop`: the CPU seconds (user + system), system seconds and minor page faults of each Ray ShardWorker process on this machine,
-    read from /proc twice a second (the workers are gone once the sweep returns)."""
+    """Until `stop`: the CPU seconds (user + system), system seconds and minor page faults of each
+    Ray ShardWorker process on this machine, read from /proc twice a second (the workers are gone
+    once the sweep returns)."""
     tick = os.sysconf("SC_CLK_TCK")
     while not stop.wait(0.5):
         for entry in Path("/proc").iterdir():
