@@ -8,12 +8,16 @@ communication between the parts. `run_distributed` is what `Sweep.run` calls whe
    plans the trials and calibrates the analysed layers' inputs once; every worker takes those
    histograms (`QuantSim.adopt_activation_statistics`), so every shard quantizes with the ranges a
    single-process run computes.
-2. N Ray actors receive the model and data once (one copy in Ray's object store) and build their own
+2. Ray actors receive the model and data once (one copy in Ray's object store) and build their own
    simulator once — started (`Cluster`) before the driver prepares its own copy, so their start-up
    overlaps that preparation — on the device Ray assigns them (`num_gpus` per worker with `device="cuda"`), with
-   `cores // N` intra-op threads each, so N workers never oversubscribe the cores.
+   `cores // N` intra-op threads each, so N workers never oversubscribe the cores. On this machine's
+   own cluster with CPU workers (`--workers N`, no `--ray`) the driver is one of the N
+   (`_LocalWorker`: its simulator, on a thread, while it dispatches): N − 1 actors, one process
+   start and one model copy fewer. Joining a cluster (`--ray`), or with GPUs, it only dispatches.
 3. The layers are cut into shards of about equal cost (contiguous in execution order, a few per
-   worker, the most expensive first); an idle worker takes the next shard. A finished shard's
+   worker, the most expensive first; `layer_costs` counts the multiply-accumulates a trial re-runs,
+   its output comparison and its weight's quantization); an idle worker takes the next shard. A finished shard's
    trials go to `on_result` (trials.jsonl) as it finishes: `--resume` after the driver dies loses
    at most the shards that were running.
 4. Shards merge with `AnalysisResult.merge`: the table is the one a single-process run writes with
@@ -35,7 +39,8 @@ the reason, which are not written to trials.jsonl, so `--resume` runs them again
 sweep's `should_stop`) kills the workers and stops a local cluster started for the run.
 
 What does not scale: each worker prepares the model and captures the FP32 activations itself (one
-forward per chunk of samples per shard), and the driver calibrates alone before the shards start.
+forward per chunk of samples per shard), and the driver calibrates alone before the shards start
+(while the actors start).
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import threading
 import time
 import warnings
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -64,6 +72,7 @@ __all__ = ["Cluster", "Placement", "ShardWorker", "check_distributed", "layer_co
 SHARDS_PER_WORKER = 2  # more: finer load balance and less lost to a driver crash; each re-captures every chunk (FP32 pass)
 RETRIES = 2  # times Ray restarts a dead worker and re-runs its shard
 POLL_SECONDS = 0.5  # how often the driver collects progress and checks for a stop
+LOCAL_POLL_SECONDS = 0.05  # how soon the driver notices its own item finished (its core waits until then)
 INSTALL_HINT = "pip install 'quantlens[ray]'"
 
 
@@ -104,22 +113,41 @@ def _ray():
 # --- planning ----------------------------------------------------------------------------------
 
 
+# What a trial costs besides the multiply-accumulates it re-runs, in multiply-accumulate equivalents
+# (fitted by benchmarks/fit_shard_costs.py: per-layer trial times of a GPT at one intra-op thread
+# against these three terms). Counting MACs alone under-costs the late layers of a language model,
+# whose trials re-run little but each compare a [tokens, vocabulary] output, by up to half: the
+# shards holding them ran longest, the other workers waited.
+OUTPUT_COST = {True: 600.0, False: 100.0}  # per output element and sample: logits (float64 softmax, KL, top-1) or not
+WEIGHT_COST = 1500.0  # per weight element, once per trial that quantizes weights (the range search)
+
+
 def layer_costs(sweep: "Sweep", trials: list["Trial"]) -> dict[str, float]:
-    """Relative cost of each analysed layer's trials, in execution order: its trial count times the
-    multiply-accumulates a trial re-runs (the layer and, with exact output metrics, every layer
-    after it)."""
+    """Relative cost of each analysed layer's trials, in execution order, in multiply-accumulate
+    equivalents over the data: per trial, the multiply-accumulates it re-runs per sample (the layer
+    and, with exact output metrics, every layer after it) and, with exact output metrics, the
+    comparison of the model's output per sample (`OUTPUT_COST` per element); and the quantization
+    of its weight, once (`WEIGHT_COST` per element)."""
     sim = sweep.sim
+    samples = len(sim.data)
+    exact = sweep.config.output_metrics == "exact"
+    compare = OUTPUT_COST[bool(sim.data.logits)] * sim.output_elements if exact else 0.0
     counts: dict[str, int] = {}
+    weighted: dict[str, int] = {}  # trials that quantize the layer's weight
     for trial in trials:
         counts[trial.layer] = counts.get(trial.layer, 0) + 1
+        weighted[trial.layer] = weighted.get(trial.layer, 0) + (trial.weight_format is not None)
     weight_of_node = {site.node: max(1, layer.macs) for layer in sim.layers for site in sim.sites(layer.name)}
     costs = {}
     for layer in sweep.layers:
         nodes = [site.node for site in sim.sites(layer.name)]
-        if sweep.config.output_metrics == "exact":
+        if exact:
             nodes = sim.prepared.descendants(nodes)
-        per_trial = sum(weight_of_node.get(node, 0) for node in nodes) or 1
-        costs[layer.name] = float(counts.get(layer.name, 0) * per_trial)
+        per_sample = sum(weight_of_node.get(node, 0) for node in nodes) or 1
+        weight = sim.table.weight(layer.name)
+        quantize = WEIGHT_COST * (weight.numel() if weight is not None else 0)
+        costs[layer.name] = float(counts.get(layer.name, 0) * samples * (per_sample + compare)
+                                  + weighted.get(layer.name, 0) * quantize)
     return costs
 
 
@@ -174,13 +202,17 @@ def placement(ray: Any, config: AnalysisConfig) -> Placement:
 class ShardWorker:
     """One worker process (a Ray actor): its own model copy and simulator, built once; runs shards."""
 
-    def __init__(self, config: AnalysisConfig, threads: int) -> None:
-        torch.set_num_threads(threads)
+    def __init__(self, config: AnalysisConfig, threads: int, sim: Any = None) -> None:
+        """sim: a simulator already built (the driver's own, `_LocalWorker`): no load, and the
+        threads are set by the thread that runs the calls, not here."""
+        if sim is None:
+            torch.set_num_threads(threads)
         self.threads = threads
         self.config = replace(config, workers=1, ray_address=None, cumulative=False, layers=None)
-        self.sim = None
-        self.own_chunk_size = 0
+        self.sim = sim
+        self.own_chunk_size = 0 if sim is None else sim.chunk_size
         self.status: tuple[int, str] = (0, "")
+        self.should_stop: Callable[[], bool] | None = None  # the driver's own worker: its stop
 
     def load(self, payload: list) -> dict[str, Any]:
         """Build the simulator from payload[0], a ref to (model, data), unless built: the first call
@@ -226,7 +258,7 @@ class ShardWorker:
         config = replace(self.config, layers=layers)
         if exact:
             config = replace(config, output_metrics="exact", verify=0)
-        return Sweep(None, None, config, progress=self._step, sim=self.sim).run(skip=skip)
+        return Sweep(None, None, config, progress=self._step, should_stop=self.should_stop, sim=self.sim).run(skip=skip)
 
     def run_chunk(self, payload: list, analysed: tuple[str, ...] | None, chunk: tuple[int, int],
                   group: tuple[str, ...], skip: set, statistics: dict, first: list | None,
@@ -243,7 +275,7 @@ class ShardWorker:
         self.load(payload)
         self.sim.adopt_activation_statistics(statistics)
         self.status = (0, "")
-        sweep = Sweep(None, None, replace(self.config, layers=analysed), sim=self.sim)
+        sweep = Sweep(None, None, replace(self.config, layers=analysed), should_stop=self.should_stop, sim=self.sim)
         members = set(group)
         trials = [t for t in sweep.plan() if t.layer in members and t.key not in skip]
         bounds = None
@@ -265,6 +297,51 @@ class ShardWorker:
         return Sweep(None, None, replace(self.config, layers=layers), sim=self.sim).cumulative_view()
 
 
+class _LocalWorker:
+    """The driver's own share of a run on a local cluster of CPU workers (`--workers N` is the
+    driver and N − 1 actors): a `ShardWorker` on the simulator the driver prepared and calibrated
+    anyway — no process to start, no model to load, no extra copy in memory. Its calls run one at a
+    time on a thread of this process while the main thread dispatches, with the workers' intra-op
+    thread count (set on that thread, restored for the caller's own work when it closes). Mirrors an
+    actor handle: `worker.run.remote(...)` returns a `Future`; Ray object refs among the arguments
+    are read first, as Ray reads an actor call's arguments."""
+
+    def __init__(self, ray: Any, sweep: "Sweep", threads: int) -> None:
+        self.ray = ray
+        self.worker = ShardWorker(sweep.config, threads, sim=sweep.sim)
+        self._stop = threading.Event()
+        self.worker.should_stop = self._stop.is_set
+        self._saved_threads = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="quantlens-driver-shard")
+        self.run, self.run_chunk = _LocalMethod(self, "run"), _LocalMethod(self, "run_chunk")
+
+    @property
+    def status(self) -> tuple[int, str]:
+        return self.worker.status
+
+    def submit(self, method: str, args: tuple) -> Future:
+        def call() -> Any:
+            torch.set_num_threads(self.worker.threads)  # per thread under OpenMP: on the thread that computes
+            resolved = [self.ray.get(arg) if isinstance(arg, self.ray.ObjectRef) else arg for arg in args]
+            return getattr(self.worker, method)(*resolved)
+        return self._executor.submit(call)
+
+    def close(self) -> None:
+        """Stop the running call at its next trial step, wait for it, and give the caller its thread
+        count back; safe to call twice."""
+        self._stop.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._saved_threads)
+
+
+class _LocalMethod:
+    def __init__(self, owner: _LocalWorker, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remote(self, *args: Any) -> Future:
+        return self.owner.submit(self.name, args)
+
+
 # --- the driver ----------------------------------------------------------------------------------
 
 
@@ -276,12 +353,15 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
     config = sweep.config
     started = time.perf_counter()
     cluster = sweep.cluster if sweep.cluster is not None else Cluster(sweep.model, sweep.data, config)
-    ray, actors = cluster.ray, cluster.actors
+    ray, local = cluster.ray, None
     try:
         # Every call from here on carries the driver's chunk size too (a restarted worker reads it again).
         payload = [cluster.payload[0], sweep.sim.chunk_size]
         sweep.calibrate()  # once, while the workers load the model
         statistics = ray.put(sweep.sim.activation_statistics())
+        if cluster.local:  # the driver takes a worker's share itself, first: it is ready before any actor
+            local = _LocalWorker(ray, sweep, cluster.place.cpus)
+        actors = ([local] if local else []) + cluster.actors
         trials = [t for t in sweep.plan() if not skip or t.key not in skip]
         if config.output_metrics == "estimated":  # data parallel: the backward passes are shared by all layers
             merged, cumulative = _data_parallel(ray, sweep, actors, payload, cluster.place.workers, trials, statistics,
@@ -291,6 +371,8 @@ def run_distributed(sweep: "Sweep", on_result: Callable[[TrialResult], None] | N
                                               cluster.place.workers, trials, statistics, on_result).run()
             merged = AnalysisResult.merge(*results)
     finally:
+        if local is not None:
+            local.close()
         cluster.close()
     recorded = config.to_dict()
     if config.cumulative and cumulative is None:
@@ -310,9 +392,13 @@ class Cluster:
         check_distributed(config)
         self.ray = ray = _ray()
         self.actors: list = []
+        self.local = False
         self.own = _connect(ray, config)
         try:
             self.place = place = placement(ray, config)
+            # On a local cluster of CPU workers the driver is one of them (`_LocalWorker`); on a
+            # cluster it joins (perhaps from a laptop) or with GPUs it only dispatches.
+            self.local = config.ray_address is None and place.device == "cpu"
             try:
                 self.payload = [ray.put((model, data))]
             except Exception as exc:  # noqa: BLE001 — whatever the pickler met, say what it means
@@ -321,7 +407,7 @@ class Cluster:
             remote = ray.remote(num_cpus=place.cpus, num_gpus=place.gpus, max_restarts=RETRIES,
                                 max_task_retries=RETRIES, concurrency_groups={"progress": 1})(ShardWorker)
             worker_config = replace(config, device=place.device)
-            self.actors = [remote.remote(worker_config, place.cpus) for _ in range(place.workers)]
+            self.actors = [remote.remote(worker_config, place.cpus) for _ in range(place.workers - self.local)]
             for actor in self.actors:  # queued first on each worker: it loads the model while the driver prepares
                 actor.load.remote(self.payload)
         except BaseException:
@@ -378,6 +464,7 @@ class _Queue:
         self.live: dict[int, tuple[int, str]] = {}  # worker -> its progress in the running item
         self.label = ""  # the layer a worker reported last
         self.reported = 0  # never backwards, also when a killed worker's item starts again
+        self.polled = float("-inf")  # when the actors were last asked for their progress
 
     def _order(self) -> list:
         raise NotImplementedError
@@ -396,34 +483,41 @@ class _Queue:
         if cumulative:
             queue.appendleft("cumulative")  # the longest single item: started first
         idle = list(range(len(self.actors)))
-        pending: dict = {}  # ObjectRef -> (worker, item)
+        pending: dict = {}  # ObjectRef (an actor's item) or Future (the driver's own) -> (worker, item)
         results: dict = {}
         failures: dict[Any, str] = {}
         view: list | None = []
         while queue or pending:
             self._check_stop()
-            while queue and idle:
-                worker, item = idle.pop(0), queue.popleft()
-                actor = self.actors[worker]
-                if item == "cumulative":
-                    ref = actor.cumulative.remote(self.payload, self.sweep.config.layers, self.statistics)
-                else:
-                    ref = self._submit(actor, item)
-                    self.live[worker] = (0, "")
-                pending[ref] = (worker, item)
-            if not pending:  # every worker is gone: what is left fails
+            assigned = True
+            while assigned:  # again after a pass that assigned: an item may need another's submission first
+                assigned = False
+                for worker in list(idle):
+                    item = next((item for item in queue if self._takes(worker, item)), None)
+                    if item is None:
+                        continue
+                    queue.remove(item)
+                    idle.remove(worker)
+                    assigned = True
+                    actor = self.actors[worker]
+                    if item == "cumulative":
+                        ref = actor.cumulative.remote(self.payload, self.sweep.config.layers, self.statistics)
+                    else:
+                        ref = self._submit(actor, item)
+                        self.live[worker] = (0, "")
+                    pending[ref] = (worker, item)
+            if not pending:  # every worker that could take what is left is gone: it fails
                 for item in queue:
                     if item == "cumulative":
                         view = None
                     else:
                         failures[item] = "no worker left (all died)"
                 break
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-            for ref in done:
+            for ref in self._wait(pending):
                 worker, item = pending.pop(ref)
                 self.live.pop(worker, None)
                 try:
-                    value = ray.get(ref)
+                    value = ref.result() if isinstance(ref, Future) else ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the sweep itself raised: as a single run would
                     cause = getattr(exc, "cause", None)
                     raise cause if isinstance(cause, Exception) else exc from None
@@ -446,6 +540,25 @@ class _Queue:
             self._poll_progress(pending)
         return results, failures, view
 
+    def _takes(self, worker: int, item: Any) -> bool:
+        """Whether `worker` may run `item`. The driver's own worker leaves the cumulative view to an
+        actor: it is one long call that cannot stop midway, and a stop must not wait for it."""
+        return not (item == "cumulative" and isinstance(self.actors[worker], _LocalWorker))
+
+    def _wait(self, pending: dict) -> list:
+        """The pending items that are done, waiting up to POLL_SECONDS for one (LOCAL_POLL_SECONDS
+        while the driver computes one itself: Ray's wait does not see a Future finish)."""
+        futures = [ref for ref in pending if isinstance(ref, Future)]
+        refs = [ref for ref in pending if not isinstance(ref, Future)]
+        done = [future for future in futures if future.done()]
+        if done:
+            return done
+        if refs:
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=LOCAL_POLL_SECONDS if futures else POLL_SECONDS)
+            return done + [future for future in futures if future.done()]
+        wait_for_futures(futures, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+        return [future for future in futures if future.done()]
+
     def _check_stop(self) -> None:
         from analysis.sweep import AnalysisCancelled
 
@@ -459,17 +572,27 @@ class _Queue:
         if self.sweep.progress is None:
             return
         ray = self.ray
-        polls = {self.actors[worker].progress.options(concurrency_group="progress").remote(): worker
-                 for worker in self.live}
-        answered, _ = ray.wait(list(polls), num_returns=len(polls), timeout=POLL_SECONDS) if polls else ([], [])
-        for ref in answered:
-            try:
-                done, layer = ray.get(ref)
-            except ray.exceptions.RayError:
-                continue  # a dead worker reports nothing; its item is retried or failed
-            if polls[ref] in self.live:
-                self.live[polls[ref]] = (done, layer)
-                self.label = layer or self.label
+        for worker in self.live:
+            if isinstance(self.actors[worker], _LocalWorker):  # the driver's own: read, not asked
+                self.live[worker] = self.actors[worker].status
+                self.label = self.live[worker][1] or self.label
+        # The actors are asked at most every POLL_SECONDS (the loop turns faster while the driver
+        # computes an item itself); the count is reported every turn.
+        now = time.monotonic()
+        remote = [worker for worker in self.live if not isinstance(self.actors[worker], _LocalWorker)]
+        if remote and now - self.polled >= POLL_SECONDS:
+            self.polled = now
+            polls = {self.actors[worker].progress.options(concurrency_group="progress").remote(): worker
+                     for worker in remote}
+            answered, _ = ray.wait(list(polls), num_returns=len(polls), timeout=POLL_SECONDS)
+            for ref in answered:
+                try:
+                    done, layer = ray.get(ref)
+                except ray.exceptions.RayError:
+                    continue  # a dead worker reports nothing; its item is retried or failed
+                if polls[ref] in self.live:
+                    self.live[polls[ref]] = (done, layer)
+                    self.label = layer or self.label
         self.reported = max(self.reported, min(self.offset + self._done(), self.total))
         self.sweep.progress(self.reported, self.total, self.label)
 
@@ -548,6 +671,16 @@ class _ChunkDispatcher(_Queue):
 
     def _order(self) -> list:
         return list(self.steps)  # chunk-major: (0, every group), (1, every group), ...
+
+    def _takes(self, worker: int, item: Any) -> bool:
+        if item == "cumulative":
+            return super()._takes(worker, item)
+        chunk, group = item
+        if chunk:  # it reads its group's first chunk's answer: that call is submitted first
+            return group in self.first
+        # ... as a Ray object: the driver's own worker, whose answers are not in Ray's store, leaves
+        # first chunks to the actors when later chunks need them.
+        return len(self.chunks) == 1 or not isinstance(self.actors[worker], _LocalWorker)
 
     def _submit(self, actor: Any, item: tuple[int, int]) -> Any:
         chunk, group = item

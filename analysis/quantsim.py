@@ -282,6 +282,7 @@ class QuantSim:
     def _plan_chunks(self) -> int:
         env = self.capture(self._inputs(0, 1))
         self._measure_macs(env)
+        self.output_elements = self.output_of(env).numel()  # per sample: what each output comparison reads
         per_sample = max(1, tensor_bytes(env.values()))
         bound = self.cache_bytes
         free = free_memory_bytes(self.device)

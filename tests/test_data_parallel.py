@@ -5,6 +5,7 @@ No Ray needed here; the runs on a local Ray cluster are in tests/test_distribute
 
 import dataclasses
 import sys
+import threading
 
 import pytest
 import torch
@@ -244,6 +245,50 @@ def test_a_lost_chunk_fails_its_group_and_nothing_else(monkeypatch, lost_chunk):
     assert all(f"worker lost on samples {start}–{stop - 1} (RayActorError: The actor died" in r.error
                and "--resume" in r.error for r in rows if not r.ok)
     assert _exact(r for r in rows if r.ok) == _exact(t for t in single.trials if t.layer not in lost_group)
+
+
+class _Once:
+    """A fake ref read from two threads (the dispatcher's and the driver's own worker's): computed
+    once, under a lock, as a Ray object is."""
+
+    def __init__(self, call):
+        self.call, self.lock, self.value = call, threading.Lock(), None
+
+    def __call__(self):
+        with self.lock:
+            if self.call is not None:
+                self.value, self.call = self.call(), None
+            return self.value
+
+
+def test_the_drivers_own_share_takes_later_chunks_and_the_table_is_the_same(monkeypatch):
+    from analysis.distributed import _ChunkDispatcher, _LocalWorker  # noqa: PLC2701 — under test
+
+    fake = _FakeRay(set())
+    fake.ObjectRef = _Once
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    model, ds = Chain().eval(), data(40)
+    sweep = Sweep(model, ds, ESTIMATED)
+    sweep.calibrate()
+    actor = _FakeActor(fake, Sweep(model, ds, ESTIMATED).sim, ESTIMATED)  # its own copy, as a process has
+    actor.run_chunk = _Method(actor._chunk)
+    actor.run_chunk.remote = lambda *args: _Once(lambda: actor._chunk(*args))
+    local = _LocalWorker(fake, sweep, torch.get_num_threads())
+    taken = []
+    run_chunk = local.worker.run_chunk
+    local.worker.run_chunk = lambda payload, analysed, chunk, *rest: taken.append(chunk) or run_chunk(
+        payload, analysed, chunk, *rest)
+    statistics = sweep.sim.activation_statistics()
+    dispatcher = _ChunkDispatcher(fake, sweep, [local, actor], [None, sweep.sim.chunk_size], 2, sweep.plan(),
+                                  statistics, total=len(sweep.plan()) * len(sweep.sim.chunks()))
+    try:
+        rows, histograms, _ = dispatcher.run()
+    finally:
+        local.close()
+    single = analyze(model, ds, ESTIMATED)
+    assert _exact(rows) == _exact(single.trials) and histograms == single.histograms
+    chunks = sweep.sim.chunks()
+    assert len(chunks) == 4 and taken and chunks[0] not in taken  # its answers are not in Ray's store
 
 
 def test_losing_every_group_is_one_line(monkeypatch):

@@ -42,13 +42,18 @@ def test_shards_are_consecutive_layers_of_about_equal_cost(costs, count, expecte
 def test_layer_costs_count_what_a_trial_reruns():
     sweep = Sweep(Chain().eval(), data(), CONFIG)
     # Multiply-accumulates per sample: a 8x16, b 16x16, c 16x16, d 16x4; five trials per layer
-    # (int4, int8 weights; int8 inputs; both int4/int8, int8/int8).
+    # (int4, int8 weights; int8 inputs; both int4/int8, int8/int8), four of them quantize the weight.
     macs = {"a": 128, "b": 256, "c": 256, "d": 64}
     assert {layer.name: layer.macs for layer in sweep.layers} == macs
+    assert sweep.sim.output_elements == 4 and len(sweep.data) == 24  # 4 logits per sample
+    compare = 600 * 4  # OUTPUT_COST of logits per output element, per sample
     exact = layer_costs(sweep, sweep.plan())  # each trial re-runs its layer and every later one
-    assert exact == {"a": 5 * 704, "b": 5 * 576, "c": 5 * 320, "d": 5 * 64}
+    assert exact == {"a": 5 * 24 * (704 + compare) + 4 * 1500 * 128, "b": 5 * 24 * (576 + compare) + 4 * 1500 * 256,
+                     "c": 5 * 24 * (320 + compare) + 4 * 1500 * 256, "d": 5 * 24 * (64 + compare) + 4 * 1500 * 64}
     local = Sweep(Chain().eval(), data(), dataclasses.replace(CONFIG, output_metrics="none"))
-    assert layer_costs(local, local.plan()[:7]) == {"a": 5 * 128, "b": 2 * 256, "c": 0, "d": 0}
+    # the first 7 trials: a's five, b's two weight-only ones; no output comparison
+    assert layer_costs(local, local.plan()[:7]) == {"a": 5 * 24 * 128 + 4 * 1500 * 128,
+                                                     "b": 2 * 24 * 256 + 2 * 1500 * 256, "c": 0, "d": 0}
 
 
 class _Cluster:
@@ -226,6 +231,71 @@ def test_a_shard_whose_worker_cannot_be_brought_back_becomes_failed_rows_kept_ou
     assert [t.key for t in merged.trials] == [t.key for t in single.trials] and "c" not in merged.histograms
 
 
+class _Ref:
+    """Stands in for a Ray object ref among a call's arguments."""
+
+
+def _local_worker(sweep, threads):
+    from analysis.distributed import _LocalWorker  # noqa: PLC2701 — the driver's share, under test
+
+    fake = _FakeRay(doomed=None)
+    fake.ObjectRef = _Ref
+    return _LocalWorker(fake, sweep, threads)
+
+
+def test_the_driver_runs_its_share_on_its_own_simulator_on_a_thread_with_the_workers_thread_count():
+    import threading
+
+    model, ds = Chain().eval(), data()
+    sweep = Sweep(model, ds, CONFIG)
+    sweep.calibrate()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        local = _local_worker(sweep, threads=1)
+        seen, run = [], local.worker.run
+
+        def watched(*args):
+            seen.append((torch.get_num_threads(), threading.current_thread() is threading.main_thread()))
+            return run(*args)
+
+        local.worker.run = watched
+        future = local.run.remote([None, sweep.sim.chunk_size], ("b", "c"), set(), sweep.sim.activation_statistics())
+        result = future.result(timeout=120)
+        local.close()
+        assert seen == [(1, False)]  # on its own thread, with the workers' one thread
+        assert torch.get_num_threads() == 2  # the caller's count again
+    finally:
+        torch.set_num_threads(before)
+    assert sweep.sim is local.worker.sim  # no second copy of the model
+    single = analyze(model, ds, dataclasses.replace(CONFIG, layers=("b", "c")))
+    assert result.trials == single.trials
+
+
+def test_closing_the_drivers_share_stops_its_running_shard_at_the_next_trial():
+    import threading
+
+    from analysis.sweep import AnalysisCancelled
+
+    sweep = Sweep(Chain().eval(), data(), CONFIG)
+    local = _local_worker(sweep, threads=1)
+    started, step = threading.Event(), local.worker._step
+
+    def slow_step(done, total, layer):
+        step(done, total, layer)
+        started.set()
+        time.sleep(0.2)
+
+    local.worker._step = slow_step
+    future = local.run.remote([None, sweep.sim.chunk_size], None, set(), sweep.sim.activation_statistics())
+    assert started.wait(60)
+    local.close()  # returns once the shard has stopped
+    assert future.done()
+    with pytest.raises(AnalysisCancelled):
+        future.result()
+    assert local.worker.status[0] < len(sweep.plan()) * len(sweep.sim.chunks())
+
+
 # --- on a local Ray cluster -------------------------------------------------------------------------
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'quantlens[ray]' runs these tests")
@@ -270,10 +340,15 @@ def test_two_workers_write_the_single_process_table(cluster, one_thread, tmp_pat
     model, ds = _cnn()
     config = dataclasses.replace(CNN_CONFIG, **changes)
     single = analyze_to_directory(model, ds, config, tmp_path / "single")
-    steps, streamed = [], []
+    steps, streamed, actors = [], [], set()
+
+    def progress(done, total, layer):
+        steps.append((done, total))
+        actors.update(_shard_workers())
+
     shards = analyze_to_directory(model, ds, dataclasses.replace(config, workers=2), tmp_path / "two",
-                                  progress=lambda done, total, layer: steps.append((done, total)),
-                                  on_result=streamed.append)
+                                  progress=progress, on_result=streamed.append)
+    assert len(actors) == 1  # --workers 2 on this machine: the driver and one actor
     assert (tmp_path / "two" / "layers.csv").read_bytes() == (tmp_path / "single" / "layers.csv").read_bytes()
     saved, reference = shards.to_json_dict(), single.to_json_dict()  # NaN as null: estimated rows hold NaN
     assert saved["trials"] == reference["trials"] and saved["histograms"] == reference["histograms"]
@@ -338,7 +413,11 @@ def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_retried(cluster, o
             os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
             killed.append(workers[0])
 
-    shards = analyze(model, ds, dataclasses.replace(config, workers=2), progress=kill_a_busy_worker)
+    # Through the cluster's address, as on a cluster of machines: the driver only dispatches and both
+    # workers are actors (with `--workers 2` alone the driver is one of the two, and runs its first
+    # shard while the actor still loads the model: the actor may start its shard after half the run).
+    address = ray.get_runtime_context().gcs_address
+    shards = analyze(model, ds, dataclasses.replace(config, ray_address=address, workers=2), progress=kill_a_busy_worker)
     assert killed, "no worker was caught in the first half of the run; the test did not exercise a kill"
     assert killed[0] not in _shard_workers()
     assert all(t.ok for t in shards.trials)
