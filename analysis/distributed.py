@@ -36,7 +36,8 @@ exactly as layer shards.
 Faults: a worker process that dies (killed, out of memory) is restarted by Ray and its shard run
 again (`max_restarts`, `max_task_retries`); a shard that fails even so becomes failed rows naming
 the reason, which are not written to trials.jsonl, so `--resume` runs them again. Ctrl-C (or the
-sweep's `should_stop`) kills the workers and stops a local cluster started for the run.
+sweep's `should_stop`) kills the workers, stops the driver's own share at its next trial step and
+stops a local cluster started for the run.
 
 What does not scale: each worker prepares the model and captures the FP32 activations itself (one
 forward per chunk of samples per shard), and the driver calibrates alone before the shards start
@@ -676,11 +677,9 @@ class _ChunkDispatcher(_Queue):
         if item == "cumulative":
             return super()._takes(worker, item)
         chunk, group = item
-        if chunk:  # it reads its group's first chunk's answer: that call is submitted first
-            return group in self.first
-        # ... as a Ray object: the driver's own worker, whose answers are not in Ray's store, leaves
-        # first chunks to the actors when later chunks need them.
-        return len(self.chunks) == 1 or not isinstance(self.actors[worker], _LocalWorker)
+        # A later chunk reads its group's first chunk's answer as a Ray object: an actor's call
+        # (its ref), or the driver's own answer once it is in and put in Ray's store.
+        return chunk == 0 or not isinstance(self.first.get(group, Future()), Future)
 
     def _submit(self, actor: Any, item: tuple[int, int]) -> Any:
         chunk, group = item
@@ -690,6 +689,11 @@ class _ChunkDispatcher(_Queue):
         if chunk == 0:
             self.first[group] = ref
         return ref
+
+    def _collected(self, item: Any, value: Any) -> None:
+        chunk, group = item
+        if chunk == 0 and isinstance(self.first[group], Future):  # the driver's own: now readable by every worker
+            self.first[group] = self.ray.put(value)
 
     def run(self) -> tuple[list[TrialResult], dict, list | None]:
         """The rows of every trial in plan order (merged in chunk order; a group that lost a chunk
