@@ -11,6 +11,8 @@ or with `--output-metrics estimated`, where the workers split the chunks of samp
 layers (`--cache-mb` sets the chunks: the estimate's cache is 1/5 of it with its 2
 projections; each mode prints how many chunks it had). CPU seconds are reported beside wall time: on a shared machine the wall time mostly measures the
 other processes; the CPU seconds of the driver and of each worker (read from /proc) do not.
+Before each mode, `corun_slowdown_before` says how much slower one core's work runs while every
+core is busy than alone, on this machine at that moment (a fixed probe: 1.0 is separate cores).
 Run: python benchmarks/bench_workers.py [--blocks 12] [--sequences 2] [--tokens 64]
      python benchmarks/bench_workers.py --output-metrics estimated --sequences 16 --cache-mb 256 [--workers-only]
 """
@@ -99,6 +101,41 @@ def sweep(args: argparse.Namespace) -> None:
                       "page_faults_workers": sorted(v[2] for v in workers.values())}))
 
 
+def probe() -> None:
+    """A fixed piece of the sweep's kind of work, in this process on one thread: forwards of a
+    2-block GPT on one 128-token sequence; prints the seconds it took."""
+    import torch
+
+    from bench_big_model import GPT
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(blocks=2, context=128).eval()
+    idx = torch.randint(0, 16384, (1, 128))
+    with torch.inference_mode():
+        model(idx)
+        started = time.perf_counter()
+        for _ in range(PROBE_FORWARDS):
+            model(idx)
+    print(time.perf_counter() - started)
+
+
+PROBE_FORWARDS = 60
+
+
+def corun_slowdown(env: dict) -> float:
+    """How much slower each of `cores` copies of `probe` runs beside the others than one alone
+    (1.0: the cores are truly separate). On a shared virtual machine this drifts from run to run —
+    two busy vCPUs may share a physical core or memory bandwidth with each other or with other
+    machines — and it bounds what N workers can gain, whatever they do."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    command = [sys.executable, __file__, "--probe"]
+    alone = float(subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout)
+    children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(cores)]
+    together = [float(child.communicate()[0]) for child in children]
+    return round(sum(together) / len(together) / alone, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blocks", type=int, default=12, help="12: the ~100M model; fewer for a quick run")
@@ -111,7 +148,11 @@ def main() -> None:
                         help="only 1 process vs the workers (leave out the 1 process with every core's thread)")
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # a child's mode
     parser.add_argument("--table", help=argparse.SUPPRESS)  # where a child writes its layers.csv
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # a child timing `probe`
     args = parser.parse_args()
+    if args.probe:
+        probe()
+        return
     if args.table:
         sweep(args)
         return
@@ -124,6 +165,7 @@ def main() -> None:
         table = work / f"{len(rows)}.csv"
         env = {**os.environ, "OMP_NUM_THREADS": threads,
                "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
+        slowdown = corun_slowdown({**env, "OMP_NUM_THREADS": "1"})  # the machine's state as this mode starts
         started, busy = time.perf_counter(), machine_cpu_seconds()
         child = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
                                 "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table),
@@ -137,6 +179,7 @@ def main() -> None:
             sys.exit(f"{label} failed:\n{child.stderr[-2000:]}")
         report = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append({"mode": label, "wall_seconds": round(wall, 1), **report, "cpu_seconds_machine": busy,
+                     "corun_slowdown_before": slowdown,
                      "load_average_after": round(load, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it finishes
     reference = (work / "0.csv").read_bytes()

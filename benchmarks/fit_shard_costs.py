@@ -16,7 +16,6 @@ Run: python benchmarks/fit_shard_costs.py [--blocks 4] [--sequences 4 16] [--tok
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(≈1.6x slower on small models)")
     analyze.add_argument("--workers", type=int, default=1, metavar="N",
                          help="run the sweep in N worker processes on Ray (pip install 'quantlens[ray]'), one model "
-                              "copy each, the CPU cores split between them; split by layer, or by chunks of samples with "
-                              "--output-metrics estimated; results equal a single-process run")
+                              "copy each, the CPU cores split between them (on this machine this process is one of "
+                              "the N); split by layer, or by chunks of samples with --output-metrics estimated; "
+                              "results equal a single-process run")
     analyze.add_argument("--ray", metavar="ADDRESS", default=None,
                          help="run the workers on an existing Ray cluster: 'auto' or host:port (with --device cuda, "
                               "each worker gets a GPU)")
