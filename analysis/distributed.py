@@ -679,7 +679,7 @@ class _ChunkDispatcher(_Queue):
         chunk, group = item
         # A later chunk reads its group's first chunk's answer as a Ray object: an actor's call
         # (its ref), or the driver's own answer once it is in and put in Ray's store.
-        return chunk == 0 or not isinstance(self.first.get(group, Future()), Future)
+        return chunk == 0 or (group in self.first and not isinstance(self.first[group], Future))
 
     def _submit(self, actor: Any, item: tuple[int, int]) -> Any:
         chunk, group = item
