@@ -68,7 +68,8 @@ if TYPE_CHECKING:
     from analysis.sweep import Sweep
     from analysis.trials import Trial
 
-__all__ = ["Cluster", "Placement", "ShardWorker", "check_distributed", "layer_costs", "plan_shards", "run_distributed"]
+__all__ = ["Cluster", "LayerWork", "Placement", "ShardWorker", "check_distributed", "layer_costs", "layer_work",
+           "plan_shards", "run_distributed"]
 
 SHARDS_PER_WORKER = 2  # more: finer load balance and less lost to a driver crash; each re-captures every chunk (FP32 pass)
 RETRIES = 2  # times Ray restarts a dead worker and re-runs its shard
@@ -123,33 +124,51 @@ OUTPUT_COST = {True: 600.0, False: 100.0}  # per output element and sample: logi
 WEIGHT_COST = 1500.0  # per weight element, once per trial that quantizes weights (the range search)
 
 
-def layer_costs(sweep: "Sweep", trials: list["Trial"]) -> dict[str, float]:
-    """Relative cost of each analysed layer's trials, in execution order, in multiply-accumulate
-    equivalents over the data: per trial, the multiply-accumulates it re-runs per sample (the layer
-    and, with exact output metrics, every layer after it) and, with exact output metrics, the
-    comparison of the model's output per sample (`OUTPUT_COST` per element); and the quantization
-    of its weight, once (`WEIGHT_COST` per element)."""
+@dataclass(frozen=True)
+class LayerWork:
+    """What one layer's trials do, the terms `layer_costs` weighs (benchmarks/fit_shard_costs.py
+    fits its constants on them)."""
+
+    trials: int
+    weighted: int  # of those, the trials that quantize the layer's weight
+    rerun_macs: int  # multiply-accumulates a trial re-runs per sample
+    weight_elements: int
+
+
+def layer_work(sweep: "Sweep", trials: list["Trial"]) -> dict[str, LayerWork]:
+    """Each analysed layer's `LayerWork`, in execution order: a trial re-runs the layer and, with
+    exact output metrics, every layer after it."""
     sim = sweep.sim
-    samples = len(sim.data)
     exact = sweep.config.output_metrics == "exact"
-    compare = OUTPUT_COST[bool(sim.data.logits)] * sim.output_elements if exact else 0.0
     counts: dict[str, int] = {}
-    weighted: dict[str, int] = {}  # trials that quantize the layer's weight
+    weighted: dict[str, int] = {}
     for trial in trials:
         counts[trial.layer] = counts.get(trial.layer, 0) + 1
         weighted[trial.layer] = weighted.get(trial.layer, 0) + (trial.weight_format is not None)
     weight_of_node = {site.node: max(1, layer.macs) for layer in sim.layers for site in sim.sites(layer.name)}
-    costs = {}
+    work = {}
     for layer in sweep.layers:
         nodes = [site.node for site in sim.sites(layer.name)]
         if exact:
             nodes = sim.prepared.descendants(nodes)
-        per_sample = sum(weight_of_node.get(node, 0) for node in nodes) or 1
         weight = sim.table.weight(layer.name)
-        quantize = WEIGHT_COST * (weight.numel() if weight is not None else 0)
-        costs[layer.name] = float(counts.get(layer.name, 0) * samples * (per_sample + compare)
-                                  + weighted.get(layer.name, 0) * quantize)
-    return costs
+        work[layer.name] = LayerWork(counts.get(layer.name, 0), weighted.get(layer.name, 0),
+                                     sum(weight_of_node.get(node, 0) for node in nodes) or 1,
+                                     weight.numel() if weight is not None else 0)
+    return work
+
+
+def layer_costs(sweep: "Sweep", trials: list["Trial"]) -> dict[str, float]:
+    """Relative cost of each analysed layer's trials, in execution order, in multiply-accumulate
+    equivalents over the data: per trial, the multiply-accumulates it re-runs per sample and, with
+    exact output metrics, the comparison of the model's output per sample (`OUTPUT_COST` per
+    element); and the quantization of its weight, once (`WEIGHT_COST` per element)."""
+    sim = sweep.sim
+    samples = len(sim.data)
+    exact = sweep.config.output_metrics == "exact"
+    compare = OUTPUT_COST[bool(sim.data.logits)] * sim.output_elements if exact else 0.0
+    return {name: float(w.trials * samples * (w.rerun_macs + compare) + w.weighted * WEIGHT_COST * w.weight_elements)
+            for name, w in layer_work(sweep, trials).items()}
 
 
 def plan_shards(costs: dict[str, float], count: int) -> list[tuple[str, ...]]:

@@ -123,12 +123,11 @@ def probe() -> None:
 PROBE_FORWARDS = 60
 
 
-def corun_slowdown(env: dict) -> float:
+def corun_slowdown(env: dict, cores: int) -> float:
     """How much slower each of `cores` copies of `probe` runs beside the others than one alone
     (1.0: the cores are truly separate). On a shared virtual machine this drifts from run to run —
     two busy vCPUs may share a physical core or memory bandwidth with each other or with other
     machines — and it bounds what N workers can gain, whatever they do."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = [sys.executable, __file__, "--probe"]
     alone = float(subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout)
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(cores)]
@@ -165,7 +164,7 @@ def main() -> None:
         table = work / f"{len(rows)}.csv"
         env = {**os.environ, "OMP_NUM_THREADS": threads,
                "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
-        slowdown = corun_slowdown({**env, "OMP_NUM_THREADS": "1"})  # the machine's state as this mode starts
+        slowdown = corun_slowdown({**env, "OMP_NUM_THREADS": "1"}, cores)  # the machine's state as this mode starts
         started, busy = time.perf_counter(), machine_cpu_seconds()
         child = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--sequences", str(args.sequences),
                                 "--tokens", str(args.tokens), "--workers", str(workers), "--table", str(table),

@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from analysis.data import Dataset
-    from analysis.distributed import OUTPUT_COST, WEIGHT_COST, layer_costs
+    from analysis.distributed import OUTPUT_COST, WEIGHT_COST, layer_costs, layer_work
     from analysis.sweep import AnalysisConfig, Sweep
     from bench_big_model import GPT
 
@@ -53,7 +53,7 @@ def main() -> None:
         sim, trials = sweep.sim, sweep.plan()
         elements = sim.output_elements
         planned[samples] = layer_costs(sweep, trials)
-        by_node = {site.node: max(1, layer.macs) for layer in sim.layers for site in sim.sites(layer.name)}
+        work = layer_work(sweep, trials)
         # One sweep, timed trial step by trial step (the progress callback follows each): what a
         # shard runs. The first layer's steps also hold each chunk's FP32 capture, shared by every
         # trial, so that layer is left out of the fit.
@@ -68,11 +68,10 @@ def main() -> None:
 
         Sweep(None, None, config, progress=step, sim=sim).run()
         for layer in sweep.layers[1:]:
-            count = sum(t.layer == layer.name for t in trials)
-            nodes = sim.prepared.descendants([site.node for site in sim.sites(layer.name)])
+            w = work[layer.name]
             rows.append({"samples": samples, "chunks": len(sim.chunks()), "layer": layer.name, "seconds": spent[layer.name],
-                         "rerun_macs": sum(by_node.get(node, 0) for node in nodes) * samples * count,
-                         "trial_samples": count * samples, "weight_elements": count * sim.table.weight(layer.name).numel()})
+                         "rerun_macs": w.rerun_macs * samples * w.trials, "trial_samples": w.trials * samples,
+                         "weight_elements": w.weighted * w.weight_elements})
     matrix = np.array([[r["rerun_macs"], r["trial_samples"], r["weight_elements"]] for r in rows], dtype=float)
     seconds = np.array([r["seconds"] for r in rows])
     (a, b, c), *_ = np.linalg.lstsq(matrix, seconds, rcond=None)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from analysis.config import AnalysisConfig, ConfigError
-from analysis.distributed import check_distributed, layer_costs, plan_shards
+from analysis.distributed import LayerWork, check_distributed, layer_costs, layer_work, plan_shards
 from analysis.quantsim import QuantSim
 from analysis.runs import analyze_to_directory
 from analysis.sweep import Sweep, analyze
@@ -46,6 +46,7 @@ def test_layer_costs_count_what_a_trial_reruns():
     macs = {"a": 128, "b": 256, "c": 256, "d": 64}
     assert {layer.name: layer.macs for layer in sweep.layers} == macs
     assert sweep.sim.output_elements == 4 and len(sweep.data) == 24  # 4 logits per sample
+    assert layer_work(sweep, sweep.plan())["b"] == LayerWork(trials=5, weighted=4, rerun_macs=576, weight_elements=256)
     compare = 600 * 4  # OUTPUT_COST of logits per output element, per sample
     exact = layer_costs(sweep, sweep.plan())  # each trial re-runs its layer and every later one
     assert exact == {"a": 5 * 24 * (704 + compare) + 4 * 1500 * 128, "b": 5 * 24 * (576 + compare) + 4 * 1500 * 256,
